@@ -1,0 +1,44 @@
+"""cstar_fx: CSTAR (compact, structured, adversarially robust) low-rank compression for torch.fx.
+
+Example:
+    >>> import torch, torchvision, cstar_fx
+    >>> model = torchvision.models.resnet18(num_classes=10)
+    >>> gm = cstar_fx.transform(torch.fx.symbolic_trace(model), ratio=8)
+    >>> print(cstar_fx.get_report(gm))  # doctest: +ELLIPSIS
+    params: ... (8.0...x fewer)
+    ...
+"""
+
+__version__ = "0.1.0"
+
+from .allocate import UnreachableBudgetError
+from .api import NoEligibleLayerError, PlanMismatchError, count_flops, get_plan, get_report, plan_ranks, transform
+from .config import CstarConfig
+from .costs import CostModel, FlopCost, LayerSpec, ParamCost
+from .passes.shapes import ExampleInputError
+from .passes.trace import TraceError, register_leaf
+from .plan import LayerPlan, RankPlan
+from .report import TransformReport
+
+__all__ = [
+    "__version__",
+    "transform",
+    "plan_ranks",
+    "get_plan",
+    "get_report",
+    "count_flops",
+    "register_leaf",
+    "CstarConfig",
+    "RankPlan",
+    "LayerPlan",
+    "TransformReport",
+    "CostModel",
+    "ParamCost",
+    "FlopCost",
+    "LayerSpec",
+    "TraceError",
+    "ExampleInputError",
+    "PlanMismatchError",
+    "NoEligibleLayerError",
+    "UnreachableBudgetError",
+]

@@ -1,0 +1,234 @@
+"""The global rank allocator: one budget for the whole network, ranks chosen greedily across layers.
+
+Criterion (documented in docs/concepts.md): every layer ``l`` keeps a fraction ``k_l`` of its
+spectral energy, ``k_l = sum_{i<=r} s_i^2 / ||W_l||_F^2`` for SVD and, for Tucker-2, the product of
+the two channel modes' kept fractions ``k_0(r_out) * k_1(r_in)``. The allocator maximises
+``sum_l log k_l`` -- the product of the kept energies, a proxy for how per-layer errors compound
+through depth. Relative energies put layers of every size on the same scale, and the logarithm
+makes starving any one layer expensive, so no layer is cut to nothing to pay for another. The
+objective is separable over modes and concave in each rank (spectra are sorted), which is what
+makes the greedy below sound. Starting
+from the smallest ranks on the ``round_to`` grid, it repeatedly buys the rank step with the largest
+error reduction per unit of cost until the budget is spent, which is the greedy solution of this
+knapsack (exact when steps are small and spectra decay). A layer whose factorized form would cost at
+least as much as its dense form is kept dense, and the step that reaches that point becomes "go
+dense". The allocator is pure: it reads :class:`LayerSpec` objects and a cost model, nothing else.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+from .costs import CostModel, LayerSpec
+
+__all__ = ["Allocation", "UnreachableBudgetError", "rank_grid", "max_ranks", "allocate", "min_cost"]
+
+
+class UnreachableBudgetError(ValueError):
+    """The requested ratio cannot be met; ``max_ratio`` is the most the allocator can reach.
+
+    Example:
+        >>> err = UnreachableBudgetError("too much", max_ratio=3.5)
+        >>> err.max_ratio
+        3.5
+    """
+
+    def __init__(self, message: str, max_ratio: float) -> None:
+        super().__init__(message)
+        self.max_ratio = max_ratio
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The allocator's answer: per layer a scheme and ranks, and the cost they add up to.
+
+    Example:
+        >>> a = Allocation({"fc": ("svd", (8,))}, total_cost=100.0, budget=120.0, dense_cost=800.0)
+        >>> a.ratio
+        8.0
+    """
+
+    choices: dict[str, tuple[str, tuple[int, ...]]]
+    total_cost: float
+    budget: float
+    dense_cost: float
+
+    @property
+    def ratio(self) -> float:
+        """Dense cost over allocated cost, for the whole network."""
+        return self.dense_cost / self.total_cost if self.total_cost > 0 else math.inf
+
+
+def scheme_for(layer: LayerSpec, conv_scheme: str = "tucker2") -> str:
+    """``"svd"`` for linear layers and 1x1 convs, ``conv_scheme`` (default Tucker-2) for kxk convs.
+
+    Example:
+        >>> scheme_for(LayerSpec("c", "conv", (8, 4, 3, 3), False, ()))
+        'tucker2'
+    """
+    if not layer.is_conv or layer.kernel_area == 1:
+        return "svd"
+    return conv_scheme
+
+
+def max_ranks(layer: LayerSpec, scheme: str) -> tuple[int, ...]:
+    """The full ranks of a layer under a scheme (the length of each mode's spectrum).
+
+    Example:
+        >>> max_ranks(LayerSpec("c", "conv", (8, 4, 3, 3), False, ()), "tucker2")
+        (8, 4)
+    """
+    out, inp = layer.weight_shape[:2]
+    area = layer.kernel_area
+    if scheme == "svd":
+        return (min(out, inp * area),)
+    return (min(out, inp * area), min(inp, out * area))
+
+
+def rank_grid(full: int, round_to: int, min_rank: int) -> list[int]:
+    """Allowed ranks for a mode: multiples of ``round_to`` from ``min_rank`` up, plus the full rank
+    (a mode narrower than ``round_to`` or ``min_rank`` only has its full rank).
+
+    Example:
+        >>> rank_grid(20, 8, 1)
+        [8, 16, 20]
+    """
+    return [r for r in range(round_to, full, round_to) if r >= min_rank] + [full]
+
+
+def _energy(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
+    """Kept energy estimate: the kept fraction for SVD (exact); for Tucker-2 the product of the two
+    channel modes' kept fractions."""
+    kept = 1.0
+    for spec, r in zip(layer.spectra, ranks):
+        kept *= spec.kept_energy(r)
+    return kept
+
+
+def _score(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
+    """The allocator's objective for one layer: log of the kept energy (0 when dense)."""
+    return math.log(max(_energy(layer, scheme, ranks), 1e-300))
+
+
+@dataclass
+class _State:
+    layer: LayerSpec
+    scheme: str
+    grids: list[list[int]]
+    idx: list[int]
+    dense_cost: float
+    dense: bool = False
+    version: int = 0
+
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(g[i] for g, i in zip(self.grids, self.idx))
+
+
+def min_cost(layers: list[LayerSpec], cost: CostModel, *, round_to: int, min_rank: int,
+             conv_scheme: str = "tucker2") -> float:
+    """The smallest total cost the allocator can reach for these layers (each at its cheapest form).
+
+    Example:
+        >>> from cstar_fx.costs import ParamCost
+        >>> min_cost([LayerSpec("fc", "linear", (64, 64), False, ())], ParamCost(), round_to=8, min_rank=1)
+        1024.0
+    """
+    total = 0.0
+    for layer in layers:
+        scheme = scheme_for(layer, conv_scheme)
+        lowest = tuple(rank_grid(f, round_to, min_rank)[0] for f in max_ranks(layer, scheme))
+        total += min(cost(layer, "dense", ()), cost(layer, scheme, lowest))
+    return total
+
+
+def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_cost: float = 0.0,
+             round_to: int = 8, min_rank: int = 1, conv_scheme: str = "tucker2") -> Allocation:
+    """Choose a scheme and ranks per layer so that the whole network's cost is ``dense / ratio``.
+
+    ``fixed_cost`` is what the rest of the network costs (layers kept dense by rule, norms, ...).
+    Raises :class:`UnreachableBudgetError` with the reachable maximum when even the smallest ranks
+    exceed the budget.
+
+    Example:
+        >>> import torch
+        >>> from cstar_fx.costs import ParamCost
+        >>> from cstar_fx.decompose import mode_spectra
+        >>> w = torch.randn(64, 64)
+        >>> layer = LayerSpec("fc", "linear", (64, 64), False, mode_spectra(w))
+        >>> allocate([layer], ParamCost(), ratio=4).choices["fc"]
+        ('svd', (8,))
+    """
+    if not math.isfinite(ratio) or ratio <= 1:
+        raise ValueError(f"ratio must be a finite number > 1, got {ratio!r}")
+    states: dict[str, _State] = {}
+    dense_total = fixed_cost
+    spent = fixed_cost
+    for layer in layers:
+        scheme = scheme_for(layer, conv_scheme)
+        grids = [rank_grid(f, round_to, min_rank) for f in max_ranks(layer, scheme)]
+        st = _State(layer, scheme, grids, [0] * len(grids), cost(layer, "dense", ()))
+        dense_total += st.dense_cost
+        if cost(layer, scheme, st.ranks()) >= st.dense_cost:
+            st.dense = True
+        spent += st.dense_cost if st.dense else cost(layer, scheme, st.ranks())
+        states[layer.name] = st
+    budget = dense_total / ratio
+    if spent > budget * (1 + 1e-12):
+        best = dense_total / spent
+        raise UnreachableBudgetError(
+            f"ratio {ratio:g} is unreachable: the smallest ranks allowed (round_to={round_to}, min_rank={min_rank}) "
+            f"and the layers that stay dense already cost {spent:.4g} of a {budget:.4g} budget; the reachable "
+            f"maximum is {best:.3f}x. Ask for ratio <= {best:.2f}, lower round_to/min_rank, or factorize more layers "
+            f"(remove them from skip).", max_ratio=best)
+
+    heap: list[tuple[float, int, str, int, int]] = []
+    counter = 0
+
+    def push(st: _State) -> None:
+        nonlocal counter
+        if st.dense:
+            return
+        now_cost = cost(st.layer, st.scheme, st.ranks())
+        now_score = _score(st.layer, st.scheme, st.ranks())
+        for mode, grid in enumerate(st.grids):
+            if st.idx[mode] + 1 >= len(grid):
+                continue
+            idx = list(st.idx)
+            idx[mode] += 1
+            ranks = tuple(g[i] for g, i in zip(st.grids, idx))
+            new_cost = cost(st.layer, st.scheme, ranks)
+            if new_cost >= st.dense_cost:
+                gain, delta = -now_score, st.dense_cost - now_cost
+            else:
+                gain, delta = _score(st.layer, st.scheme, ranks) - now_score, new_cost - now_cost
+            priority = math.inf if delta <= 0 else gain / delta
+            counter += 1
+            heapq.heappush(heap, (-priority, counter, st.layer.name, mode, st.version))
+
+    for st in states.values():
+        push(st)
+    while heap:
+        _, _, name, mode, version = heapq.heappop(heap)
+        st = states[name]
+        if version != st.version or st.dense:
+            continue
+        now_cost = cost(st.layer, st.scheme, st.ranks())
+        idx = list(st.idx)
+        idx[mode] += 1
+        ranks = tuple(g[i] for g, i in zip(st.grids, idx))
+        new_cost = cost(st.layer, st.scheme, ranks)
+        go_dense = new_cost >= st.dense_cost
+        delta = (st.dense_cost if go_dense else new_cost) - now_cost
+        if spent + delta > budget:
+            continue  # this mode cannot grow any more within the budget; other layers still may
+        spent += delta
+        st.version += 1
+        if go_dense:
+            st.dense = True
+        else:
+            st.idx = idx
+            push(st)
+    choices = {name: ("dense", ()) if st.dense else (st.scheme, st.ranks()) for name, st in states.items()}
+    return Allocation(choices, total_cost=spent, budget=budget, dense_cost=dense_total)

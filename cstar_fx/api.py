@@ -1,0 +1,307 @@
+"""The public verbs: ``plan_ranks`` (read-only) and ``transform`` (plan, then rewrite a private copy)."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .allocate import allocate, max_ranks, scheme_for, _energy
+from .config import CstarConfig, resolve_config
+from .costs import FlopCost, LayerSpec, ParamCost, cost_model_for
+from .decompose import mode_spectra
+from .passes.discover import LayerSite, find_layers
+from .passes.factorize import factorize
+from .passes.shapes import as_tuple, eval_mode, record_shapes
+from .passes.trace import trace
+from .plan import LayerPlan, RankPlan
+from .report import TransformReport, build_report
+
+__all__ = ["plan_ranks", "transform", "full_rank_plan", "get_plan", "get_report", "PlanMismatchError",
+           "NoEligibleLayerError"]
+
+
+class PlanMismatchError(ValueError):
+    """A rank plan does not fit the model it is applied to.
+
+    Example:
+        >>> isinstance(PlanMismatchError("x"), ValueError)
+        True
+    """
+
+
+class NoEligibleLayerError(ValueError):
+    """The model has no conv/linear layer that can be factorized.
+
+    Example:
+        >>> isinstance(NoEligibleLayerError("x"), ValueError)
+        True
+    """
+
+
+@dataclass
+class _Analysis:
+    gm: fx.GraphModule
+    sites: list[LayerSite]
+    unsupported: dict[str, str]
+    specs: dict[str, LayerSpec]
+    skipped: dict[str, str]
+    dense_params: int
+    dense_flops: float | None
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example_inputs: Any) -> float:
+    """FLOPs of one forward pass on ``example_inputs`` (``torch.utils.flop_counter``, eval mode).
+
+    Example:
+        >>> count_flops(nn.Linear(4, 2, bias=False), torch.randn(1, 4))
+        16.0
+    """
+    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(*as_tuple(example_inputs))
+    return float(counter.get_total_flops())
+
+
+def _positions(shape: tuple[int, ...], kind: str) -> int:
+    if not shape:
+        return 0
+    if kind == "conv":
+        n = 1
+        for d in (shape[:-3] + shape[-2:]):  # batch (if any) and spatial, not channels
+            n *= d
+        return n
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    return n
+
+
+def _skip_reason(name: str, patterns: tuple[str, ...]) -> str | None:
+    for pat in patterns:
+        if name == pat or fnmatch.fnmatchcase(name, pat):
+            return f"skipped (matches {pat!r})"
+    return None
+
+
+def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spectra: bool = True) -> _Analysis:
+    gm = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
+    sites, unsupported = find_layers(gm)
+    shapes = record_shapes(gm, example_inputs, {n for s in sites for n in s.nodes}) if example_inputs is not None else {}
+    specs: dict[str, LayerSpec] = {}
+    skipped: dict[str, str] = {}
+    for site in sites:
+        why = _skip_reason(site.name, cfg.skip)
+        if why:
+            skipped[site.name] = why
+        spectra = ()
+        if need_spectra and not why:
+            try:
+                spectra = mode_spectra(site.weight)
+            except ValueError as exc:
+                raise ValueError(f"layer {site.name!r}: {exc}") from exc
+        p_in = p_out = None
+        if shapes:
+            p_in = sum(_positions(shapes[n][0], site.kind) for n in site.nodes)
+            p_out = sum(_positions(shapes[n][1], site.kind) for n in site.nodes)
+        specs[site.name] = LayerSpec(site.name, site.kind, site.weight_shape, site.bias is not None, spectra, p_in, p_out)
+    flops = count_flops(gm, example_inputs) if example_inputs is not None else None
+    return _Analysis(gm, sites, unsupported, specs, skipped, _count_params(gm), flops)
+
+
+def _layer_plan(site: LayerSite, spec: LayerSpec, scheme: str, ranks: tuple[int, ...], reason: str) -> LayerPlan:
+    params, flops = ParamCost(), FlopCost()
+    has_shapes = spec.in_positions is not None
+    energy = _energy(spec, scheme, ranks) if scheme != "dense" and spec.spectra else 1.0
+    return LayerPlan(
+        name=site.name, kind=site.kind, param=site.param, weight_shape=site.weight_shape, scheme=scheme,
+        ranks=ranks, dense_params=int(params(spec, "dense", ())), params=int(params(spec, scheme, ranks)),
+        dense_flops=flops(spec, "dense", ()) if has_shapes else None,
+        flops=flops(spec, scheme, ranks) if has_shapes else None, energy=energy, reason=reason)
+
+
+def _assemble(a: _Analysis, choices: dict[str, tuple[str, tuple[int, ...]]], reasons: dict[str, str],
+              cfg: CstarConfig | None) -> RankPlan:
+    layers: dict[str, LayerPlan] = {}
+    for site in a.sites:
+        scheme, ranks = choices.get(site.name, ("dense", ()))
+        layers[site.name] = _layer_plan(site, a.specs[site.name], scheme, ranks, reasons.get(site.name, ""))
+    saved = sum(lp.dense_params - lp.params for lp in layers.values())
+    flops = None
+    if a.dense_flops is not None:
+        flops = a.dense_flops - sum(lp.dense_flops - lp.flops for lp in layers.values())
+    options = {}
+    if cfg is not None:
+        options = {"round_to": cfg.round_to, "min_rank": cfg.min_rank, "skip": list(cfg.skip),
+                   "conv_scheme": cfg.conv_scheme}
+    return RankPlan(layers=layers, target_ratio=cfg.ratio if cfg else None,
+                    budget=cfg.budget_name if cfg else "full-rank", dense_params=a.dense_params,
+                    params=a.dense_params - saved, dense_flops=a.dense_flops, flops=flops,
+                    unsupported=dict(a.unsupported), options=options)
+
+
+def _plan(a: _Analysis, cfg: CstarConfig, example_inputs: Any) -> RankPlan:
+    eligible = [a.specs[s.name] for s in a.sites if s.name not in a.skipped]
+    if not eligible:
+        found = ", ".join(f"{k}: {v}" for k, v in {**a.skipped, **a.unsupported}.items()) or "none"
+        raise NoEligibleLayerError(
+            "the model has no conv2d/linear layer that can be factorized (found: " + found + "). "
+            "Remove layers from skip=, or mark blocks that hide layers as non-leaf.")
+    if cfg.cost_model is not None:
+        cost = cfg.cost_model
+    else:
+        if cfg.budget == "flops" and example_inputs is None:
+            raise ValueError("budget='flops' needs example_inputs to count FLOPs; pass e.g. "
+                             "example_inputs=torch.randn(1, 3, 32, 32)")
+        cost = cost_model_for(cfg.budget)
+    if cfg.cost_model is None and cfg.budget == "flops":
+        total = a.dense_flops
+    elif cfg.cost_model is None:
+        total = float(a.dense_params)
+    else:
+        total = None  # a custom cost covers only the eligible layers
+    fixed = 0.0 if total is None else total - sum(cost(s, "dense", ()) for s in eligible)
+    alloc = allocate(eligible, cost, ratio=cfg.ratio, fixed_cost=fixed, round_to=cfg.round_to,
+                     min_rank=cfg.min_rank, conv_scheme=cfg.conv_scheme)
+    reasons = dict(a.skipped)
+    for name, (scheme, _) in alloc.choices.items():
+        if scheme == "dense":
+            reasons[name] = "factorized form would cost at least the dense layer"
+    return _assemble(a, alloc.choices, reasons, cfg)
+
+
+def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str = "params",
+               example_inputs: Any = None, **options: Any) -> RankPlan:
+    """Choose per-layer schemes and ranks under one global budget. Never modifies ``model``.
+
+    ``ratio`` is dense cost / compressed cost for the whole model; ``budget`` is ``"params"`` or
+    ``"flops"``; ``options`` are the other :class:`CstarConfig` fields (``round_to``, ``min_rank``,
+    ``skip``, ``conv_scheme``, ``leaf_modules``, ``concrete_args``, ``cost_model``). With
+    ``example_inputs`` the plan also reports FLOPs.
+
+    Example:
+        >>> import torchvision, cstar_fx
+        >>> plan = cstar_fx.plan_ranks(torchvision.models.resnet18(), ratio=8)
+        >>> round(plan.ratio_params, 1)
+        8.0
+    """
+    if not isinstance(ratio, CstarConfig) or budget != "params":
+        options = {"budget": budget, **options}
+    cfg = resolve_config(ratio, options)
+    a = _analyse(model, cfg, example_inputs)
+    return _plan(a, cfg, example_inputs)
+
+
+def full_rank_plan(model: nn.Module, *, example_inputs: Any = None, **options: Any) -> RankPlan:
+    """Every eligible layer at full rank (see :meth:`RankPlan.full_rank`).
+
+    Example:
+        >>> plan = full_rank_plan(nn.Sequential(nn.Linear(6, 4)))
+        >>> plan.layers["0"].ranks
+        (4,)
+    """
+    cfg = resolve_config(2.0, options)
+    a = _analyse(model, cfg, example_inputs, need_spectra=False)
+    choices = {}
+    for site in a.sites:
+        if site.name in a.skipped:
+            continue
+        scheme = scheme_for(a.specs[site.name], cfg.conv_scheme)
+        choices[site.name] = (scheme, max_ranks(a.specs[site.name], scheme))
+    return _assemble(a, choices, dict(a.skipped), None)
+
+
+def _check_plan(plan: RankPlan, a: _Analysis) -> None:
+    if not isinstance(plan, RankPlan):
+        raise TypeError(f"plan must be a cstar_fx.RankPlan, got {type(plan).__name__}")
+    sites = {s.name: s for s in a.sites}
+    problems = []
+    for name, lp in plan.factorized.items():
+        site = sites.get(name)
+        if site is None:
+            problems.append(f"layer {name!r} is not a factorizable layer of this model")
+            continue
+        if site.weight_shape != lp.weight_shape:
+            problems.append(f"layer {name!r} has weight shape {site.weight_shape}, the plan expects {lp.weight_shape}")
+            continue
+        if lp.scheme == "tucker2" and site.kind != "conv":
+            problems.append(f"layer {name!r}: tucker2 needs a conv layer")
+            continue
+        top = max_ranks(a.specs[name], lp.scheme)
+        if len(lp.ranks) != len(top) or any(not 1 <= r <= t for r, t in zip(lp.ranks, top)):
+            problems.append(f"layer {name!r}: ranks {lp.ranks} outside 1..{top} for scheme {lp.scheme}")
+    if problems:
+        raise PlanMismatchError("the rank plan does not match this model:\n  " + "\n  ".join(problems)
+                                + "\nMake the plan from this model: plan_ranks(model, ...).")
+
+
+def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: RankPlan | None = None,
+              example_inputs: Any = None, **options: Any) -> fx.GraphModule:
+    """Factorize ``model`` at ``ratio`` (or as ``plan`` says) and return a new GraphModule.
+
+    The input model is not modified. The result's rank plan and report are available through
+    :func:`get_plan` and :func:`get_report` (also ``gm.meta["cstar_plan"]`` / ``["cstar_report"]``).
+
+    Example:
+        >>> import torch, torchvision, cstar_fx
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> gm = cstar_fx.transform(torch.fx.symbolic_trace(model), ratio=8)
+        >>> round(cstar_fx.get_report(gm).ratio_params, 1)
+        8.0
+    """
+    if plan is None:
+        cfg = resolve_config(8 if ratio is None else ratio, options)
+    else:
+        cfg = resolve_config(2.0, {k: v for k, v in options.items() if k in ("leaf_modules", "concrete_args")})
+    source = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
+    gm = copy.deepcopy(source)
+    a = _analyse(gm, cfg, example_inputs, need_spectra=plan is None)
+    if plan is None:
+        plan = _plan(a, cfg, example_inputs)
+    else:
+        _check_plan(plan, a)
+    choices = {name: (lp.scheme, lp.ranks) for name, lp in plan.factorized.items()}
+    factorize(gm, a.sites, choices)
+    report = build_report(gm, a.sites, plan, dense_params=a.dense_params, params=_count_params(gm),
+                          dense_flops=a.dense_flops,
+                          flops=count_flops(gm, example_inputs) if example_inputs is not None else None)
+    gm.meta["cstar_plan"] = plan
+    gm.meta["cstar_report"] = report
+    return gm
+
+
+def get_plan(gm: fx.GraphModule) -> RankPlan:
+    """The rank plan a GraphModule was transformed with.
+
+    Example:
+        >>> gm = transform(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), ratio=2)
+        >>> get_plan(gm).layers["0"].scheme
+        'svd'
+    """
+    try:
+        return gm.meta["cstar_plan"]
+    except (AttributeError, KeyError):
+        raise ValueError("this module was not produced by cstar_fx.transform (no rank plan attached)") from None
+
+
+def get_report(gm: fx.GraphModule) -> TransformReport:
+    """The transform report (achieved ratios, factorized and dense layers with reasons).
+
+    Example:
+        >>> gm = transform(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), ratio=2)
+        >>> get_report(gm).ratio_params >= 2
+        True
+    """
+    try:
+        return gm.meta["cstar_report"]
+    except (AttributeError, KeyError):
+        raise ValueError("this module was not produced by cstar_fx.transform (no report attached)") from None

@@ -1,0 +1,75 @@
+"""The ``cstar-fx`` command line: one sub-command per module in this package.
+
+Each sub-command module exposes ``register(subparsers) -> None``; it adds its parser and sets
+``func`` (a callable taking the parsed namespace and returning an exit code).
+
+Example:
+    >>> main(["--version"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+SUBCOMMANDS = ("demo", "plan", "compress", "export_cmd", "bench_cmd")
+
+
+class UsageError(Exception):
+    """A bad option or input; the CLI prints the message on one line and exits with code 2.
+
+    Example:
+        >>> str(UsageError("--ratio must be > 1"))
+        '--ratio must be > 1'
+    """
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available sub-command.
+
+    Example:
+        >>> build_parser().prog
+        'cstar-fx'
+    """
+    parser = argparse.ArgumentParser(
+        prog="cstar-fx", description="CSTAR: compact, structured and adversarially robust networks via torch.fx",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cstar-fx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # sub-command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 usage error, 1 failure).
+
+    Example:
+        >>> main(["plan", "--help"])  # doctest: +SKIP
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"cstar-fx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""``cstar-fx plan``: print the rank plan for a torchvision model at a ratio (no data needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import UsageError
+
+__all__ = ["register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``plan`` sub-command.
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser(); register(p.add_subparsers())
+    """
+    p = sub.add_parser("plan", help="print the rank plan for a model and ratio",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="resnet18", help="torchvision model name")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
+    p.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="input stem / resolution")
+    p.add_argument("--ratio", type=float, default=8.0, help="compression ratio (dense / compressed)")
+    p.add_argument("--budget", choices=("params", "flops"), default="params", help="what the ratio counts")
+    p.add_argument("--round-to", type=int, default=8, help="ranks are multiples of this")
+    p.add_argument("--skip", nargs="*", default=[], help="layer names or glob patterns kept dense")
+    p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the model, plan it and print the table."""
+    import torch
+
+    import cstar_fx
+    from cstar_fx.models import build_model
+
+    if args.ratio <= 1:
+        raise UsageError(f"--ratio must be > 1, got {args.ratio:g}")
+    try:
+        model = build_model(args.model, num_classes=args.num_classes, stem=args.stem)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    size = 32 if args.stem == "cifar" else 224
+    try:
+        plan = cstar_fx.plan_ranks(model, args.ratio, budget=args.budget, round_to=args.round_to,
+                                   skip=tuple(args.skip), example_inputs=torch.randn(1, 3, size, size))
+    except cstar_fx.UnreachableBudgetError as exc:
+        raise UsageError(str(exc).replace("\n", " ")) from None
+    print(plan)
+    if args.json:
+        args.json.write_text(plan.to_json())
+        print(f"plan written to {args.json}")
+    return 0

@@ -1,0 +1,103 @@
+"""Frozen, validated configuration for planning and transforming."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .costs import CostModel
+
+__all__ = ["CstarConfig", "resolve_config"]
+
+_BUDGETS = ("params", "flops")
+_CONV_SCHEMES = ("tucker2", "svd")
+
+
+def _check_ratio(ratio: Any) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"ratio must be a number > 1 (e.g. ratio=8 for 8x fewer parameters), got {ratio!r}")
+    ratio = float(ratio)
+    if not math.isfinite(ratio) or ratio <= 1.0:
+        raise ValueError(f"ratio must be a finite number > 1 (e.g. ratio=8 for 8x fewer parameters), got {ratio!r}")
+    return ratio
+
+
+@dataclass(frozen=True)
+class CstarConfig:
+    """How to plan ranks: target ratio, what the budget counts, rank granularity, what to skip.
+
+    * ``ratio``: dense cost / compressed cost for the whole model (8 = 8x smaller).
+    * ``budget``: ``"params"`` (default) or ``"flops"`` (needs ``example_inputs``).
+    * ``round_to``: ranks are multiples of this (hardware-friendly), or a mode's full rank.
+    * ``min_rank``: no factor narrower than this (rounded up to ``round_to``).
+    * ``skip``: layer names or glob patterns kept dense (e.g. ``("conv1", "fc")``).
+    * ``conv_scheme``: ``"tucker2"`` (default) or ``"svd"`` for kxk convs.
+    * ``leaf_modules``: module names/patterns/types fx should not trace into.
+    * ``cost_model``: a custom cost (e.g. measured latency); overrides ``budget``.
+
+    Example:
+        >>> cfg = CstarConfig(ratio=8, budget="flops", round_to=8, skip=("fc",))
+        >>> cfg.replace(ratio=16).ratio
+        16.0
+    """
+
+    ratio: float = 8.0
+    budget: str = "params"
+    round_to: int = 8
+    min_rank: int = 1
+    skip: tuple[str, ...] = ()
+    conv_scheme: str = "tucker2"
+    leaf_modules: tuple[Any, ...] = ()
+    concrete_args: dict[str, Any] | None = field(default=None, compare=False)
+    cost_model: CostModel | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratio", _check_ratio(self.ratio))
+        if self.cost_model is None and self.budget not in _BUDGETS:
+            raise ValueError(f"budget must be one of {_BUDGETS} (or pass cost_model=...), got {self.budget!r}")
+        for name in ("round_to", "min_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.conv_scheme not in _CONV_SCHEMES:
+            raise ValueError(f"conv_scheme must be one of {_CONV_SCHEMES}, got {self.conv_scheme!r}")
+        for name in ("skip", "leaf_modules"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = (v,)
+            if not isinstance(v, (tuple, list)):
+                raise TypeError(f"{name} must be a tuple of names/patterns, got {type(v).__name__}")
+            object.__setattr__(self, name, tuple(v))
+        if any(not isinstance(s, str) for s in self.skip):
+            raise TypeError(f"skip entries must be layer names or glob patterns (str), got {self.skip!r}")
+        if self.cost_model is not None and not callable(self.cost_model):
+            raise TypeError("cost_model must be callable as cost(layer, scheme, ranks) -> float")
+
+    @property
+    def budget_name(self) -> str:
+        """The budget's name as reported in plans (the cost model's name when one is given)."""
+        return getattr(self.cost_model, "name", "custom") if self.cost_model is not None else self.budget
+
+    def replace(self, **changes: Any) -> "CstarConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+_FIELDS = {f.name for f in fields(CstarConfig)}
+
+
+def resolve_config(ratio: Any, options: dict[str, Any]) -> CstarConfig:
+    """Build a :class:`CstarConfig` from ``ratio`` (a number or a config) and keyword options.
+
+    Example:
+        >>> resolve_config(4, {"skip": ("fc",)}).skip
+        ('fc',)
+    """
+    unknown = set(options) - _FIELDS
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options are {sorted(_FIELDS - {'ratio'})}")
+    if isinstance(ratio, CstarConfig):
+        return ratio.replace(**options) if options else ratio
+    return CstarConfig(ratio=ratio, **options)

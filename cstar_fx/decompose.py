@@ -1,0 +1,233 @@
+"""Pure low-rank maths: SVD and Tucker-2 (HOSVD) factors, spectra and reconstruction errors.
+
+Nothing here knows about modules or graphs; every function takes and returns tensors, so the
+maths can be tested against the dense weights directly.
+
+Conventions
+-----------
+* A linear weight ``W`` is ``(out, in)``; a conv weight is ``(C_out, C_in, kh, kw)``.
+* SVD factors ``(first, second)`` satisfy ``W ~= second @ first`` with ``first`` of shape ``(r, in)``
+  and ``second`` of shape ``(out, r)``; the singular values are split evenly (``sqrt(s)`` on
+  each side) so that both factors have the same scale when fine-tuned.
+* Tucker-2 factors ``(u_in, core, u_out)`` satisfy
+  ``W ~= core x_0 u_out x_1 u_in``, i.e. ``W[o,i] = sum_rs u_out[o,r] core[r,s] u_in[i,s]``, with
+  ``u_in`` ``(C_in, R_in)``, ``core`` ``(R_out, R_in, kh, kw)``, ``u_out`` ``(C_out, R_out)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Spectrum",
+    "svd_factors",
+    "svd_reconstruct",
+    "tucker2_factors",
+    "tucker2_reconstruct",
+    "mode_spectra",
+    "project",
+    "eckart_young_error",
+    "relative_error",
+]
+
+
+def _work_dtype(w: torch.Tensor) -> torch.dtype:
+    # SVD in half precision is unsupported and inaccurate; float64 input stays float64 so tests can be exact.
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def _check_weight(w: torch.Tensor, ndim: tuple[int, ...]) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor weight, got {type(w).__name__}")
+    if w.ndim not in ndim:
+        raise ValueError(f"expected a weight with {' or '.join(map(str, ndim))} dims, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf; fix or re-initialise the layer before factorizing it")
+
+
+def _check_rank(rank: int, full: int, what: str) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= full:
+        raise ValueError(f"{what} must be an int in [1, {full}], got {rank!r}")
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Squared singular values of one unfolding, largest first, with their total.
+
+    Example:
+        >>> s = mode_spectra(torch.eye(3))[0]
+        >>> round(s.kept_energy(2), 4)
+        0.6667
+    """
+
+    sq: tuple[float, ...]
+
+    @property
+    def total(self) -> float:
+        """Sum of the squared singular values (the squared Frobenius norm)."""
+        return float(sum(self.sq))
+
+    def kept_energy(self, rank: int) -> float:
+        """Fraction of the energy in the leading ``rank`` singular values (1.0 for a zero tensor)."""
+        total = self.total
+        return 1.0 if total <= 0.0 else float(sum(self.sq[:rank])) / total
+
+    def discarded(self, rank: int) -> float:
+        """Sum of the squared singular values beyond ``rank``."""
+        return float(sum(self.sq[rank:]))
+
+
+def _unfold(w: torch.Tensor, mode: int) -> torch.Tensor:
+    return w.movedim(mode, 0).reshape(w.shape[mode], -1)
+
+
+def _left_eig(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of ``mat @ mat.T``, largest first: ``(s^2, U)`` (U = left singular vectors).
+
+    The Gram matrix is much cheaper to decompose than ``mat`` itself when ``mat`` is wide, which is
+    the common case for conv unfoldings; its small eigenvalues lose relative precision, which the
+    energy fractions and the leading factors used here do not need.
+    """
+    evals, evecs = torch.linalg.eigh(mat @ mat.T)
+    return evals.flip(0).clamp_min(0.0), evecs.flip(1)
+
+
+def _leading_left(mat: torch.Tensor, rank: int) -> torch.Tensor:
+    if mat.shape[0] <= mat.shape[1]:
+        return _left_eig(mat)[1][:, :rank]
+    u, _, _ = torch.linalg.svd(mat, full_matrices=False)
+    return u[:, :rank]
+
+
+def _squared_singular_values(mat: torch.Tensor) -> torch.Tensor:
+    small = mat if mat.shape[0] <= mat.shape[1] else mat.T
+    return torch.linalg.eigvalsh(small @ small.T).flip(0).clamp_min(0.0)
+
+
+def mode_spectra(weight: torch.Tensor) -> tuple[Spectrum, ...]:
+    """Spectra used by the allocator: one for a 2-D weight, (mode-0, mode-1) for a 4-D conv weight.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3)
+        >>> out_mode, in_mode = mode_spectra(w)
+        >>> len(out_mode.sq), len(in_mode.sq)
+        (8, 4)
+    """
+    _check_weight(weight, (2, 4))
+    w = weight.detach().to(_work_dtype(weight))
+    modes = (0,) if w.ndim == 2 else (0, 1)
+    return tuple(Spectrum(tuple(_squared_singular_values(_unfold(w, m)).tolist())) for m in modes)
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of a 2-D weight: ``(first (r, in), second (out, r))`` with ``W ~= second @ first``.
+
+    Example:
+        >>> w = torch.randn(6, 5, dtype=torch.float64)
+        >>> a, b = svd_factors(w, 5)
+        >>> torch.allclose(b @ a, w)
+        True
+    """
+    _check_weight(weight, (2,))
+    _check_rank(rank, min(weight.shape), "rank")
+    w = weight.detach().to(_work_dtype(weight))
+    wide = w.shape[0] <= w.shape[1]
+    basis = _left_eig(w if wide else w.T)[1][:, :rank]  # U_r (out side) or V_r (in side)
+    proj = basis.T @ w if wide else w @ basis  # U_r^T W (r, in) or W V_r (out, r)
+    # The product is the exact projection whatever the split; splitting sqrt(s) to each side only
+    # balances the two factors' scales for fine-tuning (norms guarded so rank-deficient weights work).
+    norms = torch.linalg.vector_norm(proj, dim=1 if wide else 0)
+    root = norms.clamp_min(float(norms.max()) * 1e-12 if norms.numel() else 0.0).clamp_min(1e-30).sqrt()
+    if wide:
+        first, second = proj / root[:, None], basis * root[None, :]
+    else:
+        first, second = basis.T * root[:, None], proj / root[None, :]
+    return first.to(weight.dtype), second.to(weight.dtype)
+
+
+def svd_reconstruct(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The low-rank weight ``second @ first``.
+
+    Example:
+        >>> svd_reconstruct(torch.ones(1, 3), torch.ones(2, 1)).shape
+        torch.Size([2, 3])
+    """
+    return second @ first
+
+
+def tucker2_factors(weight: torch.Tensor, rank_out: int, rank_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HOSVD Tucker-2 of a conv weight on its two channel modes.
+
+    Returns ``(u_in (C_in, R_in), core (R_out, R_in, kh, kw), u_out (C_out, R_out))``; the core is
+    ``W x_0 u_out^T x_1 u_in^T``.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 1, dtype=torch.float64)
+        >>> u_in, core, u_out = tucker2_factors(w, 8, 4)
+        >>> torch.allclose(tucker2_reconstruct(u_in, core, u_out), w)
+        True
+    """
+    _check_weight(weight, (4,))
+    c_out, c_in = weight.shape[:2]
+    _check_rank(rank_out, min(c_out, c_in * weight.shape[2] * weight.shape[3]), "rank_out")
+    _check_rank(rank_in, min(c_in, c_out * weight.shape[2] * weight.shape[3]), "rank_in")
+    w = weight.detach().to(_work_dtype(weight))
+    u_out = _leading_left(_unfold(w, 0), rank_out)
+    u_in = _leading_left(_unfold(w, 1), rank_in)
+    core = torch.einsum("oihw,or,is->rshw", w, u_out, u_in)
+    return u_in.to(weight.dtype), core.to(weight.dtype), u_out.to(weight.dtype)
+
+
+def tucker2_reconstruct(u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor) -> torch.Tensor:
+    """The Tucker-2 weight ``core x_0 u_out x_1 u_in``.
+
+    Example:
+        >>> tucker2_reconstruct(torch.ones(4, 2), torch.ones(3, 2, 3, 3), torch.ones(5, 3)).shape
+        torch.Size([5, 4, 3, 3])
+    """
+    return torch.einsum("rshw,or,is->oihw", core, u_out, u_in)
+
+
+def project(weight: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
+    """The best-effort low-rank projection of ``weight`` at ``ranks`` (SVD for 2-D, Tucker-2 for 4-D).
+
+    A 1x1 conv weight with a single rank is treated as a matrix. This is the "Z" step of CSTAR's
+    ADMM: the budget-constrained projection of ``W + U``.
+
+    Example:
+        >>> w = torch.randn(6, 4)
+        >>> float(torch.linalg.matrix_rank(project(w, (2,))))
+        2.0
+    """
+    if weight.ndim == 4 and len(ranks) == 1:
+        flat = weight.reshape(weight.shape[0], -1)
+        return svd_reconstruct(*svd_factors(flat, ranks[0])).reshape(weight.shape)
+    if weight.ndim == 2 and len(ranks) == 1:
+        return svd_reconstruct(*svd_factors(weight, ranks[0]))
+    if weight.ndim == 4 and len(ranks) == 2:
+        return tucker2_reconstruct(*tucker2_factors(weight, ranks[0], ranks[1]))
+    raise ValueError(f"cannot project a weight of shape {tuple(weight.shape)} at ranks {ranks}")
+
+
+def eckart_young_error(weight: torch.Tensor, rank: int) -> float:
+    """Frobenius error of the best rank-``rank`` approximation: ``sqrt(sum_{i>rank} s_i^2)``.
+
+    Example:
+        >>> eckart_young_error(torch.diag(torch.tensor([3.0, 2.0, 1.0])), 1)
+        2.236...
+    """
+    return mode_spectra(weight if weight.ndim == 2 else weight.reshape(weight.shape[0], -1))[0].discarded(rank) ** 0.5
+
+
+def relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
+    """``||approx - weight||_F / ||weight||_F`` (0.0 when both are zero).
+
+    Example:
+        >>> relative_error(torch.ones(2), torch.ones(2))
+        0.0
+    """
+    denom = float(torch.linalg.vector_norm(weight.double()))
+    err = float(torch.linalg.vector_norm((approx - weight).double()))
+    return 0.0 if denom == 0.0 else err / denom

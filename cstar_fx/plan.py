@@ -1,0 +1,204 @@
+"""The rank plan: a first-class, inspectable, JSON-serialisable record of what happens to each layer."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+__all__ = ["LayerPlan", "RankPlan", "PLAN_FORMAT"]
+
+PLAN_FORMAT = "cstar-fx/rank-plan/1"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the plan does with one conv or linear layer.
+
+    ``scheme`` is ``"tucker2"``, ``"svd"`` or ``"dense"`` (then ``reason`` says why). ``param`` is the
+    fully qualified name of the weight parameter in the traced model. FLOP fields are ``None`` when
+    the plan was made without example inputs. ``energy`` is the kept fraction of the weight's squared
+    Frobenius norm (exact, measured on the factorized weight).
+
+    Example:
+        >>> lp = LayerPlan("fc", "linear", "fc.weight", (10, 64), "svd", (8,), 650, 602)
+        >>> lp.factorized
+        True
+    """
+
+    name: str
+    kind: str
+    param: str
+    weight_shape: tuple[int, ...]
+    scheme: str
+    ranks: tuple[int, ...]
+    dense_params: int
+    params: int
+    dense_flops: float | None = None
+    flops: float | None = None
+    energy: float = 1.0
+    reason: str = ""
+
+    @property
+    def factorized(self) -> bool:
+        """True when the layer is replaced by factors."""
+        return self.scheme != "dense"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        d = asdict(self)
+        d["weight_shape"] = list(self.weight_shape)
+        d["ranks"] = list(self.ranks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
+        """Inverse of :meth:`to_dict`."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown layer-plan fields {sorted(unknown)}; is this a rank plan written by cstar_fx?")
+        d = dict(d)
+        d["weight_shape"] = tuple(int(x) for x in d["weight_shape"])
+        d["ranks"] = tuple(int(x) for x in d["ranks"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Per-layer schemes and ranks for a model, with dense and compressed costs.
+
+    ``layers`` holds every conv/linear layer found (factorized or not); ``unsupported`` lists the
+    layers the pass cannot factorize with the reason. Totals cover the whole model: ``dense_params``
+    counts every parameter, ``params`` what remains after the plan is applied.
+
+    Example:
+        >>> import torch.nn as nn, cstar_fx
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> plan = cstar_fx.plan_ranks(model, ratio=2)
+        >>> plan2 = RankPlan.from_json(plan.to_json())
+        >>> plan2 == plan
+        True
+    """
+
+    layers: dict[str, LayerPlan]
+    target_ratio: float | None = None
+    budget: str = "params"
+    dense_params: int = 0
+    params: int = 0
+    dense_flops: float | None = None
+    flops: float | None = None
+    unsupported: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio_params(self) -> float:
+        """Achieved parameter ratio (dense / compressed) over the whole model."""
+        return self.dense_params / self.params if self.params else math.inf
+
+    @property
+    def ratio_flops(self) -> float | None:
+        """Achieved FLOP ratio on the example input, or ``None`` without one."""
+        if self.dense_flops is None or not self.flops:
+            return None
+        return self.dense_flops / self.flops
+
+    @property
+    def factorized(self) -> dict[str, LayerPlan]:
+        """The layers the plan replaces by factors."""
+        return {k: v for k, v in self.layers.items() if v.factorized}
+
+    def with_layer(self, name: str, **changes: Any) -> "RankPlan":
+        """A copy with one layer's entry changed (e.g. ``ranks=(16, 16)``); totals are not recomputed.
+
+        Example:
+            >>> import torch.nn as nn, cstar_fx
+            >>> plan = cstar_fx.plan_ranks(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), ratio=2)
+            >>> plan.with_layer("0", ranks=(16,)).layers["0"].ranks
+            (16,)
+        """
+        if name not in self.layers:
+            raise KeyError(f"no layer {name!r} in the plan; layers are {sorted(self.layers)}")
+        layers = dict(self.layers)
+        layers[name] = replace(layers[name], **changes)
+        return replace(self, layers=layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "format": PLAN_FORMAT,
+            "target_ratio": self.target_ratio,
+            "budget": self.budget,
+            "dense_params": self.dense_params,
+            "params": self.params,
+            "dense_flops": self.dense_flops,
+            "flops": self.flops,
+            "unsupported": dict(self.unsupported),
+            "options": dict(self.options),
+            "layers": [lp.to_dict() for lp in self.layers.values()],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Serialise to JSON (round-trips through :meth:`from_json`)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RankPlan":
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` for anything that is not a rank plan."""
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise ValueError(f"not a cstar_fx rank plan (expected format {PLAN_FORMAT!r})")
+        layers = {lp.name: lp for lp in (LayerPlan.from_dict(x) for x in d["layers"])}
+        return cls(layers=layers, target_ratio=d.get("target_ratio"), budget=d.get("budget", "params"),
+                   dense_params=int(d.get("dense_params", 0)), params=int(d.get("params", 0)),
+                   dense_flops=d.get("dense_flops"), flops=d.get("flops"),
+                   unsupported=dict(d.get("unsupported", {})), options=dict(d.get("options", {})))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RankPlan":
+        """Parse a plan written by :meth:`to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"rank plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def full_rank(cls, model: Any, *, example_inputs: Any = None, **options: Any) -> "RankPlan":
+        """Every eligible layer at full rank: ``transform(model, plan=RankPlan.full_rank(model))``
+        reproduces the model's outputs (up to float rounding).
+
+        Example:
+            >>> import torch, torch.nn as nn, cstar_fx
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+            >>> gm = cstar_fx.transform(model, plan=RankPlan.full_rank(model))
+            >>> x = torch.randn(2, 3, 8, 8)
+            >>> bool(torch.allclose(gm(x), model(x), atol=1e-4))
+            True
+        """
+        from .api import full_rank_plan
+
+        return full_rank_plan(model, example_inputs=example_inputs, **options)
+
+    def table(self) -> str:
+        """A readable fixed-width table, one row per layer, then the totals."""
+        head = f"{'layer':<32} {'scheme':<8} {'shape':<18} {'ranks':<10} {'params':>21} {'energy':>7}"
+        rows = [head, "-" * len(head)]
+        for lp in self.layers.values():
+            shape = "x".join(map(str, lp.weight_shape))
+            ranks = ",".join(map(str, lp.ranks)) if lp.ranks else "-"
+            params = f"{lp.dense_params:,} -> {lp.params:,}"
+            extra = f"  ({lp.reason})" if lp.reason else ""
+            rows.append(f"{lp.name[:32]:<32} {lp.scheme:<8} {shape:<18} {ranks:<10} {params:>21} {lp.energy:>7.3f}{extra}")
+        for name, why in self.unsupported.items():
+            rows.append(f"{name[:32]:<32} {'dense':<8} {'':<18} {'-':<10} {'':>21} {'':>7}  (unsupported: {why})")
+        rows.append("-" * len(head))
+        total = f"params {self.dense_params:,} -> {self.params:,} ({self.ratio_params:.2f}x"
+        total += f", target {self.target_ratio:g}x by {self.budget})" if self.target_ratio else ")"
+        if self.ratio_flops is not None:
+            total += f"; FLOPs {self.dense_flops:,.0f} -> {self.flops:,.0f} ({self.ratio_flops:.2f}x)"
+        rows.append(total)
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()

@@ -1,0 +1,1 @@
+"""Adversarial robustness: attacks, adversarial losses, fine-tuning, CSTAR's joint training, evaluation."""

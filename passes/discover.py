@@ -1,0 +1,172 @@
+"""Find the conv and linear layers of a traced model, in module and functional form.
+
+Read-only: this pass inspects a GraphModule and never changes it.
+
+Example:
+    >>> import torch.nn as nn
+    >>> from cstar_fx.passes.trace import trace
+    >>> sites, unsupported = find_layers(trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv1d(3, 3, 1))))
+    >>> [s.name for s in sites], unsupported
+    (['0'], {'1': 'Conv1d is not supported (only 2-D convs and linear layers are factorized)'})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LayerSite", "find_layers", "CONV_FNS", "LINEAR_FNS"]
+
+CONV_FNS = frozenset({F.conv2d, torch.conv2d})
+LINEAR_FNS = frozenset({F.linear, torch._C._nn.linear})
+_OTHER_CONV_FNS = {
+    F.conv1d: "conv1d", F.conv3d: "conv3d", F.conv_transpose1d: "conv_transpose1d",
+    F.conv_transpose2d: "conv_transpose2d", F.conv_transpose3d: "conv_transpose3d",
+}
+_UNSUPPORTED_MODULES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass
+class LayerSite:
+    """One factorizable layer: where it is in the graph and its hyper-parameters.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from cstar_fx.passes.trace import trace
+        >>> site = find_layers(trace(nn.Sequential(nn.Linear(4, 2))))[0][0]
+        >>> site.name, site.kind, site.form, site.param
+        ('0', 'linear', 'module', '0.weight')
+    """
+
+    name: str
+    kind: str  # "conv" | "linear"
+    form: str  # "module" | "function"
+    param: str  # qualified name of the weight
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    nodes: list[fx.Node] = field(default_factory=list)
+    bias_target: str | None = None
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    padding_mode: str = "zeros"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The weight's shape."""
+        return tuple(self.weight.shape)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_LINEAR_ARGS = ("input", "weight", "bias")
+
+
+def _bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _module_site(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> LayerSite | str:
+    if isinstance(mod, _UNSUPPORTED_MODULES):
+        return f"{type(mod).__name__} is not supported (only 2-D convs and linear layers are factorized)"
+    base = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Linear
+    if type(mod).forward is not base.forward:
+        return f"{type(mod).__name__} overrides forward(); its weight may not be used as a plain {base.__name__}"
+    if hasattr(mod, "parametrizations"):
+        return "parametrized weight (e.g. weight_norm / spectral_norm) is not factorized"
+    if isinstance(mod.weight, nn.parameter.UninitializedParameter):
+        return "lazy module not initialised yet; run one forward pass first"
+    name = str(node.target)
+    prefix = f"{name}." if name else ""
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups != 1:
+            kind = "depthwise" if mod.groups == mod.in_channels == mod.out_channels else "grouped"
+            return f"{kind} conv (groups={mod.groups}) stays dense"
+        return LayerSite(name, "conv", "module", prefix + "weight", mod.weight, mod.bias, [node],
+                         stride=mod.stride, padding=mod.padding, dilation=mod.dilation, padding_mode=mod.padding_mode)
+    return LayerSite(name, "linear", "module", prefix + "weight", mod.weight, mod.bias, [node])
+
+
+def _function_site(gm: fx.GraphModule, node: fx.Node) -> tuple[str, LayerSite | str]:
+    is_conv = node.target in CONV_FNS
+    args = _bind(node, _CONV_ARGS if is_conv else _LINEAR_ARGS)
+    w = args.get("weight")
+    label = f"{node.name} ({'conv2d' if is_conv else 'linear'})"
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return label, "weight is computed in the graph, not a parameter; cannot factorize"
+    name = str(w.target)
+    weight = _fetch(gm, name)
+    b = args.get("bias")
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+        return name, "bias is computed in the graph, not a parameter; cannot factorize"
+    bias = _fetch(gm, str(b.target)) if b is not None else None
+    hyper = {k: args.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
+    if any(isinstance(v, fx.Node) for v in hyper.values()):
+        return name, "conv hyper-parameters are computed in the graph; cannot factorize"
+    if is_conv and weight.ndim != 4:
+        return name, f"conv2d weight of shape {tuple(weight.shape)} is not 4-D"
+    if is_conv and hyper["groups"] != 1:
+        return name, f"grouped conv (groups={hyper['groups']}) stays dense"
+    if not is_conv and weight.ndim != 2:
+        return name, f"linear weight of shape {tuple(weight.shape)} is not 2-D"
+    site = LayerSite(name, "conv" if is_conv else "linear", "function", name, weight, bias, [node],
+                     bias_target=str(b.target) if b is not None else None)
+    if is_conv:
+        site.stride, site.padding, site.dilation = hyper["stride"], hyper["padding"], hyper["dilation"]
+    return name, site
+
+
+def _same_call(a: LayerSite, b: LayerSite) -> bool:
+    return (a.bias_target, a.stride, a.padding, a.dilation) == (b.bias_target, b.stride, b.padding, b.dilation)
+
+
+def find_layers(gm: fx.GraphModule) -> tuple[list[LayerSite], dict[str, str]]:
+    """All conv/linear layers of ``gm``: factorizable sites and ``{name: reason}`` for the rest.
+
+    A layer called several times (a shared module or weight) is one site with several nodes.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from cstar_fx.passes.trace import trace
+        >>> len(find_layers(trace(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))))[0])
+        2
+    """
+    sites: dict[str, LayerSite] = {}
+    unsupported: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        found: LayerSite | str | None = None
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if isinstance(mod, (nn.Conv2d, nn.Linear) + _UNSUPPORTED_MODULES):
+                name, found = str(node.target), _module_site(gm, node, mod)
+        elif node.op == "call_function" and (node.target in CONV_FNS or node.target in LINEAR_FNS):
+            name, found = _function_site(gm, node)
+        elif node.op == "call_function" and node.target in _OTHER_CONV_FNS:
+            name, found = node.name, f"{_OTHER_CONV_FNS[node.target]} is not supported"
+        if found is None:
+            continue
+        if isinstance(found, str):
+            unsupported.setdefault(name, found)
+            continue
+        if name in sites:
+            if not _same_call(sites[name], found):
+                unsupported[name] = "the same weight is used with different bias or conv settings"
+                del sites[name]
+                continue
+            sites[name].nodes.extend(found.nodes)
+        elif name not in unsupported:
+            sites[name] = found
+    return list(sites.values()), unsupported

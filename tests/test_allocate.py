@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from cstar_fx.allocate import UnreachableBudgetError, allocate, min_cost, rank_grid
+from cstar_fx.costs import FlopCost, LayerSpec, ParamCost
+from cstar_fx.decompose import Spectrum, mode_spectra
+
+
+def spec(name, shape, decay=0.0, positions=None):
+    w = torch.randn(*shape, dtype=torch.float64)
+    if decay:
+        u, s, vh = torch.linalg.svd(w.reshape(shape[0], -1), full_matrices=False)
+        s = torch.exp(-decay * torch.arange(len(s), dtype=torch.float64))
+        w = (u * s) @ vh
+        w = w.reshape(shape)
+    p = positions
+    return LayerSpec(name, "conv" if len(shape) == 4 else "linear", shape, False, mode_spectra(w), p, p)
+
+
+def test_rank_grid():
+    assert rank_grid(20, 8, 1) == [8, 16, 20]
+    assert rank_grid(3, 8, 1) == [3]
+    assert rank_grid(64, 8, 20) == [24, 32, 40, 48, 56, 64]
+    assert rank_grid(5, 1, 1) == [1, 2, 3, 4, 5]
+
+
+def test_budget_met_and_ranks_on_grid():
+    layers = [spec("a", (64, 64, 3, 3)), spec("b", (128, 64, 3, 3)), spec("c", (10, 128))]
+    cost = ParamCost()
+    dense = sum(cost(l, "dense", ()) for l in layers)
+    for ratio in (2, 4, 8):
+        alloc = allocate(layers, cost, ratio=ratio)
+        assert alloc.total_cost <= dense / ratio * (1 + 1e-9)
+        assert ratio <= alloc.ratio < ratio * 1.15  # three layers: coarse rank steps
+        for name, (scheme, ranks) in alloc.choices.items():
+            full = dict(a=(64, 64), b=(128, 64), c=(10,))[name]
+            assert all(r % 8 == 0 or r == f for r, f in zip(ranks, full))
+
+
+def test_layer_with_decaying_spectrum_gets_lower_rank():
+    fast = spec("fast", (64, 64), decay=0.5)
+    flat = spec("flat", (64, 64))
+    alloc = allocate([fast, flat], ParamCost(), ratio=3, round_to=1)
+    assert alloc.choices["fast"][1][0] < alloc.choices["flat"][1][0]
+
+
+def test_dense_when_factorized_costs_more():
+    tiny = spec("tiny", (4, 3, 3, 3))  # full ranks cheaper dense; min ranks (4, 3) cost more than dense
+    big = spec("big", (256, 256))
+    alloc = allocate([tiny, big], ParamCost(), ratio=4)
+    assert alloc.choices["tiny"] == ("dense", ())
+    assert alloc.choices["big"][0] == "svd"
+
+
+def test_unreachable_ratio_reports_maximum():
+    layers = [spec("a", (32, 32))]
+    with pytest.raises(UnreachableBudgetError) as info:
+        allocate(layers, ParamCost(), ratio=100, fixed_cost=500)
+    best = (32 * 32 + 500) / min_cost(layers, ParamCost(), round_to=8, min_rank=1)
+    assert info.value.max_ratio < 100
+    assert info.value.max_ratio == pytest.approx((32 * 32 + 500) / (500 + min_cost(layers, ParamCost(), round_to=8, min_rank=1)))
+    assert "reachable maximum" in str(info.value)
+    assert best > 0
+
+
+def test_flop_cost_needs_shapes_and_counts():
+    layer = spec("a", (16, 8, 3, 3), positions=100)
+    assert FlopCost()(layer, "dense", ()) == 2 * 16 * 8 * 9 * 100
+    assert FlopCost()(layer, "tucker2", (4, 2)) == 2 * (8 * 2 * 100 + 4 * 2 * 9 * 100 + 16 * 4 * 100)
+    with pytest.raises(ValueError, match="example_inputs"):
+        FlopCost()(spec("b", (4, 4)), "dense", ())
+
+
+def test_custom_cost_model_is_used_and_deterministic():
+    calls = []
+
+    def cost(layer, scheme, ranks):
+        calls.append(scheme)
+        return 1000.0 if scheme == "dense" else float(sum(ranks))
+
+    layers = [spec("a", (64, 64)), spec("b", (64, 64, 3, 3))]
+    a1 = allocate(layers, cost, ratio=10)
+    a2 = allocate(layers, cost, ratio=10)
+    assert a1 == a2 and calls
+    assert a1.total_cost <= 200
+
+
+def test_ratio_validated():
+    with pytest.raises(ValueError, match="ratio"):
+        allocate([spec("a", (8, 8))], ParamCost(), ratio=1.0)
+    with pytest.raises(ValueError, match="ratio"):
+        allocate([spec("a", (8, 8))], ParamCost(), ratio=math.nan)
