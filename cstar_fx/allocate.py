@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .costs import CostModel, LayerSpec
 
-__all__ = ["Allocation", "UnreachableBudgetError", "rank_grid", "max_ranks", "allocate", "min_cost"]
+__all__ = ["Allocation", "Cap", "UnreachableBudgetError", "rank_grid", "max_ranks", "allocate", "min_cost"]
 
 
 class UnreachableBudgetError(ValueError):
@@ -143,11 +143,27 @@ def min_cost(layers: list[LayerSpec], cost: CostModel, *, round_to: int, min_ran
     return total
 
 
+@dataclass(frozen=True)
+class Cap:
+    """A second budget the allocation must also respect: ``fixed + sum(cost) <= limit``.
+
+    Example:
+        >>> from cstar_fx.costs import ParamCost
+        >>> Cap(ParamCost(), fixed=0.0, limit=1e6).limit
+        1000000.0
+    """
+
+    cost: CostModel
+    fixed: float
+    limit: float
+
+
 def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_cost: float = 0.0,
-             round_to: int = 8, min_rank: int = 1, conv_scheme: str = "tucker2") -> Allocation:
+             round_to: int = 8, min_rank: int = 1, conv_scheme: str = "tucker2", caps: tuple[Cap, ...] = ()) -> Allocation:
     """Choose a scheme and ranks per layer so that the whole network's cost is ``dense / ratio``.
 
     ``fixed_cost`` is what the rest of the network costs (layers kept dense by rule, norms, ...).
+    ``caps`` are further budgets (e.g. a parameter cap under a latency budget) no step may break.
     Raises :class:`UnreachableBudgetError` with the reachable maximum when even the smallest ranks
     exceed the budget.
 
@@ -175,6 +191,17 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
         spent += st.dense_cost if st.dense else cost(layer, scheme, st.ranks())
         states[layer.name] = st
     budget = dense_total / ratio
+
+    def form(st: _State) -> tuple[str, tuple[int, ...]]:
+        return ("dense", ()) if st.dense else (st.scheme, st.ranks())
+
+    cap_spent = [cap.fixed + sum(cap.cost(st.layer, *form(st)) for st in states.values()) for cap in caps]
+    for cap, used in zip(caps, cap_spent):
+        if used > cap.limit * (1 + 1e-12):
+            raise UnreachableBudgetError(
+                f"the {getattr(cap.cost, 'name', 'secondary')} cap is unreachable: the smallest ranks already cost "
+                f"{used:.4g} > {cap.limit:.4g}; relax the cap or lower round_to/min_rank.",
+                max_ratio=dense_total / spent)
     if spent > budget * (1 + 1e-12):
         best = dense_total / spent
         raise UnreachableBudgetError(
@@ -223,6 +250,11 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
         delta = (st.dense_cost if go_dense else new_cost) - now_cost
         if spent + delta > budget:
             continue  # this mode cannot grow any more within the budget; other layers still may
+        after = ("dense", ()) if go_dense else (st.scheme, ranks)
+        cap_delta = [cap.cost(st.layer, *after) - cap.cost(st.layer, *form(st)) for cap in caps]
+        if any(used + d > cap.limit for cap, used, d in zip(caps, cap_spent, cap_delta)):
+            continue
+        cap_spent = [used + d for used, d in zip(cap_spent, cap_delta)]
         spent += delta
         st.version += 1
         if go_dense:

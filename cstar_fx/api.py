@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -12,9 +12,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .allocate import allocate, max_ranks, scheme_for, _energy
+from .allocate import Cap, _energy, allocate, max_ranks, scheme_for
 from .config import CstarConfig, resolve_config
-from .costs import FlopCost, LayerSpec, ParamCost, cost_model_for
+from .costs import CostModel, FlopCost, LayerSpec, ParamCost, cost_model_for
 from .decompose import mode_spectra
 from .passes.discover import LayerSite, find_layers
 from .passes.factorize import factorize
@@ -86,6 +86,10 @@ def _positions(shape: tuple[int, ...], kind: str) -> int:
     return n
 
 
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+
 def _skip_reason(name: str, patterns: tuple[str, ...]) -> str | None:
     for pat in patterns:
         if name == pat or fnmatch.fnmatchcase(name, pat):
@@ -109,11 +113,14 @@ def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spect
                 spectra = mode_spectra(site.weight)
             except ValueError as exc:
                 raise ValueError(f"layer {site.name!r}: {exc}") from exc
-        p_in = p_out = None
+        p_in = p_out = in_shape = out_shape = None
         if shapes:
             p_in = sum(_positions(shapes[n][0], site.kind) for n in site.nodes)
             p_out = sum(_positions(shapes[n][1], site.kind) for n in site.nodes)
-        specs[site.name] = LayerSpec(site.name, site.kind, site.weight_shape, site.bias is not None, spectra, p_in, p_out)
+            in_shape, out_shape = shapes[site.nodes[0]]
+        specs[site.name] = LayerSpec(site.name, site.kind, site.weight_shape, site.bias is not None, spectra, p_in, p_out,
+                                     in_shape, out_shape, _pair(site.stride), site.padding if isinstance(site.padding, str)
+                                     else _pair(site.padding), _pair(site.dilation))
     flops = count_flops(gm, example_inputs) if example_inputs is not None else None
     return _Analysis(gm, sites, unsupported, specs, skipped, _count_params(gm), flops)
 
@@ -130,11 +137,16 @@ def _layer_plan(site: LayerSite, spec: LayerSpec, scheme: str, ranks: tuple[int,
 
 
 def _assemble(a: _Analysis, choices: dict[str, tuple[str, tuple[int, ...]]], reasons: dict[str, str],
-              cfg: CstarConfig | None) -> RankPlan:
+              cfg: CstarConfig | None, costs: tuple[dict[str, tuple[float, float]], float, float, float] | None = None
+              ) -> RankPlan:
+    layer_costs, dense_cost, cost, ratio = costs if costs is not None else ({}, None, None, None)
     layers: dict[str, LayerPlan] = {}
     for site in a.sites:
         scheme, ranks = choices.get(site.name, ("dense", ()))
-        layers[site.name] = _layer_plan(site, a.specs[site.name], scheme, ranks, reasons.get(site.name, ""))
+        lp = _layer_plan(site, a.specs[site.name], scheme, ranks, reasons.get(site.name, ""))
+        if site.name in layer_costs:
+            lp = replace(lp, dense_cost=layer_costs[site.name][0], cost=layer_costs[site.name][1])
+        layers[site.name] = lp
     saved = sum(lp.dense_params - lp.params for lp in layers.values())
     flops = None
     if a.dense_flops is not None:
@@ -143,50 +155,77 @@ def _assemble(a: _Analysis, choices: dict[str, tuple[str, tuple[int, ...]]], rea
     if cfg is not None:
         options = {"round_to": cfg.round_to, "min_rank": cfg.min_rank, "skip": list(cfg.skip),
                    "conv_scheme": cfg.conv_scheme}
-    return RankPlan(layers=layers, target_ratio=cfg.ratio if cfg else None,
+        if cfg.param_ratio is not None:
+            options["param_ratio"] = cfg.param_ratio
+        if cfg.target is not None:
+            options["target"] = asdict(cfg.target) if is_dataclass(cfg.target) else repr(cfg.target)
+    return RankPlan(layers=layers, target_ratio=ratio if ratio is not None else (cfg.ratio if cfg else None),
                     budget=cfg.budget_name if cfg else "full-rank", dense_params=a.dense_params,
                     params=a.dense_params - saved, dense_flops=a.dense_flops, flops=flops,
-                    unsupported=dict(a.unsupported), options=options)
+                    unsupported=dict(a.unsupported), options=options, dense_cost=dense_cost, cost=cost)
 
 
-def _plan(a: _Analysis, cfg: CstarConfig, example_inputs: Any) -> RankPlan:
+def _budget_cost(cfg: CstarConfig, example_inputs: Any) -> CostModel:
+    if cfg.cost_model is not None:
+        return cfg.cost_model
+    if cfg.budget in ("flops", "latency") and example_inputs is None:
+        raise ValueError(f"budget={cfg.budget!r} needs example_inputs for the layer shapes; pass e.g. "
+                         "example_inputs=torch.randn(1, 3, 32, 32)")
+    if cfg.budget == "latency":
+        from .latency import LatencyCost
+
+        return LatencyCost(cfg.target)
+    return cost_model_for(cfg.budget)
+
+
+def _plan(a: _Analysis, cfg: CstarConfig, example_inputs: Any, latency_ms: float | None = None) -> RankPlan:
     eligible = [a.specs[s.name] for s in a.sites if s.name not in a.skipped]
     if not eligible:
         found = ", ".join(f"{k}: {v}" for k, v in {**a.skipped, **a.unsupported}.items()) or "none"
         raise NoEligibleLayerError(
             "the model has no conv2d/linear layer that can be factorized (found: " + found + "). "
             "Remove layers from skip=, or mark blocks that hide layers as non-leaf.")
-    if cfg.cost_model is not None:
-        cost = cfg.cost_model
-    else:
-        if cfg.budget == "flops" and example_inputs is None:
-            raise ValueError("budget='flops' needs example_inputs to count FLOPs; pass e.g. "
-                             "example_inputs=torch.randn(1, 3, 32, 32)")
-        cost = cost_model_for(cfg.budget)
+    cost = _budget_cost(cfg, example_inputs)
+    layer_dense = sum(cost(s, "dense", ()) for s in eligible)
     if cfg.cost_model is None and cfg.budget == "flops":
         total = a.dense_flops
-    elif cfg.cost_model is None:
+    elif cfg.cost_model is None and cfg.budget == "params":
         total = float(a.dense_params)
+    elif hasattr(cost, "model_cost") and example_inputs is not None:
+        total = max(cost.model_cost(a.gm, example_inputs), layer_dense)
     else:
-        total = None  # a custom cost covers only the eligible layers
-    fixed = 0.0 if total is None else total - sum(cost(s, "dense", ()) for s in eligible)
-    alloc = allocate(eligible, cost, ratio=cfg.ratio, fixed_cost=fixed, round_to=cfg.round_to,
-                     min_rank=cfg.min_rank, conv_scheme=cfg.conv_scheme)
+        total = layer_dense  # a custom cost without a whole-model measure covers the eligible layers only
+    fixed = total - layer_dense
+    ratio = cfg.ratio if latency_ms is None else total / latency_ms
+    if ratio <= 1:
+        raise ValueError(f"latency_ms={latency_ms:g} is not below the dense model's {total:.4g} ms; ask for less")
+    caps = ()
+    if cfg.param_ratio is not None:
+        params = ParamCost()
+        fixed_params = a.dense_params - sum(params(s, "dense", ()) for s in eligible)
+        caps = (Cap(params, fixed_params, a.dense_params / cfg.param_ratio),)
+    alloc = allocate(eligible, cost, ratio=ratio, fixed_cost=fixed, round_to=cfg.round_to,
+                     min_rank=cfg.min_rank, conv_scheme=cfg.conv_scheme, caps=caps)
     reasons = dict(a.skipped)
     for name, (scheme, _) in alloc.choices.items():
         if scheme == "dense":
             reasons[name] = "factorized form would cost at least the dense layer"
-    return _assemble(a, alloc.choices, reasons, cfg)
+    layer_costs = {s.name: (cost(s, "dense", ()), cost(s, *alloc.choices[s.name])) for s in eligible}
+    if hasattr(cost, "table") and hasattr(cost.table, "save"):
+        cost.table.save()  # keep what was measured, so the next plan on this target measures nothing
+    return _assemble(a, alloc.choices, reasons, cfg, costs=(layer_costs, total, alloc.total_cost, ratio))
 
 
 def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str = "params",
-               example_inputs: Any = None, **options: Any) -> RankPlan:
+               example_inputs: Any = None, target_speedup: float | None = None, latency_ms: float | None = None,
+               **options: Any) -> RankPlan:
     """Choose per-layer schemes and ranks under one global budget. Never modifies ``model``.
 
-    ``ratio`` is dense cost / compressed cost for the whole model; ``budget`` is ``"params"`` or
-    ``"flops"``; ``options`` are the other :class:`CstarConfig` fields (``round_to``, ``min_rank``,
-    ``skip``, ``conv_scheme``, ``leaf_modules``, ``concrete_args``, ``cost_model``). With
-    ``example_inputs`` the plan also reports FLOPs.
+    ``ratio`` is dense cost / compressed cost for the whole model; ``budget`` is ``"params"``,
+    ``"flops"`` or ``"latency"`` (measured on ``target=LatencyTarget(...)``; then ``target_speedup`` or
+    ``latency_ms`` may stand for ``ratio``). ``options`` are the other :class:`CstarConfig` fields
+    (``round_to``, ``min_rank``, ``skip``, ``conv_scheme``, ``leaf_modules``, ``concrete_args``,
+    ``cost_model``, ``target``, ``param_ratio``). With ``example_inputs`` the plan also reports FLOPs.
 
     Example:
         >>> import torchvision, cstar_fx
@@ -194,11 +233,19 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
         >>> round(plan.ratio_params, 1)
         8.0
     """
+    if target_speedup is not None and latency_ms is not None:
+        raise ValueError("pass either target_speedup or latency_ms, not both")
+    if target_speedup is not None:
+        ratio = target_speedup
+    if latency_ms is not None:
+        if isinstance(latency_ms, bool) or not isinstance(latency_ms, (int, float)) or not latency_ms > 0:
+            raise ValueError(f"latency_ms must be a positive number of milliseconds, got {latency_ms!r}")
+        ratio = 2.0  # placeholder, replaced by the measured dense latency / latency_ms
     if not isinstance(ratio, CstarConfig) or budget != "params":
         options = {"budget": budget, **options}
     cfg = resolve_config(ratio, options)
     a = _analyse(model, cfg, example_inputs)
-    return _plan(a, cfg, example_inputs)
+    return _plan(a, cfg, example_inputs, latency_ms=latency_ms)
 
 
 def full_rank_plan(model: nn.Module, *, example_inputs: Any = None, **options: Any) -> RankPlan:

@@ -11,7 +11,7 @@ from .costs import CostModel
 
 __all__ = ["CstarConfig", "resolve_config"]
 
-_BUDGETS = ("params", "flops")
+_BUDGETS = ("params", "flops", "latency")
 _CONV_SCHEMES = ("tucker2", "svd")
 
 
@@ -36,6 +36,9 @@ class CstarConfig:
     * ``conv_scheme``: ``"tucker2"`` (default) or ``"svd"`` for kxk convs.
     * ``leaf_modules``: module names/patterns/types fx should not trace into.
     * ``cost_model``: a custom cost (e.g. measured latency); overrides ``budget``.
+    * ``target``: for ``budget="latency"``, a :class:`cstar_fx.latency.LatencyTarget` (default: onnxruntime
+      CPU, batch 1); ``ratio`` is then the speedup to reach.
+    * ``param_ratio``: also require at least this parameter ratio (a cap beside a latency or FLOP budget).
 
     Example:
         >>> cfg = CstarConfig(ratio=8, budget="flops", round_to=8, skip=("fc",))
@@ -52,9 +55,13 @@ class CstarConfig:
     leaf_modules: tuple[Any, ...] = ()
     concrete_args: dict[str, Any] | None = field(default=None, compare=False)
     cost_model: CostModel | None = field(default=None, compare=False)
+    target: Any = None
+    param_ratio: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio))
+        if self.param_ratio is not None:
+            object.__setattr__(self, "param_ratio", _check_ratio(self.param_ratio))
         if self.cost_model is None and self.budget not in _BUDGETS:
             raise ValueError(f"budget must be one of {_BUDGETS} (or pass cost_model=...), got {self.budget!r}")
         for name in ("round_to", "min_rank"):
@@ -78,7 +85,9 @@ class CstarConfig:
     @property
     def budget_name(self) -> str:
         """The budget's name as reported in plans (the cost model's name when one is given)."""
-        return getattr(self.cost_model, "name", "custom") if self.cost_model is not None else self.budget
+        if self.cost_model is not None:
+            return getattr(self.cost_model, "name", "custom")
+        return self.budget
 
     def replace(self, **changes: Any) -> "CstarConfig":
         """A copy with some fields changed (validated again)."""

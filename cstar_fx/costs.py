@@ -23,7 +23,9 @@ class LayerSpec:
 
     ``in_positions``/``out_positions`` are the number of spatial positions (times batch, summed over
     call sites) the layer reads and writes on the example input; ``None`` when no example input was
-    given. For a linear layer they are the number of rows it is applied to.
+    given. For a linear layer they are the number of rows it is applied to. ``in_shape``/``out_shape``
+    are the tensor shapes at the first call site, and ``stride``/``padding``/``dilation`` the conv
+    settings, for cost models that rebuild the layer (e.g. to time it).
 
     Example:
         >>> spec = LayerSpec("fc", "linear", (10, 64), True, (Spectrum((1.0,)),))
@@ -38,6 +40,11 @@ class LayerSpec:
     spectra: tuple[Spectrum, ...]
     in_positions: int | None = None
     out_positions: int | None = None
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
 
     @property
     def is_conv(self) -> bool:

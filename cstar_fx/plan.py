@@ -39,6 +39,8 @@ class LayerPlan:
     flops: float | None = None
     energy: float = 1.0
     reason: str = ""
+    dense_cost: float | None = None
+    cost: float | None = None
 
     @property
     def factorized(self) -> bool:
@@ -91,6 +93,8 @@ class RankPlan:
     flops: float | None = None
     unsupported: dict[str, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    dense_cost: float | None = None
+    cost: float | None = None
 
     @property
     def ratio_params(self) -> float:
@@ -136,6 +140,8 @@ class RankPlan:
             "flops": self.flops,
             "unsupported": dict(self.unsupported),
             "options": dict(self.options),
+            "dense_cost": self.dense_cost,
+            "cost": self.cost,
             "layers": [lp.to_dict() for lp in self.layers.values()],
         }
 
@@ -152,7 +158,8 @@ class RankPlan:
         return cls(layers=layers, target_ratio=d.get("target_ratio"), budget=d.get("budget", "params"),
                    dense_params=int(d.get("dense_params", 0)), params=int(d.get("params", 0)),
                    dense_flops=d.get("dense_flops"), flops=d.get("flops"),
-                   unsupported=dict(d.get("unsupported", {})), options=dict(d.get("options", {})))
+                   unsupported=dict(d.get("unsupported", {})), options=dict(d.get("options", {})),
+                   dense_cost=d.get("dense_cost"), cost=d.get("cost"))
 
     @classmethod
     def from_json(cls, text: str) -> "RankPlan":
@@ -197,6 +204,8 @@ class RankPlan:
         total += f", target {self.target_ratio:g}x by {self.budget})" if self.target_ratio else ")"
         if self.ratio_flops is not None:
             total += f"; FLOPs {self.dense_flops:,.0f} -> {self.flops:,.0f} ({self.ratio_flops:.2f}x)"
+        if self.budget not in ("params", "flops", "full-rank") and self.cost:
+            total += f"; {self.budget} {self.dense_cost:.4g} -> {self.cost:.4g} ({self.dense_cost / self.cost:.2f}x predicted)"
         rows.append(total)
         return "\n".join(rows)
 

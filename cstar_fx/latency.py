@@ -1,0 +1,421 @@
+"""A measured-latency cost model for the global allocator.
+
+A layer's cost is the latency of the primitive ops its dense or factorized form runs — one conv or
+linear op when dense, two (SVD) or three (Tucker-2) when factorized — timed on a target (onnxruntime
+with a provider, or PyTorch on a device) at the user's batch size and input resolution. Each op is
+timed once and cached in a JSON table keyed by machine, target and op shape, so a second plan costs
+nothing. Channel counts between two points of a fine ladder (…, 64, 96, 128, 192, 256, …) are
+interpolated bilinearly from the four bracketing measurements: latency is smooth and monotone in
+channel count at that spacing, while measuring every rank pair of every layer would take minutes.
+Pass ``interpolate=False`` to time every op exactly.
+
+Example:
+    >>> import torch.nn as nn, cstar_fx
+    >>> from cstar_fx.latency import LatencyCost, LatencyTarget
+    >>> cost = LatencyCost(LatencyTarget(backend="torch", iters=3, warmup=1))
+    >>> plan = cstar_fx.plan_ranks(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), budget="latency",
+    ...                            target_speedup=1.2, cost_model=cost, example_inputs=torch.randn(1, 64))
+    ... # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .costs import LayerSpec
+from .passes.shapes import as_tuple, eval_mode
+
+__all__ = ["LatencyTarget", "Op", "chain_ops", "LatencyTable", "LatencyCost", "LatencyCheck", "measure_model",
+           "validate", "TABLE_FORMAT"]
+
+TABLE_FORMAT = "cstar-fx/latency-table/1"
+_LADDER = sorted({1, 2, 3, 4, 6} | {b * m for b in (8, 12) for m in (1, 2, 4, 8, 16, 32, 64, 128)})
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """Where latency is measured: backend, provider or device, dtype, batch size and threads.
+
+    Example:
+        >>> LatencyTarget(batch_size=64).batch_size
+        64
+    """
+
+    backend: str = "onnxruntime"
+    provider: str = "CPUExecutionProvider"
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 1
+    threads: int | None = None
+    warmup: int = 5
+    iters: int = 30
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("onnxruntime", "torch"):
+            raise ValueError(f"backend must be 'onnxruntime' or 'torch', got {self.backend!r}")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
+        for name in ("batch_size", "warmup", "iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "warmup" else 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    def key(self) -> str:
+        """A cache key naming this machine and target, so tables from other machines never mix."""
+        where = self.provider if self.backend == "onnxruntime" else self.device
+        threads = self.threads if self.threads is not None else os.cpu_count()
+        return f"{_machine(self)}|{self.backend}:{where}|{self.dtype}|b{self.batch_size}|t{threads}"
+
+
+def _machine(target: LatencyTarget) -> str:
+    if "CUDA" in target.provider and target.backend == "onnxruntime" or target.device.startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One primitive op to time: a 2-D conv or a linear layer, with its per-sample input geometry.
+
+    Example:
+        >>> Op("conv", 16, 32, (3, 3), hw=(8, 8)).key()
+        'conv 16->32 k3x3 s1x1 p0x0 d1x1 hw8x8 bias0'
+    """
+
+    kind: str
+    c_in: int
+    c_out: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    hw: tuple[int, ...] = ()
+    bias: bool = False
+
+    def key(self) -> str:
+        """A stable text key for the cache."""
+        if self.kind == "linear":
+            return f"linear {self.c_in}->{self.c_out} rows{'x'.join(map(str, self.hw)) or 1} bias{int(self.bias)}"
+        pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
+        return (f"conv {self.c_in}->{self.c_out} k{self.kernel[0]}x{self.kernel[1]} s{self.stride[0]}x{self.stride[1]} "
+                f"p{pad} d{self.dilation[0]}x{self.dilation[1]} hw{self.hw[0]}x{self.hw[1]} bias{int(self.bias)}")
+
+    def with_channels(self, c_in: int, c_out: int) -> "Op":
+        """The same op with other channel counts."""
+        return Op(self.kind, c_in, c_out, self.kernel, self.stride, self.padding, self.dilation, self.hw, self.bias)
+
+    def module(self) -> nn.Module:
+        """A randomly initialised module that runs this op."""
+        if self.kind == "linear":
+            return nn.Linear(self.c_in, self.c_out, bias=self.bias)
+        return nn.Conv2d(self.c_in, self.c_out, self.kernel, self.stride, self.padding, self.dilation, bias=self.bias)
+
+    def input(self, batch: int) -> torch.Tensor:
+        """A random input of the op's shape at a batch size."""
+        return torch.randn(batch, self.c_in, *self.hw) if self.kind == "conv" else torch.randn(batch, *self.hw, self.c_in)
+
+
+def chain_ops(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> list[Op]:
+    """The ops a layer runs in a scheme (the same structure the rewrite pass builds).
+
+    Example:
+        >>> spec = LayerSpec("c", "conv", (64, 32, 3, 3), True, (), in_shape=(1, 32, 8, 8), out_shape=(1, 64, 8, 8),
+        ...                  padding=(1, 1))
+        >>> [(o.c_in, o.c_out, o.kernel) for o in chain_ops(spec, "tucker2", (16, 8))]
+        [(32, 8, (1, 1)), (8, 16, (3, 3)), (16, 64, (1, 1))]
+    """
+    if layer.in_shape is None or layer.out_shape is None:
+        raise ValueError(f"layer {layer.name!r} has no shape information; pass example_inputs for a latency budget")
+    out, inp = layer.weight_shape[:2]
+    bias = layer.has_bias
+    if layer.kind == "linear":
+        rows = tuple(layer.in_shape[1:-1])
+        lin = Op("linear", inp, out, hw=rows, bias=bias)
+        if scheme == "dense":
+            return [lin]
+        (r,) = ranks
+        return [Op("linear", inp, r, hw=rows), Op("linear", r, out, hw=rows, bias=bias)]
+    kernel = (layer.weight_shape[2], layer.weight_shape[3])
+    hw_in, hw_out = tuple(layer.in_shape[-2:]), tuple(layer.out_shape[-2:])
+    conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+    if scheme == "dense":
+        return [Op("conv", inp, out, kernel, hw=hw_in, bias=bias, **conv)]
+    if scheme == "svd":
+        (r,) = ranks
+        return [Op("conv", inp, r, kernel, hw=hw_in, **conv), Op("conv", r, out, hw=hw_out, bias=bias)]
+    r_out, r_in = ranks
+    return [Op("conv", inp, r_in, hw=hw_in), Op("conv", r_in, r_out, kernel, hw=hw_in, **conv),
+            Op("conv", r_out, out, hw=hw_out, bias=bias)]
+
+
+class LatencyTable:
+    """A JSON cache of measured op latencies (milliseconds), keyed by target and op.
+
+    Example:
+        >>> t = LatencyTable()
+        >>> t.set("k", 1.5); t.get("k")
+        1.5
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, float] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"latency table {self.path} is unreadable ({exc}); delete it to re-measure") from exc
+            if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+                raise ValueError(f"{self.path} is not a cstar_fx latency table; delete it or pass another path")
+            self.entries = {str(k): float(v) for k, v in data["entries"].items()}
+
+    def get(self, key: str) -> float | None:
+        """The cached value, or ``None``."""
+        return self.entries.get(key)
+
+    def set(self, key: str, ms: float) -> None:
+        """Cache a value (in memory; :meth:`save` writes the file)."""
+        self.entries[key] = float(ms)
+
+    def save(self) -> None:
+        """Write the table atomically (temp file + rename) if it has a path."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"format": TABLE_FORMAT, "entries": self.entries}, indent=1, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, self.path)
+
+
+def _median_ms(run: Any, target: LatencyTarget, sync: Any = None) -> float:
+    for _ in range(target.warmup):
+        run()
+    times = []
+    for _ in range(target.iters):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        run()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _ort_session(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> Any:
+    try:
+        import io
+
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError('the onnxruntime latency backend needs onnxruntime: pip install "cstar-fx[onnx]"') from exc
+    buf = io.BytesIO()
+    module = module.eval()
+    if target.dtype == "float16":
+        module, x = module.half(), x.half()
+    with torch.no_grad():
+        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if target.threads is not None:
+        opts.intra_op_num_threads = target.threads
+    if "CUDA" in target.provider and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    providers = list(dict.fromkeys([target.provider, "CPUExecutionProvider"]))
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=providers)
+    if sess.get_providers()[0] != target.provider:
+        raise RuntimeError(f"{target.provider} is not usable here (session runs on {sess.get_providers()[0]}); "
+                           f"measure on a machine with it or use provider='CPUExecutionProvider'")
+    return sess, x.numpy()
+
+
+def _time(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> float:
+    if target.backend == "onnxruntime":
+        sess, feed = _ort_session(module, x, target)
+        return _median_ms(lambda: sess.run(None, {"x": feed}), target)
+    dev = torch.device(target.device)
+    dtype = torch.float16 if target.dtype == "float16" else torch.float32
+    module = module.to(dev, dtype).eval()
+    x = x.to(dev, dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    threads = torch.get_num_threads()
+    if target.threads is not None:
+        torch.set_num_threads(target.threads)
+    try:
+        with torch.no_grad():
+            return _median_ms(lambda: module(x), target, sync)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bracket(v: int) -> tuple[int, int]:
+    i = bisect.bisect_left(_LADDER, v)
+    if i < len(_LADDER) and _LADDER[i] == v:
+        return v, v
+    if i == 0 or i == len(_LADDER):
+        return v, v
+    return _LADDER[i - 1], _LADDER[i]
+
+
+class LatencyCost:
+    """Cost model: measured latency (ms) of a layer's dense or factorized form on a target.
+
+    ``table`` (or ``path``) caches measurements across runs. The per-call overhead of the runtime
+    (timed on a trivial op) is subtracted from each op, and counted once for the whole model.
+
+    Example:
+        >>> cost = LatencyCost(LatencyTarget(backend="torch", iters=3, warmup=1))
+        >>> spec = LayerSpec("fc", "linear", (32, 32), False, (), in_shape=(1, 32), out_shape=(1, 32))
+        >>> cost(spec, "dense", ()) >= 0.0
+        True
+    """
+
+    name = "latency"
+
+    def __init__(self, target: LatencyTarget | None = None, *, table: LatencyTable | None = None,
+                 path: str | os.PathLike | None = None, interpolate: bool = True) -> None:
+        self.target = target or LatencyTarget()
+        self.table = table if table is not None else LatencyTable(path)
+        self.interpolate = interpolate
+        self.measured = 0
+
+    def _measure(self, key: str, module: nn.Module, x: torch.Tensor) -> float:
+        full = f"{self.target.key()}|{key}"
+        hit = self.table.get(full)
+        if hit is None:
+            torch.manual_seed(0)
+            hit = _time(module, x, self.target)
+            self.table.set(full, hit)
+            self.measured += 1
+        return hit
+
+    def overhead_ms(self) -> float:
+        """Latency of a trivial op on the target: the fixed cost of one call."""
+        return self._measure("overhead", nn.Flatten(0), torch.zeros(1, 1))
+
+    def _exact(self, op: Op) -> float:
+        ms = self._measure(op.key(), op.module(), op.input(self.target.batch_size))
+        return max(ms - self.overhead_ms(), 0.0)
+
+    def op_ms(self, op: Op) -> float:
+        """Latency of one op (ms), interpolated between ladder channel counts when allowed."""
+        if not self.interpolate:
+            return self._exact(op)
+        (i0, i1), (o0, o1) = _bracket(op.c_in), _bracket(op.c_out)
+        if (i0, o0) == (i1, o1):
+            return self._exact(op)
+        ti = 0.0 if i1 == i0 else (op.c_in - i0) / (i1 - i0)
+        to = 0.0 if o1 == o0 else (op.c_out - o0) / (o1 - o0)
+        corner = {(a, b): self._exact(op.with_channels(a, b)) for a in {i0, i1} for b in {o0, o1}}
+        lo = corner[(i0, o0)] * (1 - to) + corner[(i0, o1)] * to
+        hi = corner[(i1, o0)] * (1 - to) + corner[(i1, o1)] * to
+        return lo * (1 - ti) + hi * ti
+
+    def __call__(self, layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
+        return sum(self.op_ms(op) for op in chain_ops(layer, scheme, ranks))
+
+    def model_cost(self, model: nn.Module, example_inputs: Any) -> float:
+        """End-to-end latency of a whole model at the target's batch size (ms), cached by architecture."""
+        code = getattr(model, "code", None) or repr(model)
+        shapes = [tuple(p.shape) for p in model.parameters()] + [tuple(t.shape[1:]) for t in as_tuple(example_inputs)]
+        key = "model " + hashlib.sha1(f"{code}{shapes}".encode()).hexdigest()
+        full = f"{self.target.key()}|{key}"
+        hit = self.table.get(full)
+        if hit is None:
+            hit = measure_model(model, example_inputs, self.target)
+            self.table.set(full, hit)
+            self.measured += 1
+        return hit
+
+
+def measure_model(model: nn.Module, example_inputs: Any, target: LatencyTarget) -> float:
+    """Median end-to-end latency (ms) of ``model`` on ``target``; the example's batch is resized.
+
+    Example:
+        >>> measure_model(nn.Linear(8, 8), torch.randn(1, 8), LatencyTarget(backend="torch", iters=3)) > 0
+        True
+    """
+    (x, *rest) = as_tuple(example_inputs)
+    if rest:
+        raise ValueError("latency measurement supports single-input models")
+    x = x[:1].expand(target.batch_size, *x.shape[1:]).contiguous()
+    return _time(copy.deepcopy(model).eval(), x, target)  # a copy: timing moves it to the target's device/dtype
+
+
+@dataclass(frozen=True)
+class LatencyCheck:
+    """Predicted (from the plan) vs measured end-to-end latency, dense and compressed, in ms.
+
+    Example:
+        >>> c = LatencyCheck(10.0, 4.0, 10.0, 5.0)
+        >>> c.measured_speedup, round(c.error, 2)
+        (2.0, -0.2)
+    """
+
+    predicted_dense: float
+    predicted: float
+    measured_dense: float
+    measured: float
+
+    @property
+    def predicted_speedup(self) -> float:
+        """Dense / compressed, as the plan predicted."""
+        return self.predicted_dense / self.predicted
+
+    @property
+    def measured_speedup(self) -> float:
+        """Dense / compressed, as measured side by side."""
+        return self.measured_dense / self.measured
+
+    @property
+    def error(self) -> float:
+        """Relative error of the predicted compressed latency: (predicted - measured) / measured."""
+        return (self.predicted - self.measured) / self.measured
+
+    def to_dict(self) -> dict[str, float]:
+        """JSON-ready, derived values included."""
+        return {**asdict(self), "predicted_speedup": self.predicted_speedup,
+                "measured_speedup": self.measured_speedup, "error": self.error}
+
+
+def validate(model: nn.Module, gm: nn.Module, example_inputs: Any, target: LatencyTarget) -> LatencyCheck:
+    """Measure ``model`` and its latency-planned transform ``gm`` side by side; compare with the plan.
+
+    Example:
+        >>> # gm = cstar_fx.transform(model, plan=latency_plan); validate(model, gm, x, target).error
+    """
+    from .api import get_plan
+
+    plan = get_plan(gm)
+    if plan.budget != "latency" or plan.cost is None or plan.dense_cost is None:
+        raise ValueError("the model was not planned with budget='latency'; nothing to validate")
+    dense, compressed = [], []
+    for _ in range(3):  # interleaved rounds, so that drift on a shared machine hits both alike
+        dense.append(measure_model(model, example_inputs, target))
+        compressed.append(measure_model(gm, example_inputs, target))
+    return LatencyCheck(plan.dense_cost, plan.cost, statistics.median(dense), statistics.median(compressed))
