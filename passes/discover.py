@@ -133,6 +133,37 @@ def _same_call(a: LayerSite, b: LayerSite) -> bool:
     return (a.bias_target, a.stride, a.padding, a.dilation) == (b.bias_target, b.stride, b.padding, b.dilation)
 
 
+def _readers(gm: fx.GraphModule) -> dict[int, set[fx.Node]]:
+    """Every node that reads each parameter or buffer (by identity): module calls that own it, and the
+    users of ``get_attr`` nodes that fetch it."""
+    readers: dict[int, set[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            for t in (*mod.parameters(), *mod.buffers()):
+                readers.setdefault(id(t), set()).add(node)
+        elif node.op == "get_attr":
+            value = _fetch(gm, str(node.target))
+            if isinstance(value, torch.Tensor):
+                readers.setdefault(id(value), set()).update(node.users)
+    return readers
+
+
+def _drop_shared(gm: fx.GraphModule, sites: dict[str, LayerSite], unsupported: dict[str, str]) -> None:
+    """A layer whose weight or bias is also read elsewhere (tied weights, ``self.conv.weight`` used in
+    forward, an embedding reused as a head) stays dense: replacing it would break the other reader or
+    keep both copies, which breaks the parameter budget."""
+    readers = _readers(gm)
+    for name, site in list(sites.items()):
+        own = set(site.nodes)
+        others = {n for t in (site.weight, site.bias) if t is not None for n in readers.get(id(t), ()) if n not in own}
+        if others:
+            where = sorted(str(n.target) if n.op == "call_module" else n.name for n in others)
+            unsupported[name] = (f"weight/bias is shared with {', '.join(where[:3])}"
+                                 f"{' ...' if len(where) > 3 else ''}; kept dense so the sharing still holds")
+            del sites[name]
+
+
 def find_layers(gm: fx.GraphModule) -> tuple[list[LayerSite], dict[str, str]]:
     """All conv/linear layers of ``gm``: factorizable sites and ``{name: reason}`` for the rest.
 
@@ -152,6 +183,9 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[LayerSite], dict[str, str]]:
             mod = gm.get_submodule(str(node.target))
             if isinstance(mod, (nn.Conv2d, nn.Linear) + _UNSUPPORTED_MODULES):
                 name, found = str(node.target), _module_site(gm, node, mod)
+            elif isinstance(mod, nn.MultiheadAttention):
+                name, found = str(node.target), ("nn.MultiheadAttention keeps its packed q/k/v and output projections "
+                                                 "internal; they stay dense")
         elif node.op == "call_function" and (node.target in CONV_FNS or node.target in LINEAR_FNS):
             name, found = _function_site(gm, node)
         elif node.op == "call_function" and node.target in _OTHER_CONV_FNS:
@@ -169,4 +203,5 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[LayerSite], dict[str, str]]:
             sites[name].nodes.extend(found.nodes)
         elif name not in unsupported:
             sites[name] = found
+    _drop_shared(gm, sites, unsupported)
     return list(sites.values()), unsupported
