@@ -25,7 +25,6 @@ import hashlib
 import copy
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,9 +37,10 @@ import torch.nn as nn
 
 from .costs import LayerSpec
 from .passes.shapes import as_tuple, eval_mode
+from .sysinfo import cpu_name
 
 __all__ = ["LatencyTarget", "Op", "chain_ops", "LatencyTable", "LatencyCost", "LatencyCheck", "measure_model",
-           "validate", "TABLE_FORMAT"]
+           "validate", "predict", "TABLE_FORMAT"]
 
 TABLE_FORMAT = "cstar-fx/latency-table/1"
 _LADDER = sorted({1, 2, 3, 4, 6} | {b * m for b in (8, 12) for m in (1, 2, 4, 8, 16, 32, 64, 128)})
@@ -85,15 +85,7 @@ def _machine(target: LatencyTarget) -> str:
     if "CUDA" in target.provider and target.backend == "onnxruntime" or target.device.startswith("cuda"):
         if torch.cuda.is_available():
             return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} x{os.cpu_count()}"
+    return f"{cpu_name()} x{os.cpu_count()}"
 
 
 @dataclass(frozen=True)
@@ -227,7 +219,9 @@ def _median_ms(run: Any, target: LatencyTarget, sync: Any = None) -> float:
     return statistics.median(times)
 
 
-def _ort_session(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> Any:
+def _ort_runner(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> Any:
+    """An onnxruntime session for ``module`` and a closure that runs it with input and output bound
+    once (IOBinding), so that timing sees the kernels, not per-call copies of the tensors."""
     try:
         import io
 
@@ -239,7 +233,7 @@ def _ort_session(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> A
     if target.dtype == "float16":
         module, x = module.half(), x.half()
     with torch.no_grad():
-        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if target.threads is not None:
@@ -251,13 +245,26 @@ def _ort_session(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> A
     if sess.get_providers()[0] != target.provider:
         raise RuntimeError(f"{target.provider} is not usable here (session runs on {sess.get_providers()[0]}); "
                            f"measure on a machine with it or use provider='CPUExecutionProvider'")
-    return sess, x.numpy()
+    device, sync = ("cuda", True) if "CUDA" in target.provider else ("cpu", False)
+    feed = x.numpy()
+    y = sess.run(None, {"x": feed})[0]
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(feed, device, 0))
+    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y, device, 0))
+
+    def run() -> None:
+        if sync:
+            binding.synchronize_inputs()
+        sess.run_with_iobinding(binding)
+        if sync:
+            binding.synchronize_outputs()
+
+    return run
 
 
 def _time(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> float:
     if target.backend == "onnxruntime":
-        sess, feed = _ort_session(module, x, target)
-        return _median_ms(lambda: sess.run(None, {"x": feed}), target)
+        return _median_ms(_ort_runner(module, x, target), target)
     dev = torch.device(target.device)
     dtype = torch.float16 if target.dtype == "float16" else torch.float32
     module = module.to(dev, dtype).eval()
@@ -419,3 +426,24 @@ def validate(model: nn.Module, gm: nn.Module, example_inputs: Any, target: Laten
         dense.append(measure_model(model, example_inputs, target))
         compressed.append(measure_model(gm, example_inputs, target))
     return LatencyCheck(plan.dense_cost, plan.cost, statistics.median(dense), statistics.median(compressed))
+
+
+def predict(plan: Any, model: nn.Module, example_inputs: Any, cost: LatencyCost) -> tuple[float, float]:
+    """``(dense, compressed)`` latency (ms) that ``cost`` predicts for any plan of ``model`` — e.g. to
+    compare a parameter-budget plan with a latency-budget one on the same table.
+
+    Example:
+        >>> # dense_ms, plan_ms = predict(cstar_fx.plan_ranks(model, 8), model, x, LatencyCost(target))
+    """
+    from .api import _analyse
+    from .config import CstarConfig
+
+    a = _analyse(model, CstarConfig(), example_inputs, need_spectra=False)
+    layer_dense = sum(cost(a.specs[s.name], "dense", ()) for s in a.sites)
+    total = max(cost.model_cost(a.gm, example_inputs), layer_dense)
+    compressed = total
+    for name, lp in plan.factorized.items():
+        spec = a.specs[name]
+        compressed += cost(spec, lp.scheme, lp.ranks) - cost(spec, "dense", ())
+    cost.table.save()
+    return total, compressed

@@ -60,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["plan", "--help"])  # doctest: +SKIP
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
