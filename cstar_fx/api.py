@@ -16,6 +16,7 @@ from .allocate import Cap, _energy, allocate, max_ranks, scheme_for
 from .config import CstarConfig, resolve_config
 from .costs import CostModel, FlopCost, LayerSpec, ParamCost, cost_model_for
 from .decompose import mode_spectra
+from .passes.attention import unpack_attention
 from .passes.discover import LayerSite, find_layers
 from .passes.factorize import factorize
 from .passes.shapes import as_tuple, eval_mode, record_shapes
@@ -97,8 +98,26 @@ def _skip_reason(name: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
+def _check_devices(model: nn.Module) -> None:
+    """Factorizing needs real values on one device: reject meta tensors and models split across devices."""
+    where: dict[torch.device, str] = {}
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        where.setdefault(t.device, name)
+    meta = ("; tensors on the meta device have no values: materialise them first, e.g. "
+            "model.to_empty(device='cpu') then model.load_state_dict(weights)")
+    if len(where) > 1:
+        found = ", ".join(f"{name!r} on {dev}" for dev, name in where.items())
+        raise ValueError(f"the model's tensors are on several devices ({found}); move the whole model to one device "
+                         f"first, e.g. model.to('cpu') or model.to('cuda')" + (meta if torch.device("meta") in where else ""))
+    if torch.device("meta") in where:
+        raise ValueError("the model is on the meta device and has no values to factorize" + meta)
+
+
 def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spectra: bool = True) -> _Analysis:
+    if cfg.unpack_attention:
+        model = unpack_attention(model)
     gm = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
+    _check_devices(gm)
     sites, unsupported = find_layers(gm)
     shapes = record_shapes(gm, example_inputs, {n for s in sites for n in s.nodes}) if example_inputs is not None else {}
     specs: dict[str, LayerSpec] = {}
@@ -159,6 +178,8 @@ def _assemble(a: _Analysis, choices: dict[str, tuple[str, tuple[int, ...]]], rea
             options["param_ratio"] = cfg.param_ratio
         if cfg.target is not None:
             options["target"] = asdict(cfg.target) if is_dataclass(cfg.target) else repr(cfg.target)
+        if cfg.unpack_attention:  # the layer names refer to the unpacked model: applying the plan needs it too
+            options["unpack_attention"] = True
     return RankPlan(layers=layers, target_ratio=ratio if ratio is not None else (cfg.ratio if cfg else None),
                     budget=cfg.budget_name if cfg else "full-rank", dense_params=a.dense_params,
                     params=a.dense_params - saved, dense_flops=a.dense_flops, flops=flops,
@@ -305,13 +326,16 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
         >>> round(cstar_fx.get_report(gm).ratio_params, 1)
         8.0
     """
+    if isinstance(ratio, RankPlan):
+        raise TypeError("a rank plan goes by keyword: transform(model, plan=plan)")
     if plan is None:
         cfg = resolve_config(8 if ratio is None else ratio, options)
-    else:
-        cfg = resolve_config(2.0, {k: v for k, v in options.items() if k in ("leaf_modules", "concrete_args")})
+    else:  # the plan fixes the ranks; options are still validated so a misspelt one is not silently ignored
+        cfg = resolve_config(2.0, options)
     source = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
     gm = copy.deepcopy(source)
     a = _analyse(gm, cfg, example_inputs, need_spectra=plan is None)
+    gm = a.gm  # a new GraphModule when _analyse unpacked attention
     if plan is None:
         plan = _plan(a, cfg, example_inputs)
     else:

@@ -39,6 +39,9 @@ class CstarConfig:
     * ``target``: for ``budget="latency"``, a :class:`cstar_fx.latency.LatencyTarget` (default: onnxruntime
       CPU, batch 1); ``ratio`` is then the speedup to reach.
     * ``param_ratio``: also require at least this parameter ratio (a cap beside a latency or FLOP budget).
+    * ``unpack_attention``: replace each ``nn.MultiheadAttention`` by an equivalent module of plain q/k/v/out
+      ``nn.Linear`` layers (:func:`cstar_fx.passes.attention.unpack_attention`) so they are factorized too;
+      a plan made with it applies only with it.
 
     Example:
         >>> cfg = CstarConfig(ratio=8, budget="flops", round_to=8, skip=("fc",))
@@ -57,6 +60,7 @@ class CstarConfig:
     cost_model: CostModel | None = field(default=None, compare=False)
     target: Any = None
     param_ratio: float | None = None
+    unpack_attention: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio))
@@ -79,6 +83,14 @@ class CstarConfig:
             object.__setattr__(self, name, tuple(v))
         if any(not isinstance(s, str) for s in self.skip):
             raise TypeError(f"skip entries must be layer names or glob patterns (str), got {self.skip!r}")
+        if any(not isinstance(x, (str, type)) for x in self.leaf_modules):
+            raise TypeError(f"leaf_modules entries must be module names/glob patterns (str) or nn.Module classes, "
+                            f"got {self.leaf_modules!r}")
+        if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
+            raise TypeError(f"concrete_args must be a dict of forward() argument name -> value, "
+                            f"got {type(self.concrete_args).__name__}")
+        if not isinstance(self.unpack_attention, bool):
+            raise TypeError(f"unpack_attention must be True or False, got {self.unpack_attention!r}")
         if self.cost_model is not None and not callable(self.cost_model):
             raise TypeError("cost_model must be callable as cost(layer, scheme, ranks) -> float")
 

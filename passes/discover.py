@@ -185,7 +185,8 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[LayerSite], dict[str, str]]:
                 name, found = str(node.target), _module_site(gm, node, mod)
             elif isinstance(mod, nn.MultiheadAttention):
                 name, found = str(node.target), ("nn.MultiheadAttention keeps its packed q/k/v and output projections "
-                                                 "internal; they stay dense")
+                                                 "internal; they stay dense (pass unpack_attention=True to "
+                                                 "factorize them)")
         elif node.op == "call_function" and (node.target in CONV_FNS or node.target in LINEAR_FNS):
             name, found = _function_site(gm, node)
         elif node.op == "call_function" and node.target in _OTHER_CONV_FNS:
