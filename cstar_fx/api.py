@@ -68,8 +68,14 @@ def count_flops(model: nn.Module, example_inputs: Any) -> float:
         >>> count_flops(nn.Linear(4, 2, bias=False), torch.randn(1, 4))
         16.0
     """
-    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
-        model(*as_tuple(example_inputs))
+    # nn.MultiheadAttention's fused inference path hides its matmuls from the counter; count the plain path.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
+            model(*as_tuple(example_inputs))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return float(counter.get_total_flops())
 
 

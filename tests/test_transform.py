@@ -260,3 +260,18 @@ def test_plan_table_and_report_text():
     text = str(cstar_fx.get_report(gm))
     assert "params:" in text and "FLOPs:" in text and "x fewer" in text
     assert "layer4.1.conv2" in str(cstar_fx.get_plan(gm))
+
+
+def test_count_flops_sees_multihead_attention_projections():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, 10, 64)
+    projections = 2 * 2 * 10 * 64 * 64 * 4  # q, k, v and out: 2 FLOPs per multiply-add
+    assert cstar_fx.count_flops(Block().eval(), x) >= projections
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
