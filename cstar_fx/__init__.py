@@ -15,6 +15,7 @@ from .allocate import UnreachableBudgetError
 from .api import NoEligibleLayerError, PlanMismatchError, count_flops, get_plan, get_report, plan_ranks, transform
 from .config import CstarConfig
 from .costs import CostModel, FlopCost, LayerSpec, ParamCost
+from .io import CheckpointError, load, save
 from .passes.shapes import ExampleInputError
 from .passes.trace import TraceError, register_leaf
 from .plan import LayerPlan, RankPlan
@@ -27,6 +28,8 @@ __all__ = [
     "get_plan",
     "get_report",
     "count_flops",
+    "save",
+    "load",
     "register_leaf",
     "CstarConfig",
     "RankPlan",
@@ -41,4 +44,5 @@ __all__ = [
     "PlanMismatchError",
     "NoEligibleLayerError",
     "UnreachableBudgetError",
+    "CheckpointError",
 ]

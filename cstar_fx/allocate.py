@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from dataclasses import dataclass
 
 from .costs import CostModel, LayerSpec
@@ -158,6 +159,19 @@ class Cap:
     limit: float
 
 
+def _checked(cost: CostModel) -> CostModel:
+    """The cost model, with every answer checked: the greedy is only sound for finite costs >= 0."""
+
+    def checked(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
+        value = cost(layer, scheme, ranks)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"cost model {getattr(cost, 'name', type(cost).__name__)!r} returned {value!r} for layer "
+                             f"{layer.name!r} ({scheme}, ranks {ranks}); a cost must be a finite number >= 0")
+        return float(value)
+
+    return checked
+
+
 def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_cost: float = 0.0,
              round_to: int = 8, min_rank: int = 1, conv_scheme: str = "tucker2", caps: tuple[Cap, ...] = ()) -> Allocation:
     """Choose a scheme and ranks per layer so that the whole network's cost is ``dense / ratio``.
@@ -178,6 +192,7 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
     """
     if not math.isfinite(ratio) or ratio <= 1:
         raise ValueError(f"ratio must be a finite number > 1, got {ratio!r}")
+    cost = _checked(cost)
     states: dict[str, _State] = {}
     dense_total = fixed_cost
     spent = fixed_cost

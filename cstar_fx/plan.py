@@ -10,6 +10,7 @@ from typing import Any
 __all__ = ["LayerPlan", "RankPlan", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "cstar-fx/rank-plan/1"
+_N_RANKS = {"dense": 0, "svd": 1, "tucker2": 2}
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,15 @@ class LayerPlan:
         if unknown:
             raise ValueError(f"unknown layer-plan fields {sorted(unknown)}; is this a rank plan written by cstar_fx?")
         d = dict(d)
-        d["weight_shape"] = tuple(int(x) for x in d["weight_shape"])
-        d["ranks"] = tuple(int(x) for x in d["ranks"])
-        return cls(**d)
+        for key in ("weight_shape", "ranks"):
+            if not isinstance(d[key], list) or any(isinstance(x, bool) or not isinstance(x, int) for x in d[key]):
+                raise ValueError(f"layer {d.get('name')!r}: {key} must be a list of ints, got {d[key]!r}")
+            d[key] = tuple(d[key])
+        lp = cls(**d)
+        if lp.kind not in ("conv", "linear") or _N_RANKS.get(lp.scheme) != len(lp.ranks) or min(lp.ranks, default=1) < 1:
+            raise ValueError(f"layer {lp.name!r}: kind {lp.kind!r}, scheme {lp.scheme!r}, ranks {lp.ranks} is not a "
+                             f"valid layer plan (kind conv/linear; dense has no ranks, svd 1, tucker2 2, each >= 1)")
+        return lp
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,14 @@ class RankPlan:
         """Inverse of :meth:`to_dict`; raises ``ValueError`` for anything that is not a rank plan."""
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a cstar_fx rank plan (expected format {PLAN_FORMAT!r})")
+        try:
+            return cls._from_checked_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed rank plan ({type(exc).__name__}: {exc}); write plans with "
+                             f"RankPlan.to_json()") from exc
+
+    @classmethod
+    def _from_checked_dict(cls, d: dict[str, Any]) -> "RankPlan":
         layers = {lp.name: lp for lp in (LayerPlan.from_dict(x) for x in d["layers"])}
         return cls(layers=layers, target_ratio=d.get("target_ratio"), budget=d.get("budget", "params"),
                    dense_params=int(d.get("dense_params", 0)), params=int(d.get("params", 0)),

@@ -92,6 +92,10 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Any,
     Raises :class:`ExampleInputError` when the model cannot run on the inputs.
     """
     args = as_tuple(example_inputs)
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.numel() == 0:
+            raise ExampleInputError(f"example_inputs[{i}] has shape {tuple(a.shape)} and no elements, so every FLOP "
+                                    f"count would be 0; pass at least one sample, e.g. torch.randn(1, 3, 32, 32)")
     watch = nodes if nodes is not None else {n for n in gm.graph.nodes if n.op.startswith("call")}
     rec = _Recorder(gm, watch)
     try:

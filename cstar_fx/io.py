@@ -1,0 +1,293 @@
+"""Save and load compressed models: one safetensors file with the weights, the rank plan and a checksum.
+
+The file is a standard safetensors file (readable by any safetensors tool), so loading never runs
+pickle. Its string metadata holds everything needed to rebuild the factorized model from the
+original architecture: the format version, the rank plan and transform report (JSON), the trace
+options (modules traced as leaves, whether attention was unpacked), the versions that wrote it, and
+a SHA-256 over the weights and all that metadata. :func:`load` rebuilds with ``transform(model, plan=plan)`` and loads the weights with
+exact key and shape checks. :func:`save` writes a temporary file in the destination's directory,
+fsyncs it and renames it over the destination, so a crash never leaves a half-written file there.
+
+Example:
+    >>> import os, tempfile, torch, torch.nn as nn, cstar_fx
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    >>> gm = cstar_fx.transform(model, 2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+    >>> _ = save(gm, path)
+    >>> again = load(path, model=model)
+    >>> x = torch.randn(2, 64)
+    >>> torch.equal(again(x), gm(x))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import __version__
+from .api import PlanMismatchError, get_plan, get_report, transform
+from .passes.attention import ExplicitAttention
+from .plan import LayerPlan, RankPlan
+from .report import TransformReport
+
+__all__ = ["save", "load", "CheckpointError", "MODEL_FORMAT"]
+
+MODEL_FORMAT = "cstar-fx/model/1"
+_FORMAT_FAMILY = "cstar-fx/model/"
+_REQUIRED_KEYS = ("format", "plan", "report", "options", "sha256")
+_TRACE_OPTIONS = ("leaf_modules", "concrete_args", "unpack_attention")
+
+
+class CheckpointError(ValueError):
+    """A model file is truncated, corrupted, or was not written by :func:`save`.
+
+    Example:
+        >>> isinstance(CheckpointError("bad file"), ValueError)
+        True
+    """
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError as exc:
+        raise ImportError("cstar_fx.save/load need the safetensors package: pip install safetensors") from exc
+    return safetensors
+
+
+def _as_path(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and not path):
+        raise TypeError(f"path must be a non-empty str or os.PathLike, got {path!r}")
+    return Path(os.fspath(path))
+
+
+def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every metadata entry (but itself) and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in meta if k != "sha256"):
+        h.update(f"{json.dumps(key)}={json.dumps(meta[key])}\n".encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _factor_path(lp: LayerPlan) -> str:
+    # module form keeps the layer's own path; the F.conv2d/F.linear form lives at "<weight>_factors"
+    return lp.name if lp.param != lp.name else f"{lp.param}_factors"
+
+
+def _check_factors(gm: fx.GraphModule, plan: RankPlan) -> None:
+    """The factor shapes must still be the plan's ranks, or the file could not be rebuilt from the plan."""
+    problems = []
+    for lp in plan.factorized.values():
+        try:
+            seq = gm.get_submodule(_factor_path(lp))
+            reduce, expand = seq.reduce.weight, seq.expand.weight
+            inner = tuple(seq.core.weight.shape[:2]) if lp.scheme == "tucker2" else (reduce.shape[0],)
+        except AttributeError:
+            problems.append(f"layer {lp.name!r}: no factor modules at {_factor_path(lp)!r}")
+            continue
+        if (inner != lp.ranks or expand.shape[0] != lp.weight_shape[0] or reduce.shape[1] != lp.weight_shape[1]):
+            problems.append(f"layer {lp.name!r}: factor shapes {tuple(reduce.shape)} / {tuple(expand.shape)} do not "
+                            f"match the plan's ranks {lp.ranks}")
+    if problems:
+        raise ValueError("the model was changed after cstar_fx.transform (e.g. pruned), so its rank plan no longer "
+                         "describes it and load() could not rebuild it:\n  " + "\n  ".join(problems[:10])
+                         + "\nSave the model that transform returned (fine-tuning is fine; changing shapes is not).")
+
+
+def _leaf_names(gm: fx.GraphModule, plan: RankPlan) -> list[str]:
+    """Modules the graph calls opaquely, minus the factor layers transform created: traced again as leaves."""
+    factor_paths = {_factor_path(lp) for lp in plan.factorized.values()}
+    names = []
+    for node in gm.graph.nodes:
+        target = str(node.target)
+        if node.op == "call_module" and target.rpartition(".")[0] not in factor_paths and target not in names:
+            names.append(target)
+    return names
+
+
+def _unpacked_attention(gm: fx.GraphModule, plan: RankPlan) -> bool:
+    # the traced graph keeps only the unpacked module's children, so the plan's record is the reliable sign
+    return bool(plan.options.get("unpack_attention")) or any(isinstance(m, ExplicitAttention) for m in gm.modules())
+
+
+def _escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)  # leaf names are matched as glob patterns
+
+
+def _cpu_tensors(gm: nn.Module) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in gm.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict entry {name!r} is a {type(t).__name__}, not a tensor; cannot save it")
+        if t.is_meta:
+            raise ValueError(f"tensor {name!r} is on the meta device and has no values; load real weights first")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {name!r} contains NaN or Inf; refusing to save a diverged model "
+                             f"(restore an earlier checkpoint or re-initialise that layer)")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()  # safetensors stores each tensor on its own; tied entries are re-tied by load_state_dict
+        seen.add(ptr)
+        tensors[name] = t
+    return tensors
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
+    """Write a model made by :func:`cstar_fx.transform` to ``path`` (one safetensors file), atomically.
+
+    Stores the weights (every parameter and persistent buffer), the rank plan and report, the trace
+    options needed to rebuild (modules traced as leaves, ``unpack_attention``), the format and package
+    versions, and a SHA-256 checksum. The file appears at ``path`` complete or not at all. Returns the
+    path written.
+
+    Example:
+        >>> import os, tempfile, torch.nn as nn, cstar_fx
+        >>> gm = cstar_fx.transform(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)), 2)
+        >>> save(gm, os.path.join(tempfile.mkdtemp(), "m.safetensors")).name
+        'm.safetensors'
+    """
+    if not isinstance(gm, nn.Module):
+        raise TypeError(f"save expects the GraphModule returned by cstar_fx.transform, got {type(gm).__name__}")
+    plan = get_plan(gm)
+    report = get_report(gm)
+    path = _as_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a directory; pass a file path such as {str(path / 'model.safetensors')!r}")
+    directory = path.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(f"directory {str(directory)!r} does not exist; create it first (os.makedirs)")
+    _check_factors(gm, plan)
+    tensors = _cpu_tensors(gm)
+    meta = {"format": MODEL_FORMAT, "plan": plan.to_json(indent=None), "report": json.dumps(report.to_dict()),
+            "options": json.dumps({"leaf_modules": _leaf_names(gm, plan),
+                                   "unpack_attention": _unpacked_attention(gm, plan)}),
+            "cstar_fx_version": __version__,
+            "torch_version": torch.__version__}
+    meta["sha256"] = _digest(meta, tensors)
+    st = _safetensors()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        st.torch.save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    st = _safetensors()
+    try:
+        with st.safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (st.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable cstar_fx model file (truncated, corrupted, or not "
+                              f"written by cstar_fx.save): {exc}") from exc
+    fmt = meta.get("format", "")
+    if fmt != MODEL_FORMAT:
+        if fmt.startswith(_FORMAT_FAMILY):
+            raise CheckpointError(f"{str(path)!r} has format {fmt!r}, this cstar_fx {__version__} reads "
+                                  f"{MODEL_FORMAT!r}; load it with the cstar_fx version that wrote it "
+                                  f"({meta.get('cstar_fx_version', 'unknown')}) or newer")
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a cstar_fx model file (no "
+                              f"{MODEL_FORMAT!r} header); write one with cstar_fx.save(gm, path)")
+    missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is corrupted: header entries {missing} are missing")
+    if _digest(meta, tensors) != meta["sha256"]:
+        raise CheckpointError(f"{str(path)!r} is corrupted: its checksum does not match its weights and header "
+                              f"(changed after saving); restore it from a backup or save the model again")
+    return meta, tensors
+
+
+def _check_state(path: Path, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    problems = [f"missing in the file: {k!r}" for k in expected if k not in tensors]
+    problems += [f"not in the rebuilt model: {k!r}" for k in tensors if k not in expected]
+    problems += [f"{k!r}: file has shape {tuple(t.shape)}, the rebuilt model {tuple(expected[k].shape)}"
+                 for k, t in tensors.items() if k in expected and t.shape != expected[k].shape]
+    if problems:
+        raise PlanMismatchError(
+            f"the model passed as model= does not match the one saved in {str(path)!r}:\n  "
+            + "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            + "\nPass the architecture the file was saved from, built with the same arguments.")
+
+
+def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> fx.GraphModule:
+    """Rebuild a model written by :func:`save` from its original architecture ``model``.
+
+    Reads and verifies the file (checksum, format), runs ``transform(model, plan=saved_plan)`` and
+    loads the saved weights with exact key and shape checks (values are cast to ``model``'s dtypes and
+    devices, as ``load_state_dict`` does). ``model`` is not modified. ``options`` are transform's trace
+    options and override what the file recorded: ``leaf_modules`` (default: the modules the saved graph
+    called opaquely), ``unpack_attention`` (default: as saved), ``concrete_args`` (not saved: pass them
+    again if transform needed them). Nothing is unpickled and nothing is written.
+
+    Example:
+        >>> import os, tempfile, torch.nn as nn, cstar_fx
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+        >>> path = save(cstar_fx.transform(model, 2), os.path.join(tempfile.mkdtemp(), "m.safetensors"))
+        >>> list(cstar_fx.get_plan(load(path, model=model)).factorized)
+        ['0']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be the original architecture (an nn.Module) the file was saved from, "
+                        f"got {type(model).__name__}")
+    unknown = sorted(set(options) - set(_TRACE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; load takes the trace options {list(_TRACE_OPTIONS)} "
+                        f"(the saved plan fixes everything else)")
+    path = _as_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
+    meta, tensors = _read(path)
+    plan = RankPlan.from_json(meta["plan"])
+    saved = json.loads(meta["options"])
+    options = {"leaf_modules": tuple(_escape(n) for n in saved["leaf_modules"]),
+               "unpack_attention": saved["unpack_attention"], **options}
+    try:
+        gm = transform(model, plan=plan, **options)
+    except PlanMismatchError as exc:
+        raise PlanMismatchError(f"{str(path)!r} was saved from a different architecture than model=: {exc}\n"
+                                f"(A model transformed twice loads with model=transform(original, plan=first_plan).)"
+                                ) from exc
+    _check_state(path, gm.state_dict(), tensors)
+    gm.load_state_dict(tensors, strict=True)
+    fields = {f.name for f in dataclasses.fields(TransformReport)}
+    gm.meta["cstar_report"] = TransformReport(**{k: v for k, v in json.loads(meta["report"]).items() if k in fields})
+    return gm
