@@ -1,4 +1,45 @@
 """ONNX export with numeric verification, and onnxruntime benchmarks. Installed as ``cstar_fx.export``.
 
-Importing this package needs neither onnx nor onnxruntime; the functions say which extra to install.
+Importing this package needs neither onnx nor onnxruntime; the functions import them when called
+and otherwise raise ``ImportError`` naming the extra to install (``pip install "cstar-fx[onnx]"``).
+
+Example:
+    >>> import torch, cstar_fx
+    >>> from cstar_fx.export import to_onnx, benchmark
+    >>> from cstar_fx.models import cifar_resnet18
+    >>> dense = cifar_resnet18()
+    >>> x = torch.rand(1, 3, 32, 32)
+    >>> to_onnx(dense, x, "dense.onnx")  # doctest: +SKIP
+    >>> to_onnx(cstar_fx.transform(dense, ratio=8), x, "cstar8.onnx")  # doctest: +SKIP
+    >>> print(benchmark({"dense": "dense.onnx", "8x": "cstar8.onnx"}).to_markdown())  # doctest: +SKIP
 """
+
+from .bench import CPU, CUDA, BenchResult, BenchRow, benchmark
+from .onnx import (
+    DEFAULT_TOLERANCES,
+    DTYPES,
+    OnnxExport,
+    OnnxExportError,
+    OnnxMismatchError,
+    Verification,
+    export_onnx,
+    to_onnx,
+    verify_onnx,
+)
+
+__all__ = [
+    "to_onnx",
+    "export_onnx",
+    "verify_onnx",
+    "benchmark",
+    "BenchResult",
+    "BenchRow",
+    "OnnxExport",
+    "Verification",
+    "OnnxExportError",
+    "OnnxMismatchError",
+    "DTYPES",
+    "DEFAULT_TOLERANCES",
+    "CUDA",
+    "CPU",
+]

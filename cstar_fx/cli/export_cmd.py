@@ -1,0 +1,180 @@
+"""``cstar-fx export``: build a torchvision model (optionally compressed), export it to ONNX and verify it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import UsageError
+
+__all__ = ["register", "run", "add_model_args", "build_models", "BuiltModels"]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``export`` and ``bench``: which model, how to compress it, which weights.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_model_args(p)
+        >>> p.parse_args(["--ratio", "8"]).ratio
+        8.0
+    """
+    p.add_argument("--model", default="resnet18", help="torchvision model name (cstar_fx.models.TORCHVISION_NAMES)")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
+    p.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="input stem / resolution")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ratio", type=float, default=None, help="compress with cstar_fx.transform at this ratio")
+    group.add_argument("--plan", type=Path, default=None,
+                       help="compress with this rank plan (JSON from `cstar-fx plan`)")
+    p.add_argument("--budget", choices=("params", "flops"), default="params", help="what --ratio counts")
+    p.add_argument("--round-to", type=int, default=8, help="ranks are multiples of this (with --ratio)")
+    p.add_argument("--dense-weights", type=Path, default=None,
+                   help="state dict loaded into the dense model before compressing (torch.load, weights_only)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="state dict loaded into the final (compressed, with --ratio/--plan) model")
+    p.add_argument("--seed", type=int, default=0, help="random seed for untrained weights and inputs")
+
+
+@dataclass
+class BuiltModels:
+    """The dense model, the model to export (the compressed one with --ratio/--plan), and an example input.
+
+    Example:
+        >>> BuiltModels(None, None, None, None).compressed is None
+        True
+    """
+
+    dense: Any
+    compressed: Any
+    example: Any
+    report: Any
+
+    @property
+    def final(self) -> Any:
+        """The compressed model if there is one, else the dense model."""
+        return self.compressed if self.compressed is not None else self.dense
+
+
+def _load_state(model: Any, path: Path, what: str) -> None:
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"{what}: no file at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise UsageError(f"{what} {path} does not fit the model ({first}); for a compressed model pass the same "
+                         f"--ratio/--plan it was trained with") from None
+
+
+def build_models(args: argparse.Namespace, *, batch: int = 1) -> BuiltModels:
+    """Build the model the options describe (dense, then transformed when --ratio or --plan is given).
+
+    Example:
+        >>> ns = argparse.Namespace(model="resnet18", num_classes=10, stem="cifar", ratio=None, plan=None,
+        ...                         budget="params", round_to=8, dense_weights=None, weights=None, seed=0)
+        >>> build_models(ns).compressed is None  # doctest: +SKIP
+        True
+    """
+    import torch
+
+    import cstar_fx
+    from cstar_fx.models import build_model
+
+    if args.ratio is not None and args.ratio <= 1:
+        raise UsageError(f"--ratio must be > 1, got {args.ratio:g}")
+    if args.round_to < 1:
+        raise UsageError(f"--round-to must be >= 1, got {args.round_to}")
+    torch.manual_seed(args.seed)
+    try:
+        dense = build_model(args.model, num_classes=args.num_classes, stem=args.stem).eval()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.dense_weights is not None:
+        _load_state(dense, args.dense_weights, "--dense-weights")
+    size = 32 if args.stem == "cifar" else 224
+    example = torch.rand(batch, 3, size, size)
+    compressed = report = None
+    if args.plan is not None:
+        if not args.plan.is_file():
+            raise UsageError(f"--plan: no file at {args.plan}; write one with `cstar-fx plan --json PLAN`")
+        try:
+            plan = cstar_fx.RankPlan.from_json(args.plan.read_text())
+            compressed = cstar_fx.transform(dense, plan=plan, example_inputs=example[:1])
+        except (ValueError, cstar_fx.PlanMismatchError) as exc:
+            raise UsageError(f"--plan {args.plan}: " + str(exc).replace("\n", " ")) from None
+    elif args.ratio is not None:
+        try:
+            compressed = cstar_fx.transform(dense, args.ratio, budget=args.budget, round_to=args.round_to,
+                                            example_inputs=example[:1])
+        except cstar_fx.UnreachableBudgetError as exc:
+            raise UsageError(str(exc).replace("\n", " ")) from None
+    if compressed is not None:
+        compressed.eval()
+        report = cstar_fx.get_report(compressed)
+    if args.weights is not None:
+        _load_state(compressed if compressed is not None else dense, args.weights, "--weights")
+    return BuiltModels(dense, compressed, example, report)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``export`` sub-command.
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser(); register(p.add_subparsers())
+    """
+    p = sub.add_parser("export", help="export a (compressed) model to ONNX and check it against PyTorch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--out", type=Path, default=Path("model.onnx"), help="ONNX file to write")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="float16 stores weights/compute in half precision, inputs/outputs stay float32")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the example input used for export and check")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch axis instead of making it dynamic")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: 1e-4 fp32, 1e-2 fp16)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="tolerance relative to max |output| (default: 1e-4 fp32, 1e-2 fp16)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build, export, verify; print the exporter used and the verification errors."""
+    from cstar_fx.export import OnnxExportError, OnnxMismatchError, export_onnx
+
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.out.suffix != ".onnx":
+        raise UsageError(f"--out must end in .onnx, got {args.out}")
+    built = build_models(args, batch=args.batch)
+    try:
+        result = export_onnx(built.final, built.example, args.out, opset=args.opset,
+                             dynamic_batch=not args.static_batch, dtype=args.dtype, atol=args.atol, rtol=args.rtol)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    except OnnxMismatchError as exc:
+        print(f"verification FAILED: {exc}")
+        return 1
+    except OnnxExportError as exc:
+        print(f"export FAILED: {exc}")
+        return 1
+    size = sum(f.stat().st_size for f in (args.out, args.out.with_name(args.out.name + ".data")) if f.exists())
+    if built.report is not None:
+        print(f"compressed {args.model}: {built.report.ratio_params:.2f}x fewer params"
+              + (f", {built.report.ratio_flops:.2f}x fewer FLOPs" if built.report.ratio_flops else ""))
+    note = f" (dynamo exporter failed: {result.fallback_reason})" if result.fallback_reason else ""
+    print(f"wrote {result.path} ({size / 2**20:.1f} MiB, {result.dtype}, opset {result.opset}, "
+          f"{result.exporter} exporter{note})")
+    print(result.verification)
+    return 0
