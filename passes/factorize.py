@@ -114,6 +114,15 @@ def factorize(gm: fx.GraphModule, sites: list[LayerSite], choices: dict[str, tup
 
     ``gm`` must be the module the sites were found in (callers pass a private copy). Runs
     ``graph.lint()`` and ``recompile()`` and returns ``gm``.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from cstar_fx.passes.trace import trace
+        >>> from cstar_fx.passes.discover import find_layers
+        >>> gm = trace(nn.Sequential(nn.Conv2d(4, 8, 3)))
+        >>> gm = factorize(gm, find_layers(gm)[0], {"0": ("tucker2", (4, 2))})
+        >>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
+        ['0.reduce', '0.core', '0.expand']
     """
     graph = gm.graph
     released: set[str] = set()

@@ -118,8 +118,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
 
     Example:
         >>> import torch.nn as nn
-        >>> trace(nn.Linear(3, 2)).graph.find_nodes(op="call_module")[0].target
-        ''
+        >>> [n.op for n in trace(nn.Linear(3, 2)).graph.nodes]  # the root is traced into: F.linear on parameters
+        ['placeholder', 'get_attr', 'get_attr', 'call_function', 'output']
     """
     if isinstance(model, fx.GraphModule):
         return model
