@@ -1,1 +1,23 @@
-"""Adversarial robustness: attacks, adversarial losses, fine-tuning, CSTAR's joint training, evaluation."""
+"""Adversarial robustness: attacks, adversarial losses, fine-tuning, CSTAR's joint training, evaluation.
+
+Example:
+    >>> from cstar_fx.robust import pgd, adversarial_loss, finetune, cstar, evaluate, TrainConfig
+"""
+
+from .admm import Admm, AdmmRecord, TrainHook
+from .attacks import fgsm, pgd
+from .config import AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig
+from .cstar import cstar, decompose_finetune
+from .evaluate import MissingExtraError, RobustResult, SanityReport, autoattack, evaluate
+from .finetune import RunDirError, TrainHistory, finetune, load_checkpoint
+from .losses import LossOutput, adversarial_loss, adversarial_step
+
+__all__ = [
+    "pgd", "fgsm",
+    "adversarial_loss", "adversarial_step", "LossOutput",
+    "AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig",
+    "finetune", "TrainHistory", "RunDirError", "load_checkpoint",
+    "Admm", "AdmmRecord", "TrainHook",
+    "cstar", "decompose_finetune",
+    "evaluate", "autoattack", "RobustResult", "SanityReport", "MissingExtraError",
+]

@@ -1,0 +1,250 @@
+"""CSTAR's ADMM proximity term: pull every factorizable weight towards its budget-constrained low-rank projection.
+
+For each weight ``W`` the plan factorizes, the training loss gains ``rho/2 * ||W - Z + U||^2`` where
+``Z = project(W + U, ranks)`` (Tucker-2 for kxk convs, SVD otherwise) at the ranks the global
+allocator chose, and ``U`` is the scaled dual variable. At each refresh (every ``refresh_every``
+steps, or once per epoch by default) the allocator can be re-run on ``W + U`` (``replan``: the
+allocator as the projection), then ``Z`` is recomputed and ``U += W - Z``. The primal residual
+``||W - Z||`` is recorded at each refresh: it falls as W becomes low-rank at the planned ranks.
+
+Example:
+    >>> import torch, torch.nn as nn, cstar_fx
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    >>> admm = Admm(model, cstar_fx.plan_ranks(model, ratio=2), AdmmConfig(rho=0.1, replan=False))
+    >>> admm.penalty().item() > 0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..decompose import project
+from ..plan import RankPlan
+from .config import AdmmConfig
+
+__all__ = ["Admm", "AdmmRecord", "TrainHook"]
+
+
+class TrainHook:
+    """What :func:`~cstar_fx.robust.finetune` calls besides the loss; subclass and override what you need.
+
+    ``penalty()`` is added to every step's loss; ``after_step()`` runs after each optimiser step;
+    ``end_epoch(epoch)`` returns extra metrics to log; ``state_dict``/``load_state_dict`` travel in the
+    checkpoint (tensors, numbers, strings, lists and dicts only: it is loaded with ``weights_only=True``).
+
+    Example:
+        >>> TrainHook().penalty() is None
+        True
+    """
+
+    def penalty(self) -> torch.Tensor | None:
+        """An extra loss term (``None``: nothing to add)."""
+        return None
+
+    def after_step(self) -> None:
+        """Called after each optimiser step."""
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Called after each epoch; the returned numbers are logged in the training history."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hook's state for the checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on resume."""
+
+
+@dataclass(frozen=True)
+class AdmmRecord:
+    """One refresh: optimiser step, ``||W - Z||`` (absolute and relative to ``||W||``), the distance of W
+    itself to its projection at the plan's ranks (relative), rho after the refresh and the planned ratio.
+
+    Example:
+        >>> AdmmRecord(0, 1.0, 0.5, 0.4, 0.01, 8.0).relative
+        0.5
+    """
+
+    step: int
+    residual: float
+    relative: float
+    gap: float
+    rho: float
+    ratio: float
+
+    def to_dict(self) -> dict[str, float]:
+        """A JSON-ready dict."""
+        return dict(step=self.step, residual=self.residual, relative=self.relative, gap=self.gap,
+                    rho=self.rho, ratio=self.ratio)
+
+
+def _default_replan(plan: RankPlan) -> Callable[[nn.Module], RankPlan]:
+    if plan.target_ratio is None or plan.budget != "params":
+        raise ValueError("replan=True needs replan_fn=... for a plan made with a FLOP or custom budget "
+                         "(e.g. replan_fn=lambda m: cstar_fx.plan_ranks(m, 8, budget='flops', example_inputs=x)); "
+                         "or set AdmmConfig(replan=False)")
+    from ..api import plan_ranks
+
+    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in plan.options.items()}
+    return lambda m: plan_ranks(m, plan.target_ratio, budget="params", **options)
+
+
+class Admm(TrainHook):
+    """The ADMM proximity term over the factorized layers of ``plan``, as a :class:`TrainHook`.
+
+    ``replan_fn(model) -> RankPlan`` re-runs the allocator (used when ``cfg.replan``); by default it
+    repeats ``plan_ranks`` with the plan's own ratio and options (parameter budgets only).
+    ``history`` holds one :class:`AdmmRecord` per refresh; ``plan`` is the latest plan.
+
+    Example:
+        >>> import torch.nn as nn, cstar_fx
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+        >>> admm = Admm(model, cstar_fx.plan_ranks(model, ratio=2), AdmmConfig(replan=False))
+        >>> admm.refresh(); len(admm.history)
+        2
+    """
+
+    def __init__(self, model: nn.Module, plan: RankPlan, cfg: AdmmConfig | None = None, *,
+                 replan_fn: Callable[[nn.Module], RankPlan] | None = None) -> None:
+        cfg = AdmmConfig() if cfg is None else cfg
+        if not isinstance(cfg, AdmmConfig):
+            raise TypeError(f"cfg must be an AdmmConfig, got {type(cfg).__name__}")
+        if not isinstance(plan, RankPlan):
+            raise TypeError(f"plan must be a cstar_fx.RankPlan (from plan_ranks), got {type(plan).__name__}")
+        self.model, self.cfg, self.plan = model, cfg, plan
+        self.replan_fn = (replan_fn or _default_replan(plan)) if cfg.replan else None
+        self.params = dict(model.named_parameters())
+        self._check_plan(plan)
+        self.rho = cfg.rho
+        self.steps = 0
+        self.history: list[AdmmRecord] = []
+        self.Z: dict[str, torch.Tensor] = {}
+        self.U: dict[str, torch.Tensor] = {}
+        self._update_z()
+        self._record()
+
+    def _check_plan(self, plan: RankPlan) -> None:
+        missing = [lp.param for lp in plan.factorized.values() if lp.param not in self.params]
+        if missing:
+            raise ValueError(f"plan parameters {missing[:3]} are not parameters of this model; "
+                             "make the plan from this model with plan_ranks(model, ...)")
+        if not plan.factorized:
+            raise ValueError("the plan factorizes no layer, so there is nothing for ADMM to constrain; "
+                             "use a higher ratio or fewer skip= entries")
+
+    @property
+    def ranks(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> ranks of every constrained weight under the current plan."""
+        return {lp.param: lp.ranks for lp in self.plan.factorized.values()}
+
+    def penalty(self) -> torch.Tensor:
+        """``rho/2 * sum ||W - Z + U||^2`` over the constrained weights (differentiable in W)."""
+        total = None
+        for name in self.Z:
+            w = self.params[name]
+            term = (w - self.Z[name] + self.U[name]).pow(2).sum()
+            total = term if total is None else total + term
+        return 0.5 * self.rho * total  # type: ignore[operator]
+
+    @torch.no_grad()
+    def _replan(self) -> None:
+        saved = {n: self.params[n].detach().clone() for n in self.Z}
+        try:
+            for n in self.Z:
+                self.params[n].add_(self.U[n])
+            plan = self.replan_fn(self.model)  # type: ignore[misc]
+        finally:
+            for n, w in saved.items():
+                self.params[n].copy_(w)
+        self._check_plan(plan)
+        self.plan = plan
+
+    @torch.no_grad()
+    def _update_z(self) -> None:
+        ranks = self.ranks
+        for name in list(self.Z):
+            if name not in ranks:  # the allocator left this layer dense now: no constraint
+                del self.Z[name], self.U[name]
+        for name, r in ranks.items():
+            w = self.params[name].detach()
+            u = self.U.setdefault(name, torch.zeros_like(w))
+            self.Z[name] = project(w + u, r).to(w.dtype)
+
+    @torch.no_grad()
+    def residual(self) -> tuple[float, float]:
+        """``(||W - Z||, ||W - Z|| / ||W||)`` over all constrained weights, now.
+
+        Example:
+            >>> import torch.nn as nn, cstar_fx
+            >>> m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+            >>> r, rel = Admm(m, cstar_fx.plan_ranks(m, ratio=2), AdmmConfig(replan=False)).residual()
+            >>> 0 < rel < 1
+            True
+        """
+        diff = sum(float((self.params[n] - self.Z[n]).double().pow(2).sum()) for n in self.Z)
+        norm = sum(float(self.params[n].double().pow(2).sum()) for n in self.Z)
+        return math.sqrt(diff), (math.sqrt(diff / norm) if norm > 0 else 0.0)
+
+    @torch.no_grad()
+    def _gap(self) -> float:
+        diff = norm = 0.0
+        for name, r in self.ranks.items():
+            w = self.params[name].detach()
+            diff += float((project(w, r).to(w.dtype) - w).double().pow(2).sum())
+            norm += float(w.double().pow(2).sum())
+        return math.sqrt(diff / norm) if norm > 0 else 0.0
+
+    def _record(self) -> None:
+        res, rel = self.residual()
+        self.history.append(AdmmRecord(self.steps, res, rel, self._gap(), self.rho, self.plan.ratio_params))
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """One ADMM outer step: (re-plan on W + U,) ``Z = project(W + U)``, ``U += W - Z``, grow rho."""
+        if self.replan_fn is not None:
+            self._replan()
+        self._update_z()
+        for name in self.Z:
+            self.U[name].add_(self.params[name].detach() - self.Z[name])
+        new_rho = min(self.rho * self.cfg.rho_growth, self.cfg.rho_max)
+        for u in self.U.values():  # U is scaled by 1/rho: keep rho * U fixed when rho changes
+            u.mul_(self.rho / new_rho)
+        self.rho = new_rho
+        self._record()
+
+    def after_step(self) -> None:
+        """Count the step; refresh every ``cfg.refresh_every`` steps when set."""
+        self.steps += 1
+        if self.cfg.refresh_every is not None and self.steps % self.cfg.refresh_every == 0:
+            self.refresh()
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Refresh once per epoch (the default schedule) and report the residuals."""
+        if self.cfg.refresh_every is None:
+            self.refresh()
+        last = self.history[-1]
+        return {"admm_residual": last.relative, "admm_gap": last.gap, "rho": self.rho}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Z, U, rho, the step count, the plan (JSON) and the history."""
+        return {"rho": self.rho, "steps": self.steps, "plan": self.plan.to_json(indent=None),
+                "Z": {k: v.clone() for k, v in self.Z.items()}, "U": {k: v.clone() for k, v in self.U.items()},
+                "history": [r.to_dict() for r in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (on resume)."""
+        self.rho, self.steps = float(state["rho"]), int(state["steps"])
+        self.plan = RankPlan.from_json(state["plan"])
+        dev = {n: self.params[n].device for n in state["Z"]}
+        self.Z = {k: v.to(dev[k]) for k, v in state["Z"].items()}
+        self.U = {k: v.to(dev[k]) for k, v in state["U"].items()}
+        self.history = [AdmmRecord(**{k: (int(v) if k == "step" else float(v)) for k, v in r.items()})
+                        for r in state["history"]]

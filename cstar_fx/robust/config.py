@@ -1,0 +1,242 @@
+"""Frozen, validated settings for attacks, adversarial losses, training loops, ADMM and CSTAR.
+
+Every class checks its fields when built and names the fix in its error, so a bad value fails at
+the call site rather than hours into a run. ``replace(**changes)`` returns a validated copy.
+
+Example:
+    >>> cfg = TrainConfig(epochs=5, loss=LossConfig("trades", beta=6.0))
+    >>> cfg.replace(lr=0.05).lr
+    0.05
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+__all__ = ["AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig", "NORMS", "LOSSES", "SCHEDULES"]
+
+NORMS = ("linf", "l2")
+LOSSES = ("pgd", "trades", "fast", "clean")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def _number(obj: Any, name: str, *, low: float | None = None, high: float | None = None, strict_low: bool = False) -> float:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if low is not None and (value < low or (strict_low and value == low)):
+        raise ValueError(f"{name} must be {'>' if strict_low else '>='} {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high:g}, got {value:g}")
+    object.__setattr__(obj, name, value)
+    return value
+
+
+def _int(obj: Any, name: str, low: int) -> int:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    object.__setattr__(obj, name, int(value))
+    return int(value)
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+class _Replace:
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (nested configs become dicts)."""
+        return asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class AttackConfig(_Replace):
+    """A PGD threat model and attack budget. Inputs live in [0, 1].
+
+    * ``norm``: ``"linf"`` or ``"l2"``; ``eps``: the radius; ``alpha``: the step size.
+    * ``steps``: gradient steps; ``restarts``: random restarts (the worst case per example is kept);
+      ``random_start``: start from a uniform point in the ball instead of the clean input.
+
+    Defaults are the CIFAR-10 L_inf threat model of the paper: eps 8/255, step 2/255, 10 steps.
+
+    Example:
+        >>> AttackConfig(steps=20).alpha == 2 / 255
+        True
+    """
+
+    norm: str = "linf"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    restarts: int = 1
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        _choice(self, "norm", NORMS)
+        _number(self, "eps", low=0.0)
+        _number(self, "alpha", low=0.0)
+        _int(self, "steps", 0)
+        _int(self, "restarts", 1)
+        if not isinstance(self.random_start, bool):
+            raise TypeError(f"random_start must be a bool, got {self.random_start!r}")
+
+    def scaled(self, eps: float) -> "AttackConfig":
+        """The same attack at another radius, the step size scaled in proportion (used by eps sweeps).
+
+        Example:
+            >>> round(AttackConfig(eps=0.1, alpha=0.025).scaled(0.2).alpha, 6)
+            0.05
+        """
+        alpha = self.alpha * (eps / self.eps) if self.eps > 0 else eps / 4
+        return self.replace(eps=float(eps), alpha=float(alpha))
+
+
+@dataclass(frozen=True)
+class LossConfig(_Replace):
+    """Which training loss :func:`~cstar_fx.robust.adversarial_loss` computes.
+
+    * ``"pgd"``: Madry et al. PGD adversarial training, CE on PGD examples.
+    * ``"trades"``: Zhang et al. TRADES, CE(clean) + ``beta`` * KL(adv || clean), the attack maximising the KL.
+    * ``"fast"``: Wong et al. fast AT, CE on one FGSM step from a random start with step ``fast_alpha`` * eps.
+    * ``"clean"``: plain cross-entropy (standard training, no attack).
+
+    Example:
+        >>> LossConfig("fast").attack.eps == 8 / 255
+        True
+    """
+
+    kind: str = "pgd"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    beta: float = 6.0
+    fast_alpha: float = 1.25
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", LOSSES)
+        if not isinstance(self.attack, AttackConfig):
+            raise TypeError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
+        _number(self, "beta", low=0.0)
+        _number(self, "fast_alpha", low=0.0, strict_low=True)
+        if self.kind == "fast" and self.attack.norm != "linf":
+            raise ValueError("loss 'fast' (FGSM with random start) is defined for norm='linf'; use kind='pgd' for L2")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Replace):
+    """One training or fine-tuning run: SGD with momentum, a learning-rate schedule and a loss.
+
+    * ``schedule``: ``"cosine"`` (per step, after ``warmup_epochs`` of linear warm-up), ``"step"``
+      (x0.1 at 50% and 75% of the epochs) or ``"constant"``.
+    * ``amp``: bf16 autocast, used only on CUDA; ``channels_last``: NHWC memory format, CUDA only.
+    * ``seed``: seeds the data order, the augmentation and the attacks' random starts.
+    * ``grad_clip``: clip the global gradient norm to this value (``None``: off).
+
+    Example:
+        >>> TrainConfig(epochs=3, batch_size=64, loss=LossConfig("clean")).loss.kind
+        'clean'
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    grad_clip: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _int(self, "epochs", 0)
+        _int(self, "batch_size", 1)
+        _number(self, "lr", low=0.0, strict_low=True)
+        _number(self, "momentum", low=0.0, high=1.0)
+        _number(self, "weight_decay", low=0.0)
+        _choice(self, "schedule", SCHEDULES)
+        _number(self, "warmup_epochs", low=0.0)
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs ({self.epochs})")
+        if not isinstance(self.loss, LossConfig):
+            raise TypeError(f"loss must be a LossConfig (e.g. LossConfig('pgd')), got {type(self.loss).__name__}")
+        _int(self, "seed", 0)
+        if self.grad_clip is not None:
+            _number(self, "grad_clip", low=0.0, strict_low=True)
+        for name in ("nesterov", "amp", "channels_last", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class AdmmConfig(_Replace):
+    """CSTAR's ADMM proximity term ``rho/2 * ||W - Z + U||^2`` over the factorizable weights.
+
+    * ``rho``: the penalty weight at the start; ``rho_growth``: multiplies ``rho`` after each
+      refresh (up to ``rho_max``), the usual ADMM continuation that tightens ``W ~= Z`` over time.
+      The term is a sum over all constrained weights, so ``lr * rho`` is the fraction of the
+      distance to Z closed per SGD step (before momentum): keep it well below 1.
+    * ``refresh_every``: refresh Z and U every this many optimiser steps; ``None`` (default): once per epoch.
+    * ``replan``: re-run the global rank allocator on ``W + U`` at each refresh (the allocator as the
+      budget-constrained projection); ``False`` keeps the ranks chosen on the initial weights.
+
+    Example:
+        >>> AdmmConfig(rho=0.5, refresh_every=50).refresh_every
+        50
+    """
+
+    rho: float = 1.0
+    rho_growth: float = 1.25
+    rho_max: float = 10.0
+    refresh_every: int | None = None
+    replan: bool = True
+
+    def __post_init__(self) -> None:
+        _number(self, "rho", low=0.0, strict_low=True)
+        _number(self, "rho_growth", low=1.0)
+        _number(self, "rho_max", low=0.0, strict_low=True)
+        if self.rho_max < self.rho:
+            raise ValueError(f"rho_max ({self.rho_max:g}) must be >= rho ({self.rho:g}); raise rho_max or lower rho")
+        if self.refresh_every is not None:
+            _int(self, "refresh_every", 1)
+        if not isinstance(self.replan, bool):
+            raise TypeError(f"replan must be a bool, got {self.replan!r}")
+
+
+@dataclass(frozen=True)
+class JointConfig(_Replace):
+    """The whole CSTAR recipe: ADMM adversarial training of the dense model, then adversarial fine-tuning.
+
+    * ``joint``: the training run with the ADMM term (dense weights, usually from a robust teacher).
+    * ``finetune``: the adversarial fine-tune of the factorized network.
+    * ``admm``: the proximity term's settings.
+
+    Example:
+        >>> cfg = JointConfig(joint=TrainConfig(epochs=5, lr=0.01), finetune=TrainConfig(epochs=10, lr=0.01))
+        >>> cfg.admm.refresh_every is None
+        True
+    """
+
+    joint: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.01))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.01))
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("joint", TrainConfig), ("finetune", TrainConfig), ("admm", AdmmConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")

@@ -1,0 +1,270 @@
+"""A ready adversarial training loop: SGD + schedule, bf16/channels_last on CUDA, atomic per-epoch checkpoints, resume.
+
+The loop has no global state: the device, the data's sampler and an optional :class:`TrainHook`
+(e.g. CSTAR's ADMM term) are arguments, and random numbers come from a private generator state
+seeded by ``(cfg.seed, epoch)``, so the caller's RNG is untouched and a resumed run repeats exactly
+the epochs an uninterrupted one would have run.
+
+Example:
+    >>> from cstar_fx.data import digits
+    >>> from cstar_fx.models import small_cnn
+    >>> from cstar_fx.robust import TrainConfig, LossConfig
+    >>> train, _ = digits()
+    >>> hist = finetune(small_cnn(width=8), train.subset(256), TrainConfig(epochs=1, loss=LossConfig("clean")))
+    >>> len(hist.epochs)
+    1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..data import as_loader, atomic_save
+from .admm import TrainHook
+from .config import TrainConfig
+from .losses import adversarial_step
+
+__all__ = ["finetune", "TrainHistory", "RunDirError", "CHECKPOINT_NAME", "load_checkpoint"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_FORMAT = "cstar-fx/checkpoint/1"
+
+
+class RunDirError(OSError):
+    """The run folder cannot be created or written.
+
+    Example:
+        >>> isinstance(RunDirError("x"), OSError)
+        True
+    """
+
+
+@dataclass
+class TrainHistory:
+    """Per-epoch metrics of a :func:`finetune` run.
+
+    ``epochs`` holds one dict per finished epoch (``epoch``, ``loss``, ``acc`` on the inputs the loss
+    scored, ``lr``, ``seconds`` and the hook's metrics); ``resumed_from`` is the number of epochs
+    loaded from a checkpoint (``None`` for a fresh run).
+
+    Example:
+        >>> TrainHistory([{"epoch": 1, "loss": 0.5}]).last["loss"]
+        0.5
+    """
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+    @property
+    def last(self) -> dict[str, float]:
+        """The metrics of the last finished epoch (empty before the first)."""
+        return self.epochs[-1] if self.epochs else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"epochs": list(self.epochs), "resumed_from": self.resumed_from}
+
+
+def _prepare_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    path = Path(run_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunDirError(f"run folder {str(path)!r} cannot be written ({exc.strerror or exc}); "
+                          "pass a writable run_dir= (or run_dir=None for no checkpoints)") from None
+    return path
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The checkpoint in ``run_dir`` (loaded with ``weights_only=True``), or ``None`` when there is none.
+
+    Keys: ``epoch`` (finished epochs), ``model`` (state dict), ``optimizer``, ``scheduler``, ``hook``,
+    ``history``, ``config``.
+
+    Example:
+        >>> load_checkpoint("/nonexistent") is None
+        True
+    """
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a cstar-fx training checkpoint; use another run_dir")
+    return ckpt
+
+
+def _lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Any:
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "step":
+            return 0.01 if step >= 0.75 * total else 0.1 if step >= 0.5 * total else 1.0
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
+def _config_diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if key == "progress":
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _private_rng(device: torch.device, seed: int) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, *,
+             run_dir: str | os.PathLike[str] | None = None, resume: bool = False,
+             device: str | torch.device | None = None, hook: TrainHook | None = None,
+             sampler: Iterable[int] | None = None) -> TrainHistory:
+    """Train ``model`` in place with ``cfg.loss`` (PGD-AT by default) and SGD; returns the per-epoch history.
+
+    ``train_data``: a :class:`~cstar_fx.data.TensorData`, an ``(x, y)`` tensor pair or a re-iterable of
+    ``(x, y)`` batches (e.g. a ``DataLoader``) with inputs in [0, 1]. ``device`` defaults to the model's.
+    With ``run_dir`` a checkpoint is written atomically after every epoch; ``resume=True`` continues
+    from it (a fresh start when there is none) and refuses a checkpoint written with another config.
+    ``hook`` adds a loss term and per-step/per-epoch callbacks (see :class:`TrainHook`). On CUDA the
+    forward passes run under bf16 autocast (``cfg.amp``) in channels_last (``cfg.channels_last``).
+
+    Example:
+        >>> from cstar_fx.data import digits
+        >>> from cstar_fx.models import small_cnn
+        >>> from cstar_fx.robust import TrainConfig
+        >>> model = small_cnn(width=8)
+        >>> hist = finetune(model, digits()[0].subset(128), TrainConfig(epochs=1, batch_size=64), run_dir=None)
+        >>> sorted(hist.last)[:3]
+        ['acc', 'epoch', 'loss']
+    """
+    cfg = TrainConfig() if cfg is None else cfg
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = _prepare_run_dir(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
+    device = torch.device(device) if device is not None else _model_device(model)
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = as_loader(train_data, cfg.batch_size, True, device, seed=cfg.seed, sampler=sampler)
+    try:
+        steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError("training data needs a length (number of batches per epoch) for the schedule; "
+                        "use a TensorData, a DataLoader or a list of batches") from None
+    if steps_per_epoch == 0:
+        raise ValueError(f"no full training batch: {cfg.batch_size=} is larger than the dataset; lower batch_size")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
+    history = TrainHistory()
+    start = 0
+    ckpt = load_checkpoint(path.parent, map_location=device) if (resume and path is not None) else None
+    if ckpt is not None:
+        diffs = _config_diff(ckpt["config"], cfg.to_dict())
+        if diffs:
+            raise ValueError(f"the checkpoint in {path.parent} was written with another config ({'; '.join(diffs)}); "
+                             "resume with the same TrainConfig, or start a new run_dir")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if hook is not None:
+            if not ckpt["hook"] and hook.state_dict():
+                raise ValueError(f"the checkpoint in {path.parent} was written without this hook "
+                                 f"({type(hook).__name__}); start a new run_dir")
+            hook.load_state_dict(ckpt["hook"])
+        history = TrainHistory(list(ckpt["history"]), resumed_from=int(ckpt["epoch"]))
+        start = int(ckpt["epoch"])
+    was_training = model.training
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.amp) else contextlib.nullcontext()
+    from tqdm.auto import tqdm
+
+    try:
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            total_loss, correct, seen = 0.0, 0, 0
+            with _private_rng(device, cfg.seed * 1_000_003 + epoch):
+                bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           disable=not cfg.progress, leave=False)
+                for step, (x, y) in enumerate(bar):
+                    if cuda and cfg.channels_last and x.ndim == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with amp:
+                        out = adversarial_step(model, x, y, cfg.loss)
+                    loss = out.loss
+                    extra = hook.penalty() if hook is not None else None
+                    if extra is not None:
+                        loss = loss + extra
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                                 "lower lr, set grad_clip, or check the inputs lie in [0, 1]")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    if hook is not None:
+                        hook.after_step()
+                    n = y.shape[0]
+                    total_loss += float(out.loss.detach()) * n
+                    correct += int((out.logits.detach().argmax(1) == y).sum())
+                    seen += n
+                    bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+                bar.close()
+                metrics = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1),
+                           "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+                if hook is not None:
+                    metrics.update({k: float(v) for k, v in hook.end_epoch(epoch).items()})
+            history.epochs.append(metrics)
+            if path is not None:
+                atomic_save({"format": _FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
+                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                              "hook": hook.state_dict() if hook is not None else {},
+                              "history": history.epochs, "config": cfg.to_dict()}, path)
+    finally:
+        model.train(was_training)
+    return history

@@ -1,0 +1,105 @@
+"""The fine-tuning hook: one adversarial training loss that any training loop can call.
+
+The attack runs with the model in eval mode (its batch-norm statistics untouched); the returned loss
+is computed in whatever mode the caller left the model, so a training loop keeps ``model.train()``.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from cstar_fx.robust import LossConfig, AttackConfig
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    >>> x, y = torch.rand(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    >>> cfg = LossConfig("trades", attack=AttackConfig(eps=0.1, alpha=0.03, steps=3))
+    >>> loss = adversarial_loss(model, x, y, cfg)
+    >>> loss.backward()  # parameters now hold the TRADES gradient
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..passes.shapes import eval_mode
+from .attacks import fgsm, pgd, project_delta
+from .config import LossConfig, TrainConfig
+
+__all__ = ["adversarial_loss", "adversarial_step", "LossOutput"]
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """A training loss with the logits it was computed from (on the inputs the loss scores).
+
+    Example:
+        >>> out = LossOutput(torch.tensor(1.0), torch.zeros(2, 3))
+        >>> out.logits.shape
+        torch.Size([2, 3])
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+def _kl(logits_adv: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    # Per-example KL(target || softmax(adv)), the TRADES robustness term.
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), target_probs, reduction="none").sum(1)
+
+
+def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig | TrainConfig) -> LossOutput:
+    """Like :func:`adversarial_loss` but also returns the logits the loss scored (for accuracy logging).
+
+    For ``"trades"`` the logits are those of the adversarial inputs.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> out = adversarial_step(nn.Linear(4, 2), torch.rand(3, 4), torch.tensor([0, 1, 0]), LossConfig("clean"))
+        >>> out.logits.shape
+        torch.Size([3, 2])
+    """
+    cfg = cfg.loss if isinstance(cfg, TrainConfig) else cfg
+    if not isinstance(cfg, LossConfig):
+        raise TypeError(f"cfg must be a LossConfig or TrainConfig, got {type(cfg).__name__}")
+    a = cfg.attack
+    if cfg.kind == "clean":
+        logits = model(x)
+        return LossOutput(F.cross_entropy(logits.float(), y), logits)
+    if cfg.kind == "pgd":
+        x_adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
+                    random_start=a.random_start, restarts=a.restarts)
+        logits = model(x_adv)
+        return LossOutput(F.cross_entropy(logits.float(), y), logits)
+    if cfg.kind == "fast":
+        x_adv = fgsm(model, x, y, eps=a.eps, alpha=cfg.fast_alpha * a.eps, random_start=True)
+        logits = model(x_adv)
+        return LossOutput(F.cross_entropy(logits.float(), y), logits)
+    # TRADES: the attack maximises KL(f(x) || f(x')) from a small Gaussian start (Zhang et al. 2019).
+    with torch.no_grad(), eval_mode(model):
+        target = F.softmax(model(x).float(), dim=1)
+    start = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
+    x_adv = pgd(model, start, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, random_start=False,
+                loss_fn=lambda logits, _y: _kl(logits, target))
+    # pgd measured its ball around the jittered start; re-project onto the ball around x.
+    x_adv = x + project_delta(x_adv - x, x, a.eps, a.norm)
+    logits_clean = model(x)
+    logits_adv = model(x_adv)
+    natural = F.cross_entropy(logits_clean.float(), y)
+    robust = _kl(logits_adv, F.softmax(logits_clean.float(), dim=1)).mean()
+    return LossOutput(natural + cfg.beta * robust, logits_adv)
+
+
+def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig | TrainConfig) -> torch.Tensor:
+    """The scalar training loss for ``cfg.kind``: PGD-AT (Madry), TRADES (``beta``), fast AT or clean CE.
+
+    ``x`` holds inputs in [0, 1]; call ``loss.backward()`` and step your optimiser as usual.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from cstar_fx.robust import LossConfig
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        >>> loss = adversarial_loss(model, torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 1, 0]), LossConfig("fast"))
+        >>> loss.ndim
+        0
+    """
+    return adversarial_step(model, x, y, cfg).loss
