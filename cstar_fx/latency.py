@@ -28,6 +28,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,9 @@ def _ort_runner(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> An
     module = module.eval()
     if target.dtype == "float16":
         module, x = module.half(), x.half()
-    with torch.no_grad():
+    # The TorchScript exporter is deliberate: a single op exports in milliseconds, the dynamo path in seconds.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
