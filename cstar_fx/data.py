@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fileutil import atomic_path
+
 __all__ = [
     "TensorData", "TensorLoader", "DeviceLoader", "as_loader", "digits", "cifar10", "cifar10_jpeg",
     "image_folder", "default_cache_dir", "atomic_save", "CIFAR10_CLASSES",
@@ -54,18 +56,21 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cstar_fx"
 
 
-def _crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+def _crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    # rows=(offset, total): x holds rows offset.. of a batch of `total`; draw the whole batch's
+    # crops and flips and keep ours, so a shard is augmented exactly as in a single process.
     b, _, h, w = x.shape
     dev = x.device
+    offset, total = rows if rows is not None else (0, b)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=dev)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=dev)
+    dy = torch.randint(0, 2 * pad + 1, (total,), generator=gen, device=dev)[offset:offset + b]
+    dx = torch.randint(0, 2 * pad + 1, (total,), generator=gen, device=dev)[offset:offset + b]
     rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
     batch = torch.arange(b, device=dev)[:, None, None, None]
     chan = torch.arange(x.shape[1], device=dev)[None, :, None, None]
     out = padded[batch, chan, rows, cols]
-    flip = torch.rand(b, generator=gen, device=dev) < 0.5
+    flip = torch.rand(total, generator=gen, device=dev)[offset:offset + b] < 0.5
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
@@ -76,20 +81,34 @@ class TensorLoader:
     before iterating (as with ``DistributedSampler``) and a resumed run sees the same batches. A
     ``sampler`` (any iterable of indices, e.g. a ``DistributedSampler``) replaces the shuffle.
 
+    ``shard=(rank, world)`` (training only) makes ``batch_size`` the *global* batch of ``world``
+    processes: every rank draws the same permutation and yields its ``batch_size // world`` rows of
+    each global batch, augmented exactly as a single process would augment them; the remainder of
+    each epoch is dropped so every rank runs the same number of steps. With a ``sampler`` as well,
+    the sampler yields this rank's indices and batches of ``batch_size // world`` are cut from them.
+
     Example:
         >>> loader = digits()[0].loader(100, train=True, seed=1)
         >>> loader.set_epoch(3); len(loader)
         13
+        >>> [x.shape[0] for x, _ in digits()[0].loader(100, train=True, shard=(1, 4))][:2]
+        [25, 25]
     """
 
     def __init__(self, data: "TensorData", batch_size: int, train: bool, device: torch.device,
-                 seed: int = 0, sampler: Iterable[int] | None = None, drop_last: bool | None = None) -> None:
+                 seed: int = 0, sampler: Iterable[int] | None = None, drop_last: bool | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.data, self.batch_size, self.train, self.device = data, batch_size, train, device
         self.seed, self.sampler, self.epoch = seed, sampler, 0
+        self.shard = _check_shard(shard, batch_size, train)
+        # Under a shard without a sampler every rank must run the same number of full steps.
+        drop_last = True if (self.shard is not None and sampler is None) else drop_last
+        self.local_batch = batch_size // self.shard[1] if self.shard is not None else batch_size
+        step = self.batch_size if sampler is None else self.local_batch
         # A last batch of one sample breaks batch norm in training; drop the remainder by default.
-        self.drop_last = (train and len(data) > batch_size) if drop_last is None else drop_last
+        self.drop_last = (train and len(data) > step) if drop_last is None else drop_last
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle and augmentation of this epoch (forwarded to the sampler if it has one)."""
@@ -107,19 +126,43 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.sampler) if self.sampler is not None else len(self.data)  # type: ignore[arg-type]
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        step = self.batch_size if self.sampler is None else self.local_batch
+        return n // step if self.drop_last else math.ceil(n / step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch + 1)
         x_all, y_all = self.data.x, self.data.y
+        step = self.batch_size if self.sampler is None else self.local_batch
+        # Rows of each global batch that are ours (all of them without a shard or with a sampler).
+        rows = (self.shard[0] * self.local_batch, self.batch_size) if (self.shard and self.sampler is None) else None
         for i in range(len(self)):
-            sel = idx[i * self.batch_size:(i + 1) * self.batch_size].to(x_all.device)
+            sel = idx[i * step:(i + 1) * step]
+            if rows is not None:
+                sel = sel[rows[0]:rows[0] + self.local_batch]
+            sel = sel.to(x_all.device)
             x = _to_float(x_all[sel].to(self.device, non_blocking=True))
             y = y_all[sel].to(self.device, non_blocking=True)
             if self.train and self.data.augment == "crop_flip":
-                x = _crop_flip(x, self.data.pad, gen)
+                x = _crop_flip(x, self.data.pad, gen, rows)
             yield x, y
+
+
+def _check_shard(shard: tuple[int, int] | None, batch_size: int, train: bool) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    try:
+        rank, size = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be (rank, world_size), got {shard!r}") from None
+    if not 0 <= rank < size:
+        raise ValueError(f"shard {shard!r}: rank must be in [0, world_size)")
+    if not train:
+        raise ValueError("shard= is for training loaders; evaluate() shards an evaluation set itself")
+    if batch_size % size:
+        raise ValueError(f"batch_size={batch_size} is the global batch of {size} processes and must be divisible by "
+                         f"{size}; use a multiple of {size} (e.g. {max(size, batch_size // size * size)})")
+    return rank, size
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
@@ -219,8 +262,11 @@ class TensorData:
         return _to_float(self.x.to(device)), self.y.to(device)
 
     def loader(self, batch_size: int, train: bool = False, device: str | torch.device | None = None, *,
-               seed: int = 0, sampler: Iterable[int] | None = None, drop_last: bool | None = None) -> TensorLoader:
+               seed: int = 0, sampler: Iterable[int] | None = None, drop_last: bool | None = None,
+               shard: tuple[int, int] | None = None) -> TensorLoader:
         """Batches on ``device``; ``train=True`` shuffles (by ``seed`` and epoch) and augments.
+
+        ``shard=(rank, world)``: this rank's part of each global batch of ``batch_size`` (see :class:`TensorLoader`).
 
         Example:
             >>> x, y = next(iter(digits()[1].loader(32)))
@@ -228,7 +274,8 @@ class TensorData:
             (32, 32)
         """
         device = torch.device(device) if device is not None else self.x.device
-        return TensorLoader(self, batch_size, train, device, seed=seed, sampler=sampler, drop_last=drop_last)
+        return TensorLoader(self, batch_size, train, device, seed=seed, sampler=sampler, drop_last=drop_last,
+                            shard=shard)
 
 
 class DeviceLoader:
@@ -262,11 +309,13 @@ class DeviceLoader:
 
 
 def as_loader(data: Any, batch_size: int, train: bool, device: str | torch.device, *, seed: int = 0,
-              sampler: Iterable[int] | None = None) -> TensorLoader | DeviceLoader:
+              sampler: Iterable[int] | None = None, shard: tuple[int, int] | None = None) -> TensorLoader | DeviceLoader:
     """One loader interface for a :class:`TensorData`, an ``(x, y)`` tensor pair or an iterable of batches.
 
-    Anything with a ``.loader(batch_size, train, device, seed=...)`` method is asked for its own loader;
-    a re-iterable of batches (a ``DataLoader``, a list) is used as is, batches moved to ``device``.
+    Anything with a ``.loader(batch_size, train, device, seed=...)`` method is asked for its own loader
+    (with ``shard=`` when given: see :class:`TensorLoader`); a re-iterable of batches (a ``DataLoader``,
+    a list) is used as is, batches moved to ``device``, and ``shard`` is ignored: such a loader shards
+    itself (e.g. with a ``DistributedSampler``).
 
     Example:
         >>> loader = as_loader((torch.rand(6, 1, 4, 4), torch.arange(6) % 2), 4, True, "cpu")
@@ -276,7 +325,8 @@ def as_loader(data: Any, batch_size: int, train: bool, device: str | torch.devic
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         data = TensorData(data[0], data[1])
     if hasattr(data, "loader"):
-        return data.loader(batch_size, train, device, seed=seed, sampler=sampler)
+        extra = {"shard": shard} if shard is not None else {}
+        return data.loader(batch_size, train, device, seed=seed, sampler=sampler, **extra)
     if isinstance(data, Iterator):
         raise TypeError("training data must be re-iterable (a TensorData, a DataLoader or a list of batches), "
                         "not a one-shot iterator or generator")
@@ -372,18 +422,8 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
         >>> atomic_save({"a": torch.zeros(1)}, target); target.is_file()
         True
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _load_cached(path: Path | None, augment: str | None) -> TensorData | None:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch.nn as nn
 
 from . import __version__
 from .api import PlanMismatchError, get_plan, get_report, transform
+from .fileutil import atomic_path
 from .passes.attention import ExplicitAttention
 from .plan import LayerPlan, RankPlan
 from .report import TransformReport
@@ -150,19 +150,6 @@ def _cpu_tensors(gm: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
     """Write a model made by :func:`cstar_fx.transform` to ``path`` (one safetensors file), atomically.
 
@@ -196,17 +183,8 @@ def save(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
             "torch_version": torch.__version__}
     meta["sha256"] = _digest(meta, tensors)
     st = _safetensors()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        st.torch.save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
+    with atomic_path(path) as tmp:
+        st.torch.save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -37,7 +36,8 @@ import torch
 import torch.nn as nn
 
 from .costs import LayerSpec
-from .passes.shapes import as_tuple, eval_mode
+from .passes.shapes import as_tuple
+from .fileutil import atomic_path
 from .sysinfo import cpu_name
 
 __all__ = ["LatencyTarget", "Op", "chain_ops", "LatencyTable", "LatencyCost", "LatencyCheck", "measure_model",
@@ -197,12 +197,9 @@ class LatencyTable:
         """Write the table atomically (temp file + rename) if it has a path."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": TABLE_FORMAT, "entries": self.entries}, indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(text)
 
 
 def _median_ms(run: Any, target: LatencyTarget, sync: Any = None) -> float:

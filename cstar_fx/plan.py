@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-__all__ = ["LayerPlan", "RankPlan", "PLAN_FORMAT"]
+__all__ = ["LayerPlan", "RankPlan", "Ratios", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "cstar-fx/rank-plan/1"
 _N_RANKS = {"dense": 0, "svd": 1, "tucker2": 2}
@@ -74,8 +74,41 @@ class LayerPlan:
         return lp
 
 
+class Ratios:
+    """Dense-over-compressed ratios for anything with ``dense_params``/``params`` and ``dense_flops``/``flops``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Totals(Ratios):
+        ...     dense_params: int = 80
+        ...     params: int = 10
+        ...     dense_flops: float | None = None
+        ...     flops: float | None = None
+        >>> Totals().ratio_params, Totals().ratio_flops
+        (8.0, None)
+    """
+
+    dense_params: int
+    params: int
+    dense_flops: float | None
+    flops: float | None
+
+    @property
+    def ratio_params(self) -> float:
+        """Parameter ratio (dense / compressed) over the whole model."""
+        return self.dense_params / self.params if self.params else math.inf
+
+    @property
+    def ratio_flops(self) -> float | None:
+        """FLOP ratio on the example input, or ``None`` without one."""
+        if self.dense_flops is None or not self.flops:
+            return None
+        return self.dense_flops / self.flops
+
+
 @dataclass(frozen=True)
-class RankPlan:
+class RankPlan(Ratios):
     """Per-layer schemes and ranks for a model, with dense and compressed costs.
 
     ``layers`` holds every conv/linear layer found (factorized or not); ``unsupported`` lists the
@@ -102,18 +135,6 @@ class RankPlan:
     options: dict[str, Any] = field(default_factory=dict)
     dense_cost: float | None = None
     cost: float | None = None
-
-    @property
-    def ratio_params(self) -> float:
-        """Achieved parameter ratio (dense / compressed) over the whole model."""
-        return self.dense_params / self.params if self.params else math.inf
-
-    @property
-    def ratio_flops(self) -> float | None:
-        """Achieved FLOP ratio on the example input, or ``None`` without one."""
-        if self.dense_flops is None or not self.flops:
-            return None
-        return self.dense_flops / self.flops
 
     @property
     def factorized(self) -> dict[str, LayerPlan]:

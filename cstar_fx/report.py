@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,13 +10,13 @@ import torch.fx as fx
 from .decompose import relative_error
 from .passes.discover import LayerSite
 from .passes.factorize import dense_weight, factors_path
-from .plan import RankPlan
+from .plan import RankPlan, Ratios
 
 __all__ = ["TransformReport", "build_report"]
 
 
 @dataclass(frozen=True)
-class TransformReport:
+class TransformReport(Ratios):
     """Achieved ratios (measured on the rewritten model), and what happened to every layer.
 
     ``errors`` maps each factorized layer to its relative weight reconstruction error
@@ -37,18 +36,6 @@ class TransformReport:
     errors: dict[str, float] = field(default_factory=dict)
     dense: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ratio_params(self) -> float:
-        """Dense / compressed parameter count."""
-        return self.dense_params / self.params if self.params else math.inf
-
-    @property
-    def ratio_flops(self) -> float | None:
-        """Dense / compressed FLOPs on the example input (``None`` without one)."""
-        if self.dense_flops is None or not self.flops:
-            return None
-        return self.dense_flops / self.flops
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, ratios included."""

@@ -70,7 +70,7 @@ def write_report(results: dict[str, Any], run_dir: Path, plots: list[Path]) -> P
     """Write ``report.md`` from validated results and the plot files; returns its path."""
     validate_results(results)
     d = results["dense"]
-    lines = [f"# cstar-fx run report", "", f"- created: {results.get('created', '-')}",
+    lines = ["# cstar-fx run report", "", f"- created: {results.get('created', '-')}",
              f"- machine: {results.get('machine', '-')}",
              f"- model: {results['config'].get('model', '-')}, dataset: {results['config'].get('dataset', '-')}",
              f"- attack (eval): {results['config'].get('eval_attack', '-')}", "",

@@ -5,7 +5,7 @@ import torch
 
 from cstar_fx.allocate import UnreachableBudgetError, allocate, min_cost, rank_grid
 from cstar_fx.costs import FlopCost, LayerSpec, ParamCost
-from cstar_fx.decompose import Spectrum, mode_spectra
+from cstar_fx.decompose import mode_spectra
 
 
 def spec(name, shape, decay=0.0, positions=None):

@@ -1,6 +1,5 @@
 """Docs match the code: the API reference is generated from docstrings, and every public name has an example."""
 
-import importlib
 import inspect
 import subprocess
 import sys

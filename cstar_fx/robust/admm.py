@@ -38,6 +38,8 @@ class TrainHook:
     ``penalty()`` is added to every step's loss; ``after_step()`` runs after each optimiser step;
     ``end_epoch(epoch)`` returns extra metrics to log; ``state_dict``/``load_state_dict`` travel in the
     checkpoint (tensors, numbers, strings, lists and dicts only: it is loaded with ``weights_only=True``).
+    Under ``torch.distributed`` every rank runs every callback, and ``sync()`` is called on every rank
+    after the weights are broadcast and after each callback, to make the hook's state rank 0's.
 
     Example:
         >>> TrainHook().penalty() is None
@@ -54,6 +56,9 @@ class TrainHook:
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Called after each epoch; the returned numbers are logged in the training history."""
         return {}
+
+    def sync(self) -> None:
+        """Distributed runs only: make this rank's state equal to rank 0's (a collective: every rank calls it)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The hook's state for the checkpoint."""
@@ -128,6 +133,7 @@ class Admm(TrainHook):
         self.history: list[AdmmRecord] = []
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
+        self._synced_at: int | None = None  # len(history) at the last sync
         self._update_z()
         self._record()
 
@@ -233,6 +239,39 @@ class Admm(TrainHook):
         last = self.history[-1]
         return {"admm_residual": last.relative, "admm_gap": last.gap, "rho": self.rho}
 
+    def sync(self) -> None:
+        """Under ``torch.distributed``: copy rank 0's Z, U, rho, plan and history to every rank.
+
+        Every rank computes each refresh itself (same weights, same arithmetic); broadcasting rank 0's
+        result after it guarantees bit-identical state even where a GPU's SVD is not deterministic,
+        so the replanned ranks, and the factorized networks built from them, agree on every rank.
+        It communicates only when a refresh happened since the last call.
+        """
+        from . import distributed as D
+
+        w = D.world()
+        if not w.active or self._synced_at == len(self.history):
+            return
+        meta = D.broadcast_object({"rho": self.rho, "steps": self.steps, "plan": self.plan.to_json(indent=None),
+                                   "history": [r.to_dict() for r in self.history], "names": sorted(self.Z)})
+        names = meta["names"]
+        if not w.is_main:
+            self._restore_meta(meta)
+        zs = [self.Z[n] if w.is_main else torch.empty_like(self.params[n], memory_format=torch.contiguous_format)
+              for n in names]
+        us = [self.U[n] if w.is_main else torch.empty_like(self.params[n], memory_format=torch.contiguous_format)
+              for n in names]
+        tensors = D._broadcast_tensors(zs + us)
+        self.Z = dict(zip(names, tensors[:len(names)]))
+        self.U = dict(zip(names, tensors[len(names):]))
+        self._synced_at = len(self.history)
+
+    def _restore_meta(self, state: dict[str, Any]) -> None:
+        self.rho, self.steps = float(state["rho"]), int(state["steps"])
+        self.plan = RankPlan.from_json(state["plan"])
+        self.history = [AdmmRecord(**{k: (int(v) if k == "step" else float(v)) for k, v in r.items()})
+                        for r in state["history"]]
+
     def state_dict(self) -> dict[str, Any]:
         """Z, U, rho, the step count, the plan (JSON) and the history."""
         return {"rho": self.rho, "steps": self.steps, "plan": self.plan.to_json(indent=None),
@@ -241,10 +280,8 @@ class Admm(TrainHook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (on resume)."""
-        self.rho, self.steps = float(state["rho"]), int(state["steps"])
-        self.plan = RankPlan.from_json(state["plan"])
+        self._restore_meta(state)
         dev = {n: self.params[n].device for n in state["Z"]}
         self.Z = {k: v.to(dev[k]) for k, v in state["Z"].items()}
         self.U = {k: v.to(dev[k]) for k, v in state["U"].items()}
-        self.history = [AdmmRecord(**{k: (int(v) if k == "step" else float(v)) for k, v in r.items()})
-                        for r in state["history"]]
+        self._synced_at = None

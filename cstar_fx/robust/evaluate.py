@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..data import TensorData, as_loader
 from ..passes.shapes import eval_mode
+from . import distributed as D
 from .attacks import fgsm, pgd, project_delta
 from .config import AttackConfig
 from .finetune import _model_device, _private_rng
@@ -190,6 +191,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    if x.shape[0] == 0:  # an empty shard of a distributed evaluation
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
     with torch.no_grad(), eval_mode(model):
         return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
                           for i in range(0, x.shape[0], batch_size)])
@@ -268,10 +271,16 @@ def _collect(data: Any, n: int | None, batch_size: int, device: torch.device) ->
     return (x[:n], y[:n]) if n is not None else (x, y)
 
 
+def _shard(t: torch.Tensor, w: D.World) -> torch.Tensor:
+    # Contiguous, near-equal shares: the ranks only meet to sum counts, so sizes may differ by one.
+    return torch.tensor_split(t, w.size)[w.rank] if w.active else t
+
+
 def evaluate(model: nn.Module, data: Any, attacks: Sequence[str] = ("pgd",), *, attack: AttackConfig | None = None,
              n: int | None = None, autoattack_n: int | None = None, batch_size: int = 256,
              device: str | torch.device | None = None, sanity: bool = True, sanity_n: int = 256,
-             amp: bool = False, seed: int = 0, progress: bool = True) -> RobustResult:
+             amp: bool = False, seed: int = 0, progress: bool = True,
+             distributed: bool | None = None) -> RobustResult:
     """Clean and robust accuracy of ``model`` on the first ``n`` examples of ``data`` (inputs in [0, 1]).
 
     ``attacks``: any of ``"pgd"`` (PGD with ``attack``, default PGD-20 L_inf eps 8/255 step 2/255;
@@ -280,6 +289,12 @@ def evaluate(model: nn.Module, data: Any, attacks: Sequence[str] = ("pgd",), *, 
     gradient-masking checks on the first ``sanity_n`` examples. ``amp`` runs the model under bf16
     autocast on CUDA (fp32 otherwise). Random starts are seeded by ``seed``; the model's training
     flags are restored.
+
+    Under ``torchrun`` (an initialised process group, unless ``distributed=False``) call it on every
+    rank: each rank attacks its contiguous share of the ``n`` examples (and of the AutoAttack subset),
+    the correct counts are summed over the ranks, the sanity checks run on rank 0 and every rank
+    returns the same result. Clean accuracy equals a single-process run; the PGD random starts are
+    drawn per rank, so robust accuracy agrees in distribution rather than bit for bit.
 
     Example:
         >>> res = evaluate(model, test, attacks=("pgd", "autoattack"), n=2000, autoattack_n=500)  # doctest: +SKIP
@@ -302,39 +317,53 @@ def evaluate(model: nn.Module, data: Any, attacks: Sequence[str] = ("pgd",), *, 
             raise MissingExtraError("attacks=('autoattack',) needs the optional 'robust' extra: "
                                     "pip install 'cstar-fx[robust]'") from None
     dev = torch.device(device) if device is not None else _model_device(model)
+    w = D.world(distributed)
     t0 = time.perf_counter()
     x, y = _collect(data, n, batch_size, dev)
     total = x.shape[0]
+    xs, ys = _shard(x, w), _shard(y, w)
     amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and dev.type == "cuda")
     from tqdm.auto import tqdm
 
     robust: dict[str, float] = {}
     counts = {"clean": total}
-    with amp_ctx, _private_rng(dev, seed):
-        clean = int(_accuracy(model, x, y, batch_size).sum()) / max(1, total)
+    with amp_ctx, _private_rng(dev, D._rank_seed(seed, w.rank)):
+        correct = [int(_accuracy(model, xs, ys, batch_size).sum())]
         names = {"pgd": f"pgd{attack.steps}", "fgsm": "fgsm"}
-        for name in (a for a in attacks if a in names):
-            correct = 0
-            for i in tqdm(range(0, total, batch_size), desc=names[name], disable=not progress, leave=False):
-                xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        run = [a for a in attacks if a in names]
+        for name in run:
+            hits = 0
+            for i in tqdm(range(0, xs.shape[0], batch_size), desc=names[name], disable=not progress or not w.is_main,
+                          leave=False):
+                xb, yb = xs[i:i + batch_size], ys[i:i + batch_size]
                 if name == "pgd":
                     adv = pgd(model, xb, yb, eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm=attack.norm,
                               random_start=attack.random_start, restarts=attack.restarts)
                 else:
                     adv = fgsm(model, xb, yb, eps=attack.eps)
-                correct += int(_accuracy(model, adv, yb, batch_size).sum())
-            robust[names[name]] = correct / max(1, total)
+                hits += int(_accuracy(model, adv, yb, batch_size).sum())
+            correct.append(hits)
+        sums = D.all_reduce_sum(correct)
+        clean = sums[0] / max(1, total)
+        for name, total_hits in zip(run, sums[1:]):
+            robust[names[name]] = total_hits / max(1, total)
             counts[names[name]] = total
         report = None
         if sanity:
             k = min(sanity_n, total)
-            report = _sanity(model, x[:k], y[:k], attack, clean, robust, batch_size)
+            if w.is_main:
+                report = _sanity(model, x[:k], y[:k], attack, clean, robust, batch_size)
+            report = D.broadcast_object(report)
     if "autoattack" in attacks:
         k = min(autoattack_n or total, total)
-        adv = autoattack(model, x[:k], y[:k], eps=attack.eps, norm=attack.norm, batch_size=batch_size, seed=seed)
-        robust["autoattack"] = int(_accuracy(model, adv, y[:k], batch_size).sum()) / max(1, k)
+        xk, yk = _shard(x[:k], w), _shard(y[:k], w)
+        hits = 0
+        if xk.shape[0]:
+            adv = autoattack(model, xk, yk, eps=attack.eps, norm=attack.norm, batch_size=batch_size, seed=seed)
+            hits = int(_accuracy(model, adv, yk, batch_size).sum())
+        robust["autoattack"] = D.all_reduce_sum([hits])[0] / max(1, k)
         counts["autoattack"] = k
-    if report is not None and not report.ok:
+    if report is not None and not report.ok and w.is_main:
         warnings.warn(f"robust evaluation sanity checks failed ({', '.join(report.failed)}); "
                       + ("the model likely masks gradients, so robust accuracy is overestimated. "
                          if report.gradient_masking else "") + "See result.sanity for details.", stacklevel=2)

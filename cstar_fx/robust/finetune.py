@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..data import as_loader, atomic_save
+from . import distributed as D
 from .admm import TrainHook
 from .config import TrainConfig
 from .losses import adversarial_step
@@ -152,10 +154,22 @@ def _private_rng(device: torch.device, seed: int) -> Iterator[None]:
         yield
 
 
+def _distributed_loader(loader: Any, w: D.World, train_data: Any) -> None:
+    lo, hi = D._min_max(len(loader))
+    if lo != hi:
+        raise ValueError(f"the ranks have different numbers of batches per epoch ({lo} to {hi}), which would "
+                         "deadlock the gradient all-reduce; shard a DataLoader with a DistributedSampler "
+                         "(it pads every rank to the same length), or pass a TensorData")
+    if (w.is_main and not hasattr(train_data, "loader") and not isinstance(train_data, (tuple, list))
+            and not hasattr(getattr(train_data, "sampler", None), "set_epoch")):
+        warnings.warn("distributed training on a loader without a DistributedSampler: every rank sees every "
+                      "batch; give the DataLoader a DistributedSampler, or pass a TensorData", stacklevel=3)
+
+
 def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, *,
              run_dir: str | os.PathLike[str] | None = None, resume: bool = False,
              device: str | torch.device | None = None, hook: TrainHook | None = None,
-             sampler: Iterable[int] | None = None) -> TrainHistory:
+             sampler: Iterable[int] | None = None, distributed: bool | None = None) -> TrainHistory:
     """Train ``model`` in place with ``cfg.loss`` (PGD-AT by default) and SGD; returns the per-epoch history.
 
     ``train_data``: a :class:`~cstar_fx.data.TensorData`, an ``(x, y)`` tensor pair or a re-iterable of
@@ -164,6 +178,14 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     from it (a fresh start when there is none) and refuses a checkpoint written with another config.
     ``hook`` adds a loss term and per-step/per-epoch callbacks (see :class:`TrainHook`). On CUDA the
     forward passes run under bf16 autocast (``cfg.amp``) in channels_last (``cfg.channels_last``).
+
+    Under ``torchrun`` (an initialised process group, unless ``distributed=False``) the model trains
+    wrapped in ``DistributedDataParallel``: ``cfg.batch_size`` is the global batch, split evenly over
+    the ranks (a :class:`~cstar_fx.data.TensorData` is sharded from one shared permutation; a
+    ``DataLoader`` must bring its own ``DistributedSampler`` and its batches are per rank), attacks
+    run per rank on the plain module, the hook's state is rank 0's (``hook.sync()``), the logged
+    loss and accuracy are reduced over all ranks, and only rank 0 writes the checkpoint and shows
+    progress. Call it on every rank; ``model`` ends with the same weights everywhere.
 
     Example:
         >>> from cstar_fx.data import digits
@@ -179,18 +201,25 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    path = _prepare_run_dir(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
+    w = D.world(distributed)
+    if run_dir is None:
+        path = None
+    else:  # only rank 0 writes; the others read the same folder on resume
+        path = (_prepare_run_dir(run_dir) if w.is_main else Path(run_dir).expanduser()) / CHECKPOINT_NAME
     device = torch.device(device) if device is not None else _model_device(model)
     cuda = device.type == "cuda"
     model.to(device)
     if cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = as_loader(train_data, cfg.batch_size, True, device, seed=cfg.seed, sampler=sampler)
+    loader = as_loader(train_data, cfg.batch_size, True, device, seed=cfg.seed, sampler=sampler,
+                       shard=(w.rank, w.size) if w.active else None)
     try:
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError("training data needs a length (number of batches per epoch) for the schedule; "
                         "use a TensorData, a DataLoader or a list of batches") from None
+    if w.active:
+        _distributed_loader(loader, w, train_data)
     if steps_per_epoch == 0:
         raise ValueError(f"no full training batch: {cfg.batch_size=} is larger than the dataset; lower batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,25 +244,32 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
             hook.load_state_dict(ckpt["hook"])
         history = TrainHistory(list(ckpt["history"]), resumed_from=int(ckpt["epoch"]))
         start = int(ckpt["epoch"])
+    if w.active and len(set(D._min_max(start))) > 1:
+        raise RuntimeError(f"the ranks found different checkpoints in {run_dir} (rank {w.rank} resumes after epoch "
+                           f"{start}); put run_dir on a filesystem every rank sees")
+    # The DDP constructor broadcasts rank 0's weights and buffers; the hook then takes rank 0's state.
+    forward = D._wrap_ddp(model, device) if w.active else model
+    if w.active and hook is not None:
+        hook.sync()
     was_training = model.training
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.amp) else contextlib.nullcontext()
     from tqdm.auto import tqdm
 
     try:
         for epoch in range(start, cfg.epochs):
-            model.train()
+            forward.train()
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             t0 = time.perf_counter()
             total_loss, correct, seen = 0.0, 0, 0
-            with _private_rng(device, cfg.seed * 1_000_003 + epoch):
+            with _private_rng(device, D._rank_seed(cfg.seed * 1_000_003 + epoch, w.rank)):
                 bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           disable=not cfg.progress, leave=False)
+                           disable=not cfg.progress or not w.is_main, leave=False)
                 for step, (x, y) in enumerate(bar):
                     if cuda and cfg.channels_last and x.ndim == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with amp:
-                        out = adversarial_step(model, x, y, cfg.loss)
+                        out = adversarial_step(model, x, y, cfg.loss, forward=forward)
                     loss = out.loss
                     extra = hook.penalty() if hook is not None else None
                     if extra is not None:
@@ -249,22 +285,31 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
                     sched.step()
                     if hook is not None:
                         hook.after_step()
+                        if w.active:
+                            hook.sync()
                     n = y.shape[0]
                     total_loss += float(out.loss.detach()) * n
                     correct += int((out.logits.detach().argmax(1) == y).sum())
                     seen += n
                     bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
                 bar.close()
+                total_loss, correct, seen = D.all_reduce_sum([total_loss, correct, seen]) if w.active else \
+                    (total_loss, correct, seen)
                 metrics = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1),
                            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
                 if hook is not None:
                     metrics.update({k: float(v) for k, v in hook.end_epoch(epoch).items()})
+                    if w.active:
+                        hook.sync()
             history.epochs.append(metrics)
             if path is not None:
-                atomic_save({"format": _FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
-                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                              "hook": hook.state_dict() if hook is not None else {},
-                              "history": history.epochs, "config": cfg.to_dict()}, path)
+                if w.is_main:
+                    atomic_save({"format": _FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
+                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                  "hook": hook.state_dict() if hook is not None else {},
+                                  "history": history.epochs, "config": cfg.to_dict()}, path)
+                D.barrier()  # no rank starts the next epoch (or returns) before the checkpoint exists
     finally:
         model.train(was_training)
+        del forward  # drops the DDP reducer and its gradient hooks
     return history

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +48,14 @@ def _kl(logits_adv: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), target_probs, reduction="none").sum(1)
 
 
-def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig | TrainConfig) -> LossOutput:
+def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig | TrainConfig, *,
+                     forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LossOutput:
     """Like :func:`adversarial_loss` but also returns the logits the loss scored (for accuracy logging).
 
-    For ``"trades"`` the logits are those of the adversarial inputs.
+    For ``"trades"`` the logits are those of the adversarial inputs. ``forward`` (default ``model``)
+    computes the logits that the loss backpropagates through, e.g. a ``DistributedDataParallel``
+    wrapper of ``model``: the attack's many forward passes then run on the plain ``model`` and only
+    the training forward takes part in the gradient all-reduce.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -62,17 +67,18 @@ def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
     if not isinstance(cfg, LossConfig):
         raise TypeError(f"cfg must be a LossConfig or TrainConfig, got {type(cfg).__name__}")
     a = cfg.attack
+    fwd = model if forward is None else forward
     if cfg.kind == "clean":
-        logits = model(x)
+        logits = fwd(x)
         return LossOutput(F.cross_entropy(logits.float(), y), logits)
     if cfg.kind == "pgd":
         x_adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
                     random_start=a.random_start, restarts=a.restarts)
-        logits = model(x_adv)
+        logits = fwd(x_adv)
         return LossOutput(F.cross_entropy(logits.float(), y), logits)
     if cfg.kind == "fast":
         x_adv = fgsm(model, x, y, eps=a.eps, alpha=cfg.fast_alpha * a.eps, random_start=True)
-        logits = model(x_adv)
+        logits = fwd(x_adv)
         return LossOutput(F.cross_entropy(logits.float(), y), logits)
     # TRADES: the attack maximises KL(f(x) || f(x')) from a small Gaussian start (Zhang et al. 2019).
     with torch.no_grad(), eval_mode(model):
@@ -82,8 +88,8 @@ def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
                 loss_fn=lambda logits, _y: _kl(logits, target))
     # pgd measured its ball around the jittered start; re-project onto the ball around x.
     x_adv = x + project_delta(x_adv - x, x, a.eps, a.norm)
-    logits_clean = model(x)
-    logits_adv = model(x_adv)
+    logits_clean = fwd(x)
+    logits_adv = fwd(x_adv)
     natural = F.cross_entropy(logits_clean.float(), y)
     robust = _kl(logits_adv, F.softmax(logits_clean.float(), dim=1)).mean()
     return LossOutput(natural + cfg.beta * robust, logits_adv)
