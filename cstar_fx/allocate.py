@@ -63,7 +63,8 @@ class Allocation:
 
 
 def scheme_for(layer: LayerSpec, conv_scheme: str = "tucker2") -> str:
-    """``"svd"`` for linear layers and 1x1 convs, ``conv_scheme`` (default Tucker-2) for kxk convs.
+    """``"svd"`` for linear layers and 1x1 convs, ``conv_scheme`` (default Tucker-2) for kxk convs;
+    ``"auto"`` starts kxk convs as Tucker-2 (the allocator may then switch them to SVD).
 
     Example:
         >>> scheme_for(LayerSpec("c", "conv", (8, 4, 3, 3), False, ()))
@@ -71,7 +72,7 @@ def scheme_for(layer: LayerSpec, conv_scheme: str = "tucker2") -> str:
     """
     if not layer.is_conv or layer.kernel_area == 1:
         return "svd"
-    return conv_scheme
+    return "tucker2" if conv_scheme == "auto" else conv_scheme
 
 
 def max_ranks(layer: LayerSpec, scheme: str) -> tuple[int, ...]:
@@ -278,4 +279,38 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
             st.idx = idx
             push(st)
     choices = {name: ("dense", ()) if st.dense else (st.scheme, st.ranks()) for name, st in states.items()}
+    if conv_scheme == "auto":
+        spent = _prefer_svd_where_better(choices, states, cost, budget - spent, caps, cap_spent, round_to, min_rank) + spent
     return Allocation(choices, total_cost=spent, budget=budget, dense_cost=dense_total)
+
+
+def _prefer_svd_where_better(choices: dict[str, tuple[str, tuple[int, ...]]], states: dict[str, "_State"],
+                             cost: CostModel, slack: float, caps: tuple[Cap, ...], cap_spent: list[float],
+                             round_to: int, min_rank: int) -> float:
+    """``conv_scheme="auto"``: after the Tucker-2 greedy, move each factorized kxk conv to SVD when some SVD
+    rank keeps more energy for no more than its cost plus the unspent budget (a one-swap local search:
+    the budget stays met). Returns the change in total cost; edits ``choices`` in place."""
+    change = 0.0
+    for name, (scheme, ranks) in list(choices.items()):
+        layer = states[name].layer
+        if scheme != "tucker2":
+            continue
+        now_cost, now_score = cost(layer, scheme, ranks), _score(layer, scheme, ranks)
+        now_caps = [cap.cost(layer, scheme, ranks) for cap in caps]
+        best = None
+        for r in rank_grid(max_ranks(layer, "svd")[0], round_to, min_rank):
+            c = cost(layer, "svd", (r,))
+            if c - now_cost > slack - change:
+                break
+            deltas = [cap.cost(layer, "svd", (r,)) - old for cap, old in zip(caps, now_caps)]
+            if any(used + d > cap.limit for cap, used, d in zip(caps, cap_spent, deltas)):
+                break
+            score = _score(layer, "svd", (r,))
+            if score > now_score and (best is None or score > best[0]):
+                best = (score, r, c, deltas)
+        if best is not None:
+            _, r, c, deltas = best
+            choices[name] = ("svd", (r,))
+            change += c - now_cost
+            cap_spent[:] = [used + d for used, d in zip(cap_spent, deltas)]
+    return change

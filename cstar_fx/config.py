@@ -12,7 +12,7 @@ from .costs import CostModel
 __all__ = ["CstarConfig", "resolve_config"]
 
 _BUDGETS = ("params", "flops", "latency")
-_CONV_SCHEMES = ("tucker2", "svd")
+_CONV_SCHEMES = ("tucker2", "svd", "auto")
 
 
 def _check_ratio(ratio: Any) -> float:
@@ -33,7 +33,8 @@ class CstarConfig:
     * ``round_to``: ranks are multiples of this (hardware-friendly), or a mode's full rank.
     * ``min_rank``: no factor narrower than this (rounded up to ``round_to``).
     * ``skip``: layer names or glob patterns kept dense (e.g. ``("conv1", "fc")``).
-    * ``conv_scheme``: ``"tucker2"`` (default) or ``"svd"`` for kxk convs.
+    * ``conv_scheme``: ``"tucker2"`` (default), ``"svd"``, or ``"auto"`` (per layer, whichever keeps more
+      energy for the cost: Tucker-2 first, then a layer moves to SVD when that is better within the budget).
     * ``leaf_modules``: module names/patterns/types fx should not trace into.
     * ``cost_model``: a custom cost (e.g. measured latency); overrides ``budget``.
     * ``target``: for ``budget="latency"``, a :class:`cstar_fx.latency.LatencyTarget` (default: onnxruntime

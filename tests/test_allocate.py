@@ -92,3 +92,14 @@ def test_ratio_validated():
         allocate([spec("a", (8, 8))], ParamCost(), ratio=1.0)
     with pytest.raises(ValueError, match="ratio"):
         allocate([spec("a", (8, 8))], ParamCost(), ratio=math.nan)
+
+
+def test_auto_scheme_moves_a_conv_to_svd_when_that_keeps_more_energy():
+    w = (torch.randn(64, 8, dtype=torch.float64) @ torch.randn(8, 64 * 9, dtype=torch.float64)).reshape(64, 64, 3, 3)
+    conv = LayerSpec("c", "conv", (64, 64, 3, 3), False, mode_spectra(w))  # rank 8 as a matrix, not in channel modes
+    other = spec("o", (128, 128, 3, 3))
+    tucker = allocate([conv, other], ParamCost(), ratio=6)
+    auto = allocate([conv, other], ParamCost(), ratio=6, conv_scheme="auto")
+    assert tucker.choices["c"][0] == "tucker2"
+    assert auto.choices["c"] == ("svd", (8,))
+    assert auto.total_cost <= auto.budget * (1 + 1e-9)

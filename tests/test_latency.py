@@ -139,3 +139,17 @@ def test_target_validation():
         LatencyTarget(backend="tvm")
     with pytest.raises(ValueError, match="batch_size"):
         LatencyTarget(batch_size=0)
+
+
+def test_auto_scheme_picks_svd_where_tucker2_launches_cost_more():
+    model, x = _model(), torch.randn(1, 3, 8, 8)
+    launch = FakeLatency(launch=0.3)  # Tucker-2 runs three ops, SVD two: a launch-bound target favours SVD
+    auto = cstar_fx.plan_ranks(model, budget="latency", target_speedup=1.3, cost_model=launch, example_inputs=x,
+                               conv_scheme="auto")
+    tucker = cstar_fx.plan_ranks(model, budget="latency", target_speedup=1.3, cost_model=launch, example_inputs=x)
+    schemes = {lp.scheme for lp in auto.factorized.values()}
+    assert "svd" in {auto.layers[n].scheme for n in ("2", "4")}
+    assert auto.cost <= auto.dense_cost / 1.3 * (1 + 1e-9)  # still on budget
+    assert sum(lp.energy for lp in auto.factorized.values()) >= sum(lp.energy for lp in tucker.factorized.values())
+    gm = cstar_fx.transform(model, plan=auto)
+    assert gm(x).shape == (1, 10) and schemes <= {"svd", "tucker2"}
