@@ -244,25 +244,59 @@ def _evaluate(model: Any, test: Any, cfg: dict[str, Any], args: argparse.Namespa
                     device=device, seed=args.seed)
 
 
+# --- torchrun: every rank runs the stages (training and evaluation are distributed), rank 0 writes ---
+
+def _rank0() -> bool:
+    """True on the process that writes the run folder: rank 0 under torchrun, the only process otherwise."""
+    from cstar_fx.robust.distributed import is_main_process
+
+    return is_main_process()
+
+
+def _check_world(args: argparse.Namespace) -> None:
+    from cstar_fx.robust.distributed import world
+
+    w = world()
+    if w.active and args.batch_size % w.size:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch, split over {w.size} processes, so it "
+                         f"must be divisible by {w.size}; use a multiple of {w.size}")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Validate everything, then run the stages and write the run folder."""
+    """Validate everything, then run the stages and write the run folder.
+
+    Under ``torchrun --nproc-per-node N -m cstar_fx compress ...`` every rank runs the stages
+    (``--batch-size`` is the global batch) and only rank 0 writes the run folder, exports and benchmarks.
+    """
+    from cstar_fx.robust.distributed import process_group
+
+    with process_group():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cstar_fx.robust.distributed import barrier, broadcast_object, local_device, rank0_first
+
     flags = {a.split("=")[0] for a in getattr(args, "argv", sys.argv[1:]) if a.startswith("--")}
     if args.config is not None:
         _apply_config(args, flags)
     _check(args)
-    device = _device(args.device)
-    out = args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise UsageError(f"run folder {out} exists and is not empty; pass --overwrite or another --out")
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write the run folder {out}: {exc}; pass a writable --out") from None
+    _check_world(args)
+    device = local_device(_device(args.device))
+    out = broadcast_object(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"run folder {out} exists and is not empty; pass --overwrite or another --out")
+    barrier()  # every rank has checked the folder before rank 0 fills it
+    if _rank0():
+        if out.exists() and any(out.iterdir()):
+            shutil.rmtree(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"cannot write the run folder {out}: {exc}; pass a writable --out") from None
 
     import torch
 
@@ -272,15 +306,17 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    (out / "config.json").write_text(json.dumps({"format": "cstar-fx/config/1", "version": cstar_fx.__version__,
-                                                 "options": options}, indent=2))
+    if _rank0():
+        (out / "config.json").write_text(json.dumps({"format": "cstar-fx/config/1", "version": cstar_fx.__version__,
+                                                     "options": options}, indent=2))
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
     def stage(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        print(f"[cstar-fx] {name} ...", flush=True)
+        if _rank0():
+            print(f"[cstar-fx] {name} ...", flush=True)
         timings[name] = 0.0
         stage.current = name  # type: ignore[attr-defined]
         clock = now
@@ -289,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
         timings[stage.current] = time.perf_counter() - clock  # type: ignore[attr-defined]
 
     stage("data")
-    train, test = _load_data(args)
+    with rank0_first():  # rank 0 extracts and caches a dataset once; the others then read the cache
+        train, test = _load_data(args)
     eps = args.eps if args.eps is not None else (0.1 if args.dataset == "digits" else 8 / 255)
     cfg = _configs(args, eps)
     example = torch.rand(1, *train.input_shape)
@@ -301,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
         from cstar_fx.robust import finetune
 
         finetune(model, train, cfg["teacher"], run_dir=out / "teacher", device=device)
-    torch.save(model.state_dict(), out / "teacher.pt")
+    if _rank0():
+        torch.save(model.state_dict(), out / "teacher.pt")
     done()
 
     stage("evaluate dense")
@@ -323,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
             params = sum(p.numel() for p in gm_cpu.parameters())
             flops = cstar_fx.count_flops(gm_cpu, example)
             plan_file = None
-            if plan is not None:
+            if plan is not None and _rank0():
                 plan_file = f"plans/{label}.json"
                 (out / "plans").mkdir(exist_ok=True)
                 (out / plan_file).write_text(plan.to_json())
@@ -336,6 +374,8 @@ def run(args: argparse.Namespace) -> int:
             gm.to(device)
             done()
 
+    if not _rank0():
+        return 0  # export, benchmark and report are rank 0's; the other ranks are done
     bench_rows: list[dict[str, Any]] = []
     if not args.no_export:
         stage("export onnx")

@@ -8,6 +8,7 @@ from .admm import Admm, AdmmRecord, TrainHook
 from .attacks import fgsm, pgd
 from .config import AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig
 from .cstar import cstar, decompose_finetune
+from .distributed import World, init_from_env, is_main_process, process_group
 from .evaluate import MissingExtraError, RobustResult, SanityReport, autoattack, evaluate
 from .finetune import RunDirError, TrainHistory, finetune, load_checkpoint
 from .losses import LossOutput, adversarial_loss, adversarial_step
@@ -20,4 +21,5 @@ __all__ = [
     "Admm", "AdmmRecord", "TrainHook",
     "cstar", "decompose_finetune",
     "evaluate", "autoattack", "RobustResult", "SanityReport", "MissingExtraError",
+    "init_from_env", "process_group", "is_main_process", "World",
 ]

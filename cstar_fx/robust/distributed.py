@@ -209,6 +209,16 @@ def _broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> list[to
     return out
 
 
+def _broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (batch-norm running statistics) into ``model`` on every rank, in place."""
+    if not world().active:
+        return
+    for buf in model.buffers():
+        (t,) = _broadcast_tensors([buf], src)
+        if t is not buf:
+            buf.copy_(t)
+
+
 @contextlib.contextmanager
 def rank0_first() -> Iterator[None]:
     """Rank 0 runs the block first, the others after it (e.g. a dataset extracted and cached once, then read).

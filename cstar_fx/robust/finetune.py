@@ -293,8 +293,11 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
                     seen += n
                     bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
                 bar.close()
-                total_loss, correct, seen = D.all_reduce_sum([total_loss, correct, seen]) if w.active else \
-                    (total_loss, correct, seen)
+                if w.active:
+                    total_loss, correct, seen = D.all_reduce_sum([total_loss, correct, seen])
+                    # Each rank's last forward updated its batch-norm statistics with its own shard; DDP
+                    # would copy rank 0's at the next forward, so do it now for the hook and checkpoint.
+                    D._broadcast_buffers(model)
                 metrics = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1),
                            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
                 if hook is not None:
