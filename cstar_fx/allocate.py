@@ -243,10 +243,14 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
             ranks = tuple(g[i] for g, i in zip(st.grids, idx))
             new_cost = cost(st.layer, st.scheme, ranks)
             if new_cost >= st.dense_cost:
-                gain, delta = -now_score, st.dense_cost - now_cost
+                gain, delta, after = -now_score, st.dense_cost - now_cost, ("dense", ())
             else:
-                gain, delta = _score(st.layer, st.scheme, ranks) - now_score, new_cost - now_cost
-            priority = math.inf if delta <= 0 else gain / delta
+                gain, delta, after = _score(st.layer, st.scheme, ranks) - now_score, new_cost - now_cost, (st.scheme, ranks)
+            # With caps, every budget counts, each as the fraction of it a step uses: the step that buys the most
+            # energy per share of all budgets wins (the usual greedy for several knapsack constraints).
+            weighted = delta / budget + sum((cap.cost(st.layer, *after) - cap.cost(st.layer, st.scheme, st.ranks()))
+                                            / cap.limit for cap in caps)
+            priority = math.inf if weighted <= 0 else gain / weighted
             counter += 1
             heapq.heappush(heap, (-priority, counter, st.layer.name, mode, st.version))
 

@@ -236,6 +236,8 @@ def _ort_runner(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> An
         torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Spin-waiting intra-op threads of sessions not being timed steal cores from the one that is.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if target.threads is not None:
         opts.intra_op_num_threads = target.threads
     if "CUDA" in target.provider and hasattr(ort, "preload_dlls"):
