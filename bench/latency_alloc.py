@@ -64,7 +64,7 @@ def main() -> None:
                      "pred_ms": check.predicted, "meas_ms": check.measured, "meas_dense_ms": check.measured_dense,
                      "pred_speedup": check.predicted_speedup, "meas_speedup": check.measured_speedup,
                      "pred_error": check.error})
-    print(write(f"latency_alloc_{args.provider[:4].lower()}_b{args.batch}_{args.dtype}", rows, list(rows[0]), {
+    print(write(f"latency_alloc_{args.provider.replace('ExecutionProvider', '').lower()}_b{args.batch}_{args.dtype}", rows, list(rows[0]), {
         "command": "python bench/latency_alloc.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                             [("provider", args.provider), ("batch", args.batch),
                                                              ("threads", args.threads), ("dtype", args.dtype),
