@@ -319,9 +319,11 @@ def _check_plan(plan: RankPlan, a: _Analysis) -> None:
 
 
 def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: RankPlan | None = None,
-              example_inputs: Any = None, **options: Any) -> fx.GraphModule:
+              example_inputs: Any = None, decompose: bool = True, **options: Any) -> fx.GraphModule:
     """Factorize ``model`` at ``ratio`` (or as ``plan`` says) and return a new GraphModule.
 
+    ``decompose=False`` (with ``plan``) builds the factorized architecture with zero factors instead of
+    decomposing the weights — for loading saved factor weights into it quickly.
     The input model is not modified. The result's rank plan and report are available through
     :func:`get_plan` and :func:`get_report` (also ``gm.meta["cstar_plan"]`` / ``["cstar_report"]``).
 
@@ -334,6 +336,10 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
     """
     if isinstance(ratio, RankPlan):
         raise TypeError("a rank plan goes by keyword: transform(model, plan=plan)")
+    if not isinstance(decompose, bool):
+        raise TypeError(f"decompose must be True or False, got {decompose!r}")
+    if not decompose and plan is None:
+        raise ValueError("decompose=False builds the architecture of a given plan; pass plan=... as well")
     if plan is None:
         cfg = resolve_config(8 if ratio is None else ratio, options)
     else:  # the plan fixes the ranks; options are still validated so a misspelt one is not silently ignored
@@ -347,8 +353,8 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
     else:
         _check_plan(plan, a)
     choices = {name: (lp.scheme, lp.ranks) for name, lp in plan.factorized.items()}
-    factorize(gm, a.sites, choices)
-    report = build_report(gm, a.sites, plan, dense_params=a.dense_params, params=_count_params(gm),
+    factorize(gm, a.sites, choices, decompose)
+    report = build_report(gm, a.sites, plan, dense_params=a.dense_params, params=_count_params(gm), with_errors=decompose,
                           dense_flops=a.dense_flops,
                           flops=count_flops(gm, example_inputs) if example_inputs is not None else None)
     gm.meta["cstar_plan"] = plan

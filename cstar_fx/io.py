@@ -259,7 +259,7 @@ def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> f
     options = {"leaf_modules": tuple(_escape(n) for n in saved["leaf_modules"]),
                "unpack_attention": saved["unpack_attention"], **options}
     try:
-        gm = transform(model, plan=plan, **options)
+        gm = transform(model, plan=plan, decompose=False, **options)  # every factor weight is loaded below
     except PlanMismatchError as exc:
         raise PlanMismatchError(f"{str(path)!r} was saved from a different architecture than model=: {exc}\n"
                                 f"(A model transformed twice loads with model=transform(original, plan=first_plan).)"

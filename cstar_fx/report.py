@@ -47,15 +47,17 @@ class TransformReport(Ratios):
             lines.append(f"FLOPs:  {self.dense_flops:,.0f} -> {self.flops:,.0f} ({self.ratio_flops:.2f}x fewer)")
         lines.append(f"factorized {len(self.factorized)} layer(s); kept dense {len(self.dense) + len(self.unsupported)}")
         for name, desc in self.factorized.items():
-            lines.append(f"  {name}: {desc}, weight error {self.errors[name]:.3f}")
+            err = f", weight error {self.errors[name]:.3f}" if name in self.errors else ""
+            lines.append(f"  {name}: {desc}{err}")
         for name, why in {**self.dense, **self.unsupported}.items():
             lines.append(f"  {name}: dense ({why})")
         return "\n".join(lines)
 
 
 def build_report(gm: fx.GraphModule, sites: list[LayerSite], plan: RankPlan, *, dense_params: int, params: int,
-                 dense_flops: float | None, flops: float | None) -> TransformReport:
-    """Measure the rewritten ``gm`` against the sites it came from."""
+                 dense_flops: float | None, flops: float | None, with_errors: bool = True) -> TransformReport:
+    """Measure the rewritten ``gm`` against the sites it came from (``with_errors=False``: skip the weight errors,
+    for factors that were not computed from the weights)."""
     factorized, errors, dense = {}, {}, {}
     for site in sites:
         lp = plan.layers.get(site.name)
@@ -63,6 +65,8 @@ def build_report(gm: fx.GraphModule, sites: list[LayerSite], plan: RankPlan, *, 
             dense[site.name] = lp.reason if lp is not None and lp.reason else "not in the plan"
             continue
         factorized[site.name] = f"{lp.scheme} ranks {','.join(map(str, lp.ranks))}"
+        if not with_errors:
+            continue
         approx = dense_weight(gm.get_submodule(factors_path(site)))
         errors[site.name] = relative_error(approx, site.weight.detach())
     return TransformReport(dense_params, params, dense_flops, flops, factorized, errors, dense, dict(plan.unsupported))

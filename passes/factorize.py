@@ -45,8 +45,9 @@ def _linear(c_in: int, c_out: int, bias: bool, weight: torch.Tensor) -> nn.Linea
     return lin
 
 
-def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...]) -> nn.Sequential:
-    """The factorized replacement of one layer, initialised from its weights.
+def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...], decompose: bool = True) -> nn.Sequential:
+    """The factorized replacement of one layer, initialised from its weights (``decompose=False``: the same
+    modules with zero weights, when the weights will be loaded from elsewhere).
 
     Example:
         >>> import torch.nn as nn
@@ -60,7 +61,8 @@ def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...]) -> nn.Se
     has_bias = site.bias is not None
     if scheme == "svd":
         (r,) = ranks
-        first, second = svd_factors(w.reshape(w.shape[0], -1), r)
+        first, second = (svd_factors(w.reshape(w.shape[0], -1), r) if decompose
+                         else (w.new_zeros(r, w[0].numel()), w.new_zeros(w.shape[0], r)))
         if site.kind == "linear":
             parts = [("reduce", _linear(w.shape[1], r, False, first)), ("expand", _linear(r, w.shape[0], has_bias, second))]
         else:
@@ -71,7 +73,9 @@ def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...]) -> nn.Se
         if site.kind != "conv":
             raise ValueError(f"layer {site.name!r}: tucker2 needs a conv weight; use 'svd' for linear layers")
         r_out, r_in = ranks
-        u_in, core, u_out = tucker2_factors(w, r_out, r_in)
+        u_in, core, u_out = (tucker2_factors(w, r_out, r_in) if decompose else
+                             (w.new_zeros(w.shape[1], r_in), w.new_zeros(r_out, r_in, *w.shape[2:]),
+                              w.new_zeros(w.shape[0], r_out)))
         parts = [("reduce", _conv(w.shape[1], r_in, (1, 1), None, False, u_in.T.contiguous())),
                  ("core", _conv(r_in, r_out, (w.shape[2], w.shape[3]), site, False, core)),
                  ("expand", _conv(r_out, w.shape[0], (1, 1), None, has_bias, u_out))]
@@ -109,11 +113,12 @@ def factors_path(site: LayerSite) -> str:
     return site.name if site.form == "module" else f"{site.param}_factors"
 
 
-def factorize(gm: fx.GraphModule, sites: list[LayerSite], choices: dict[str, tuple[str, tuple[int, ...]]]) -> fx.GraphModule:
+def factorize(gm: fx.GraphModule, sites: list[LayerSite], choices: dict[str, tuple[str, tuple[int, ...]]],
+              decompose: bool = True) -> fx.GraphModule:
     """Rewrite ``gm`` in place: every site whose choice is not ``"dense"`` becomes its factor chain.
 
     ``gm`` must be the module the sites were found in (callers pass a private copy). Runs
-    ``graph.lint()`` and ``recompile()`` and returns ``gm``.
+    ``graph.lint()`` and ``recompile()`` and returns ``gm``. ``decompose=False`` builds zero factors.
 
     Example:
         >>> import torch.nn as nn
@@ -130,7 +135,7 @@ def factorize(gm: fx.GraphModule, sites: list[LayerSite], choices: dict[str, tup
         scheme, ranks = choices.get(site.name, ("dense", ()))
         if scheme == "dense":
             continue
-        seq = build_factors(site, scheme, ranks)
+        seq = build_factors(site, scheme, ranks, decompose)
         path = factors_path(site)
         if site.form == "module" and not path:
             raise ValueError("cannot factorize the root module itself; wrap it in an nn.Sequential first")

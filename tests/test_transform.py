@@ -275,3 +275,19 @@ def test_count_flops_sees_multihead_attention_projections():
     projections = 2 * 2 * 10 * 64 * 64 * 4  # q, k, v and out: 2 FLOPs per multiply-add
     assert cstar_fx.count_flops(Block().eval(), x) >= projections
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_decompose_false_builds_the_same_architecture_with_zero_factors():
+    model = torchvision.models.resnet18(num_classes=10)
+    plan = cstar_fx.plan_ranks(model, 8)
+    full = cstar_fx.transform(model, plan=plan)
+    bare = cstar_fx.transform(model, plan=plan, decompose=False)
+    shapes = {k: v.shape for k, v in full.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in bare.state_dict().items()}
+    assert bare.get_submodule("layer4.1.conv2.core").weight.abs().sum() == 0
+    bare.load_state_dict(full.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(bare.eval()(x), full.eval()(x))
+    assert cstar_fx.get_report(bare).errors == {}
+    with pytest.raises(ValueError, match="pass plan="):
+        cstar_fx.transform(model, 8, decompose=False)
