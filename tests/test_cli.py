@@ -111,3 +111,9 @@ def test_help_shows_defaults():
     res = cli("compress", "--help")
     assert res.returncode == 0
     assert "(default: 8.0" in res.stdout.replace("[", "").replace("]", "") or "default: [8.0]" in res.stdout
+
+
+def test_plan_command_conv_scheme_auto():
+    res = cli("plan", "--model", "resnet18", "--ratio", "8", "--conv-scheme", "auto", "--budget", "flops")
+    assert res.returncode == 0, res.stderr
+    assert "target 8x by flops" in res.stdout

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", choices=("params", "flops"), default="params", help="what the ratio counts")
     p.add_argument("--round-to", type=int, default=8, help="ranks are multiples of this")
     p.add_argument("--skip", nargs="*", default=[], help="layer names or glob patterns kept dense")
+    p.add_argument("--conv-scheme", choices=("tucker2", "svd", "auto"), default="tucker2", help="scheme for kxk convs")
+    p.add_argument("--unpack-attention", action="store_true",
+                   help="factorize nn.MultiheadAttention projections too (ViTs; use --stem imagenet)")
     p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     p.set_defaults(func=run)
 
@@ -46,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     size = 32 if args.stem == "cifar" else 224
     try:
         plan = cstar_fx.plan_ranks(model, args.ratio, budget=args.budget, round_to=args.round_to,
-                                   skip=tuple(args.skip), example_inputs=torch.randn(1, 3, size, size))
+                                   skip=tuple(args.skip), conv_scheme=args.conv_scheme,
+                                   unpack_attention=args.unpack_attention,
+                                   example_inputs=torch.randn(1, 3, size, size))
     except cstar_fx.UnreachableBudgetError as exc:
         raise UsageError(str(exc).replace("\n", " ")) from None
     print(plan)
