@@ -147,3 +147,26 @@ def test_configs_validate_with_helpful_messages() -> None:
     with pytest.raises(TypeError, match="LossConfig"):
         TrainConfig(loss="pgd")  # type: ignore[arg-type]
     assert AttackConfig(eps=0.1, alpha=0.025).scaled(0.2).alpha == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eps": float("nan")}, "finite numbers"),
+    ({"eps": float("inf")}, "finite numbers"),
+    ({"eps": 0.1, "alpha": -1.0}, "finite numbers"),
+])
+def test_pgd_rejects_non_finite_or_negative_budgets(kwargs, message):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=message):
+        pgd(model, torch.rand(2, 1, 2, 2), torch.tensor([0, 1]), **kwargs)
+
+
+def test_pgd_rejects_bad_labels_and_non_finite_inputs():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="integer class indices"):
+        pgd(model, torch.rand(2, 1, 2, 2), torch.tensor([0.0, 1.0]), eps=0.1)
+    with pytest.raises(ValueError, match="integer class indices"):
+        pgd(model, torch.rand(2, 1, 2, 2), torch.tensor([0, -1]), eps=0.1)
+    x = torch.rand(2, 1, 2, 2)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pgd(model, x, torch.tensor([0, 1]), eps=0.1)

@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -82,8 +84,12 @@ def _check(x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: in
         raise TypeError("x must be a floating-point tensor of inputs in [0, 1]")
     if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
         raise ValueError(f"y must be a tensor with one label per input ({x.shape[0]}), got {getattr(y, 'shape', y)}")
-    if eps < 0 or alpha < 0:
-        raise ValueError(f"eps and alpha must be >= 0, got eps={eps:g}, alpha={alpha:g}")
+    if not (math.isfinite(eps) and math.isfinite(alpha) and eps >= 0 and alpha >= 0):
+        raise ValueError(f"eps and alpha must be finite numbers >= 0, got eps={eps:g}, alpha={alpha:g}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or (y.numel() and int(y.min()) < 0):
+        raise ValueError("y must hold integer class indices >= 0 (e.g. torch.long labels)")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf; inputs must be images in [0, 1]")
     if steps < 0 or restarts < 1:
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
 
