@@ -67,7 +67,15 @@ def _ratio(v: float | None) -> str:
 
 
 def write_report(results: dict[str, Any], run_dir: Path, plots: list[Path]) -> Path:
-    """Write ``report.md`` from validated results and the plot files; returns its path."""
+    """Write ``report.md`` from validated results and the plot files; returns its path.
+
+    Example:
+        >>> import tempfile
+        >>> res = {"format": RESULTS_FORMAT, "config": {}, "dense": {"params": 10, "clean": 0.9}, "runs": [],
+        ...        "bench": [], "timings": {}}
+        >>> write_report(res, Path(tempfile.mkdtemp()), []).name
+        'report.md'
+    """
     validate_results(results)
     d = results["dense"]
     lines = ["# cstar-fx run report", "", f"- created: {results.get('created', '-')}",
@@ -104,7 +112,15 @@ def write_report(results: dict[str, Any], run_dir: Path, plots: list[Path]) -> P
 
 
 def plot_all(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Accuracy vs ratio, ranks per layer and latency vs batch plots (PNG, no display needed)."""
+    """Accuracy vs ratio, ranks per layer and latency vs batch plots (PNG, no display needed).
+
+    Example:
+        >>> import tempfile
+        >>> res = {"format": RESULTS_FORMAT, "config": {}, "dense": {"params": 10, "clean": 0.9}, "runs": [],
+        ...        "bench": [{"model": "dense", "provider": "CPU", "batch": 1, "median_ms": 1.0}], "timings": {}}
+        >>> [p.name for p in plot_all(res, Path(tempfile.mkdtemp()))]
+        ['latency_vs_batch.png']
+    """
     import matplotlib
 
     matplotlib.use("Agg")
