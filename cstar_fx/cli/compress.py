@@ -8,12 +8,15 @@ plots. Every option has a default; ``--config run/config.json`` repeats a run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib
 import json
+import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -225,13 +228,10 @@ def _configs(args: argparse.Namespace, eps: float) -> dict[str, Any]:
 
 
 def _ranks(plan: Any) -> dict[str, list[int]]:
-    from cstar_fx.allocate import max_ranks, scheme_for
-    from cstar_fx.costs import LayerSpec
-
+    """Per layer ``[full rank, kept rank]`` of the output mode (the bar plot's data)."""
     out = {}
     for name, lp in plan.layers.items():
-        spec = LayerSpec(name, lp.kind, lp.weight_shape, False, ())
-        full = max_ranks(spec, scheme_for(spec, "tucker2"))[0]
+        full = min(lp.weight_shape[0], math.prod(lp.weight_shape[1:]))
         out[name] = [full, lp.ranks[0] if lp.factorized else full]
     return out
 
@@ -310,104 +310,91 @@ def _run(args: argparse.Namespace) -> int:
         (out / "config.json").write_text(json.dumps({"format": "cstar-fx/config/1", "version": cstar_fx.__version__,
                                                      "options": options}, indent=2))
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
 
-    def stage(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
         if _rank0():
             print(f"[cstar-fx] {name} ...", flush=True)
-        timings[name] = 0.0
-        stage.current = name  # type: ignore[attr-defined]
-        clock = now
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
 
-    def done() -> None:
-        timings[stage.current] = time.perf_counter() - clock  # type: ignore[attr-defined]
+    with stage("data"):
+        with rank0_first():  # rank 0 extracts and caches a dataset once; the others then read the cache
+            train, test = _load_data(args)
+        eps = args.eps if args.eps is not None else (0.1 if args.dataset == "digits" else 8 / 255)
+        cfg = _configs(args, eps)
+        example = torch.rand(1, *train.input_shape)
 
-    stage("data")
-    with rank0_first():  # rank 0 extracts and caches a dataset once; the others then read the cache
-        train, test = _load_data(args)
-    eps = args.eps if args.eps is not None else (0.1 if args.dataset == "digits" else 8 / 255)
-    cfg = _configs(args, eps)
-    example = torch.rand(1, *train.input_shape)
-    done()
+    with stage("teacher"):
+        model = _build_model(args, train).to(device)
+        if args.checkpoint is None and args.teacher_epochs > 0:
+            from cstar_fx.robust import finetune
 
-    stage("teacher")
-    model = _build_model(args, train).to(device)
-    if args.checkpoint is None and args.teacher_epochs > 0:
-        from cstar_fx.robust import finetune
+            finetune(model, train, cfg["teacher"], run_dir=out / "teacher", device=device)
+        if _rank0():
+            torch.save(model.state_dict(), out / "teacher.pt")
 
-        finetune(model, train, cfg["teacher"], run_dir=out / "teacher", device=device)
-    if _rank0():
-        torch.save(model.state_dict(), out / "teacher.pt")
-    done()
-
-    stage("evaluate dense")
-    dense_eval = _evaluate(model, test, cfg, args, device)
-    dense = {"params": sum(p.numel() for p in model.parameters()), "flops": cstar_fx.count_flops(model.cpu(), example),
-             "clean": dense_eval.clean, "pgd": dense_eval.pgd, "autoattack": dense_eval.robust.get("autoattack")}
-    model.to(device)
-    done()
+    with stage("evaluate dense"):
+        dense_eval = _evaluate(model, test, cfg, args, device)
+        dense = {"params": sum(p.numel() for p in model.parameters()), "flops": cstar_fx.count_flops(model.cpu(), example),
+                 "clean": dense_eval.clean, "pgd": dense_eval.pgd, "autoattack": dense_eval.robust.get("autoattack")}
+        model.to(device)
 
     runs, models = [], {"dense": model}
     plan_options = {"budget": args.budget, "round_to": args.round_to, "skip": tuple(args.skip)}
     for ratio in args.ratios:
         for method in args.methods:
             label = f"{method}_{ratio:g}x"
-            stage(f"compress {label}")
-            gm, plan = _compress(method, model, train, ratio, cfg, plan_options, example, out / label, device, args)
-            result = _evaluate(gm, test, cfg, args, device)
-            gm_cpu = gm.cpu()
-            params = sum(p.numel() for p in gm_cpu.parameters())
-            flops = cstar_fx.count_flops(gm_cpu, example)
-            plan_file = None
-            if plan is not None and _rank0():
-                plan_file = f"plans/{label}.json"
-                (out / "plans").mkdir(exist_ok=True)
-                (out / plan_file).write_text(plan.to_json())
-            runs.append({"method": method, "ratio": ratio, "params": params, "ratio_params": dense["params"] / params,
-                         "ratio_flops": dense["flops"] / flops if flops else None, "clean": result.clean,
-                         "pgd": result.pgd, "autoattack": result.robust.get("autoattack"),
-                         "sanity_ok": result.sanity.ok if result.sanity is not None else None,
-                         "plan": plan_file, "onnx": None, "ranks": _ranks(plan) if plan is not None else {}})
-            models[label] = gm_cpu
-            gm.to(device)
-            done()
+            with stage(f"compress {label}"):
+                gm, plan = _compress(method, model, train, ratio, cfg, plan_options, example, out / label, device, args)
+                result = _evaluate(gm, test, cfg, args, device)
+                gm_cpu = gm.cpu()
+                params = sum(p.numel() for p in gm_cpu.parameters())
+                flops = cstar_fx.count_flops(gm_cpu, example)
+                plan_file = None
+                if plan is not None and _rank0():
+                    plan_file = f"plans/{label}.json"
+                    (out / "plans").mkdir(exist_ok=True)
+                    (out / plan_file).write_text(plan.to_json())
+                runs.append({"method": method, "ratio": ratio, "params": params, "ratio_params": dense["params"] / params,
+                             "ratio_flops": dense["flops"] / flops if flops else None, "clean": result.clean,
+                             "pgd": result.pgd, "autoattack": result.robust.get("autoattack"),
+                             "sanity_ok": result.sanity.ok if result.sanity is not None else None,
+                             "plan": plan_file, "onnx": None, "ranks": _ranks(plan) if plan is not None else {}})
+                models[label] = gm_cpu
+                gm.to(device)
 
     if not _rank0():
         return 0  # export, benchmark and report are rank 0's; the other ranks are done
     bench_rows: list[dict[str, Any]] = []
     if not args.no_export:
-        stage("export onnx")
-        from cstar_fx.export import benchmark, to_onnx
+        with stage("export onnx"):
+            from cstar_fx.export import benchmark, to_onnx
 
-        (out / "onnx").mkdir(exist_ok=True)
-        paths = {}
-        for label, m in models.items():
-            paths[label] = to_onnx(m.cpu(), example, out / "onnx" / f"{label}.onnx")
-        for r in runs:
-            r["onnx"] = f"onnx/{r['method']}_{r['ratio']:g}x.onnx"
-        done()
-        stage("benchmark")
-        res = benchmark(paths, providers=tuple(args.providers), batch_sizes=tuple(args.bench_batch),
-                        baseline="dense", intra_op_threads=args.threads)
-        bench_rows = [{"model": b.model, "provider": b.ran_on, "batch": b.batch, "median_ms": b.median_ms,
-                       "p90_ms": b.p90_ms, "speedup": b.speedup} for b in res.rows]
-        (out / "bench.md").write_text(res.to_markdown() + "\n")
-        for label, why in res.unavailable.items():
-            print(f"[cstar-fx] {label} not measured: {why}")
-        done()
+            (out / "onnx").mkdir(exist_ok=True)
+            paths = {}
+            for label, m in models.items():
+                paths[label] = to_onnx(m.cpu(), example, out / "onnx" / f"{label}.onnx")
+            for r in runs:
+                r["onnx"] = f"onnx/{r['method']}_{r['ratio']:g}x.onnx"
+        with stage("benchmark"):
+            res = benchmark(paths, providers=tuple(args.providers), batch_sizes=tuple(args.bench_batch),
+                            baseline="dense", intra_op_threads=args.threads)
+            bench_rows = [{"model": b.model, "provider": b.ran_on, "batch": b.batch, "median_ms": b.median_ms,
+                           "p90_ms": b.p90_ms, "speedup": b.speedup} for b in res.rows]
+            (out / "bench.md").write_text(res.to_markdown() + "\n")
+            for label, why in res.unavailable.items():
+                print(f"[cstar-fx] {label} not measured: {why}")
 
-    stage("report")
-    results = {"format": RESULTS_FORMAT, "config": {**options, "eval_attack": f"PGD-{args.eval_steps} linf eps={eps:.4g}"},
-               "created": dt.datetime.now().isoformat(timespec="seconds"), "machine": describe(),
-               "dense": dense, "runs": runs, "bench": bench_rows, "timings": timings}
-    validate_results(results)
-    plots = plot_all(results, out / "plots")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    report = write_report(results, out, plots)
-    done()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    with stage("report"):
+        results = {"format": RESULTS_FORMAT, "config": {**options, "eval_attack": f"PGD-{args.eval_steps} linf eps={eps:.4g}"},
+                   "created": dt.datetime.now().isoformat(timespec="seconds"), "machine": describe(),
+                   "dense": dense, "runs": runs, "bench": bench_rows, "timings": timings}
+        validate_results(results)
+        plots = plot_all(results, out / "plots")
+        report = write_report(results, out, plots)
+    (out / "results.json").write_text(json.dumps(results, indent=2))  # after the stage, so its time is in it
     print(_summary(results))
     print(f"\nreport: {report}")
     (out / COMPLETE).write_text(dt.datetime.now().isoformat(timespec="seconds") + "\n")
