@@ -1,167 +1,426 @@
-"""The paper-style robustness table: CIFAR-10 (JPEG q75), CIFAR ResNet-18, a PGD-AT teacher compressed at 8x/16x/32x.
+"""Robust compression at equal training compute: CIFAR-10 (JPEG q75), CIFAR ResNet-18, mean +- std over seeds.
 
-Rows: the teacher, then per ratio (i) CSTAR (ADMM joint training + transform + adversarial fine-tune),
-(ii) transform + adversarial fine-tune, (iii) Torch-Pruning L2 channel pruning + adversarial fine-tune
-(skipped with a note when ``cstar_fx.passes.prune`` is unavailable). All compressed models get the
-same fine-tune recipe; CSTAR's ADMM phase is extra and reported in the "training" column. Columns:
-clean accuracy, PGD-20 on ``--pgd-n`` test images, AutoAttack (standard) on ``--aa-n`` (needs
-``pip install 'cstar-fx[robust]'``; reported as "n/a" otherwise), and the sanity-check verdict.
+For every seed a dense PGD-AT teacher is trained once and cached; every method then compresses that
+same teacher to each ratio and gets the same number of adversarial training epochs (a CSTAR joint
+epoch counts as one), the same optimiser, schedule, batch-norm re-estimation and evaluation. Each
+(seed, method, ratio) cell is written to its own JSON file as it finishes, so a killed run resumes
+where it stopped (the running fine-tune itself resumes from its last epoch).
 
-    python bench/robust_table.py            # the full table (GPU: about 10 minutes per part on an H200)
-    python bench/robust_table.py --smoke    # same code, 300 images, CPU, ratio 8 only (add --ratios 8 16 32)
+    python bench/robust_table.py --profile cpu     # 2-core CPU: ResNet-18 width 16, 10k images, 3 seeds
+    python bench/robust_table.py --profile gpu     # paper size: width 64, all 50k images, 30-epoch teacher
+    python bench/robust_table.py --profile smoke   # a minute on the CPU; checks the code path (CI-sized)
+    python bench/robust_table.py --profile cpu --report   # only rebuild the table from the finished cells
 
-Writes ``bench/out/robust_table[_smoke].json`` and ``.md``. Checkpoints go to ``--runs``
-(default ``bench/out/runs/robust_table``); ``--resume`` continues a killed run.
+Methods (``--methods``, in this order by default): ``transform_ft`` (weight-SVD/Tucker-2 plan +
+adversarial fine-tune, the plain low-rank baseline), ``prune_ft`` (Torch-Pruning L2 global channel
+pruning + the same fine-tune), ``data_distill`` (data-aware factorization calibrated on clean and
+adversarial training images + robust distillation from the teacher in the fine-tune),
+``prune_distill`` (pruning with that same distillation fine-tune), ``data_ft`` (data-aware
+factorization, plain fine-tune), ``transform_distill``, ``uniform_ft`` (the same fraction of every
+layer's ranks) and ``cstar`` (ADMM joint epochs on the dense weights, then transform and
+fine-tune, same total epochs). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``: every
+cell, mean +- std per method and ratio, and per-seed paired differences of ``data_distill``
+against every other method.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUT, write  # noqa: E402
+from _common import OUT, markdown_table, write  # noqa: E402
 
 import cstar_fx  # noqa: E402
 from cstar_fx.data import cifar10_jpeg  # noqa: E402
+from cstar_fx.fileutil import atomic_path  # noqa: E402
 from cstar_fx.models import cifar_resnet18  # noqa: E402
 from cstar_fx.robust import (AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig, cstar,  # noqa: E402
-                             decompose_finetune, evaluate, finetune)
+                             decompose_finetune, evaluate, finetune, recalibrate_bn)
 
-EPS, STEP = 8 / 255, 2 / 255
+EPS = 8 / 255
+RECOMMENDED = "data_distill"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One size of the benchmark."""
+
+    width: int
+    train_per_class: int | None
+    test_per_class: int | None
+    teacher_epochs: int
+    ft_epochs: int
+    joint_epochs: int
+    batch_size: int
+    train_steps: int
+    train_alpha: float
+    teacher_lr: float
+    ft_lr: float
+    pgd_n: int
+    aa_n: int
+    calibrate: int
+    distill: float
+    ratios: tuple[float, ...]
+    seeds: tuple[int, ...]
+    sanity_n: int = 128
+
+
+PROFILES = {
+    # ~2 hours on 2 CPU cores for 8 methods x 2 ratios x 3 seeds (measured numbers in docs/benchmarks.md).
+    "cpu": Profile(width=16, train_per_class=1000, test_per_class=100, teacher_epochs=10, ft_epochs=3,
+                   joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
+                   pgd_n=1000, aa_n=100, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2)),
+    "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
+                   joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
+                   pgd_n=2000, aa_n=500, calibrate=2048, distill=0.8, ratios=(8.0, 16.0, 32.0), seeds=(0, 1, 2),
+                   sanity_n=256),
+    "smoke": Profile(width=8, train_per_class=20, test_per_class=10, teacher_epochs=1, ft_epochs=2, joint_epochs=1,
+                     batch_size=50, train_steps=1, train_alpha=8 / 255, teacher_lr=0.05, ft_lr=0.02, pgd_n=32, aa_n=0,
+                     calibrate=64, distill=0.8, ratios=(8.0,), seeds=(0, 1), sanity_n=16),
+}
+
+METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
+           "uniform_ft", "cstar")
+LABELS = {
+    "teacher": "dense PGD-AT teacher",
+    "transform_ft": "transform + FT",
+    "prune_ft": "Torch-Pruning L2 + FT",
+    "data_distill": "data-aware transform + distill FT",
+    "prune_distill": "Torch-Pruning L2 + distill FT",
+    "data_ft": "data-aware transform + FT",
+    "transform_distill": "transform + distill FT",
+    "uniform_ft": "uniform ranks + FT",
+    "cstar": "CSTAR (ADMM joint + FT)",
+}
+AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="a few hundred images on the CPU, tiny budgets (CI)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="benchmark size")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods, run in this order")
+    p.add_argument("--ratios", type=float, nargs="+", default=None, help="parameter ratios (default: the profile's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the profile's)")
     p.add_argument("--archive", type=Path, default=None, help="cifar10-jpeg.tar.xz (default: ../shared/data)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where the decoded dataset is cached")
-    p.add_argument("--runs", type=Path, default=OUT / "runs" / "robust_table", help="checkpoint folders")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --runs")
+    p.add_argument("--runs", type=Path, default=None, help="cell folder (default bench/out/runs/robust_<profile>)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument("--ratios", type=float, nargs="+", default=None,
-                   help="compression ratios (params); default 8 16 32, or 8 with --smoke")
-    p.add_argument("--methods", nargs="+", default=["cstar", "decompose", "prune"],
-                   choices=["cstar", "decompose", "prune"], help="compression methods")
-    p.add_argument("--teacher-epochs", type=int, default=30, help="PGD-AT epochs of the dense teacher")
-    p.add_argument("--joint-epochs", type=int, default=10, help="CSTAR ADMM joint-training epochs")
-    p.add_argument("--ft-epochs", type=int, default=10, help="adversarial fine-tune epochs (every method)")
-    p.add_argument("--batch-size", type=int, default=512, help="training batch size")
-    p.add_argument("--train-steps", type=int, default=10, help="PGD steps in adversarial training")
-    p.add_argument("--pgd-n", type=int, default=2000, help="test images for clean and PGD-20 accuracy")
-    p.add_argument("--aa-n", type=int, default=500, help="test images for AutoAttack")
-    p.add_argument("--rho", type=float, default=1.0, help="CSTAR ADMM rho")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--aa-n", type=int, default=None, help="AutoAttack images (0: none; default: the profile's)")
+    p.add_argument("--report", action="store_true", help="only rebuild the table from finished cells")
     args = p.parse_args(argv)
-    if args.ratios is None:
-        args.ratios = [8.0] if args.smoke else [8.0, 16.0, 32.0]
-    if args.smoke:
-        args.teacher_epochs, args.joint_epochs, args.ft_epochs = 1, 1, 1
-        args.batch_size, args.train_steps, args.pgd_n, args.aa_n = 50, 2, 32, 8
-        args.device = "cpu" if args.device == "auto" else args.device
-        args.runs = args.runs.with_name(args.runs.name + "_smoke")
+    prof = PROFILES[args.profile]
+    args.ratios = tuple(args.ratios or prof.ratios)
+    args.seeds = tuple(args.seeds if args.seeds is not None else prof.seeds)
+    args.runs = args.runs or OUT / "runs" / f"robust_{args.profile}"
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
     return args
 
 
-def _train_cfg(args: argparse.Namespace, epochs: int, lr: float) -> TrainConfig:
-    attack = AttackConfig(eps=EPS, alpha=STEP if not args.smoke else EPS / 2, steps=args.train_steps)
-    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=lr, momentum=0.9, weight_decay=5e-4,
-                       schedule="cosine", loss=LossConfig("pgd", attack=attack), seed=args.seed, progress=True)
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
-def _prune_fn() -> Any:
-    try:
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """The teacher, the data and the shared recipe of one seed; each method is a method of this class."""
+
+    def __init__(self, args: argparse.Namespace, prof: Profile, seed: int, train: Any, test: Any,
+                 device: torch.device) -> None:
+        self.args, self.prof, self.seed, self.train, self.test, self.device = args, prof, seed, train, test, device
+        self.dir = args.runs / f"seed{seed}"
+        self.example = torch.rand(1, 3, 32, 32, device=device)
+        self.attack = AttackConfig(eps=EPS, alpha=prof.train_alpha, steps=prof.train_steps)
+        torch.manual_seed(seed)  # the teacher's initialisation
+        self.teacher = cifar_resnet18(width=prof.width).to(device)
+
+    def cfg(self, epochs: int, lr: float, distill: float = 0.0, schedule: str = "cosine") -> TrainConfig:
+        return TrainConfig(epochs=epochs, batch_size=self.prof.batch_size, lr=lr, momentum=0.9, weight_decay=5e-4,
+                           schedule=schedule, loss=LossConfig("pgd", attack=self.attack, distill=distill),
+                           seed=self.seed, progress=sys.stderr.isatty())
+
+    @property
+    def ft(self) -> TrainConfig:
+        return self.cfg(self.prof.ft_epochs, self.prof.ft_lr)
+
+    @property
+    def ft_distill(self) -> TrainConfig:
+        return self.cfg(self.prof.ft_epochs, self.prof.ft_lr, distill=self.prof.distill)
+
+    def passes(self, epochs: int) -> int:
+        """Adversarial forward/backward passes per run of ``epochs``: attack steps + the training step, per image."""
+        return epochs * len(self.train) * (self.prof.train_steps + 1)
+
+    def train_teacher(self) -> None:
+        finetune(self.teacher, self.train, self.cfg(self.prof.teacher_epochs, self.prof.teacher_lr),
+                 run_dir=self.dir / "teacher", resume=True)
+        self.teacher.eval()
+
+    # -- the methods: each returns (compressed model, compute record) --------------------------------------
+    def transform_ft(self, ratio: float, distill: bool = False, calibrate: int = 0) -> tuple[nn.Module, dict]:
+        cfg = self.ft_distill if distill else self.ft
+        gm = decompose_finetune(self.teacher, self.train, ratio, cfg, run_dir=self._cell(ratio) / "run", resume=True,
+                                calibrate=calibrate, round_to=1)
+        extra = self.prof.train_steps + 1 if calibrate else 0
+        return gm, self._compute(self.prof.ft_epochs, distill, calib_passes=calibrate * extra)
+
+    def transform_distill(self, ratio: float) -> tuple[nn.Module, dict]:
+        return self.transform_ft(ratio, distill=True)
+
+    def data_ft(self, ratio: float) -> tuple[nn.Module, dict]:
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate)
+
+    def data_distill(self, ratio: float) -> tuple[nn.Module, dict]:
+        return self.transform_ft(ratio, distill=True, calibrate=self.prof.calibrate)
+
+    def prune_ft(self, ratio: float, distill: bool = False) -> tuple[nn.Module, dict]:
         from cstar_fx.passes.prune import prune_to_ratio
-    except ImportError as exc:
-        print(f"note: Torch-Pruning baseline skipped: cstar_fx.passes.prune.prune_to_ratio unavailable ({exc})")
-        return None
-    return prune_to_ratio
+
+        pruned = prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1)
+        recalibrate_bn(pruned, self.train, 20, self.prof.batch_size, seed=self.seed)
+        finetune(pruned, self.train, self.ft_distill if distill else self.ft, run_dir=self._cell(ratio) / "run",
+                 resume=True, teacher=self.teacher if distill else None)
+        return pruned, self._compute(self.prof.ft_epochs, distill)
+
+    def prune_distill(self, ratio: float) -> tuple[nn.Module, dict]:
+        return self.prune_ft(ratio, distill=True)
+
+    def uniform_ft(self, ratio: float) -> tuple[nn.Module, dict]:
+        plan = uniform_plan(self.teacher, ratio)
+        gm = cstar_fx.transform(self.teacher, plan=plan)
+        recalibrate_bn(gm, self.train, 20, self.prof.batch_size, seed=self.seed)
+        finetune(gm, self.train, self.ft, run_dir=self._cell(ratio) / "run", resume=True)
+        return gm, self._compute(self.prof.ft_epochs, False)
+
+    def cstar(self, ratio: float) -> tuple[nn.Module, dict]:
+        j, f = self.prof.joint_epochs, self.prof.ft_epochs - self.prof.joint_epochs
+        steps = len(self.train) // self.prof.batch_size
+        # rho so that lr * rho / (1 - momentum), the fraction of the gap to Z closed per step, closes it about
+        # once per refresh (4 per epoch): a gentle pull at the fine-tune's learning rate, not a hard projection.
+        refresh = max(1, steps // 4)
+        rho = 1.0 / (refresh * self.prof.ft_lr / (1 - 0.9))
+        cfg = JointConfig(joint=self.cfg(j, self.prof.ft_lr, schedule="constant"), finetune=self.cfg(f, self.prof.ft_lr),
+                          admm=AdmmConfig(rho=rho, rho_growth=1.0, rho_max=rho, refresh_every=refresh, replan=False))
+        gm = cstar(self.teacher, self.train, ratio, cfg, run_dir=self._cell(ratio) / "run", resume=True, round_to=1)
+        return gm, {**self._compute(f, False), "dense passes": self.passes(j), "rho": rho}
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def _cell(self, ratio: float, method: str | None = None) -> Path:
+        return self.dir / f"{method or self._method}_{ratio:g}x"
+
+    def _compute(self, epochs: int, distill: bool, calib_passes: int = 0) -> dict[str, Any]:
+        return {"epochs": self.prof.ft_epochs, "student passes": self.passes(epochs),
+                "teacher forwards": epochs * len(self.train) if distill else 0, "calibration passes": calib_passes}
+
+    def evaluate(self, model: nn.Module, aa: bool) -> dict[str, Any]:
+        attacks = ("pgd", "autoattack") if aa and self.args.aa_n else ("pgd",)
+        res = evaluate(model, self.test, attacks=attacks, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20),
+                       n=self.prof.pgd_n, autoattack_n=self.args.aa_n, sanity_n=self.prof.sanity_n, seed=self.seed,
+                       progress=False)
+        out = {"clean": 100 * res.clean, "pgd20": 100 * res.pgd, "sanity": res.sanity.ok,
+               "sanity_failed": list(res.sanity.failed), "eval s": res.seconds}
+        if "autoattack" in res.robust:
+            out["autoattack"] = 100 * res.robust["autoattack"]
+        return out
+
+    def run_cell(self, method: str, ratio: float) -> dict[str, Any]:
+        cell = self._cell(ratio, method)
+        done = cell / "result.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        self._method = method
+        t0 = time.perf_counter()
+        model, compute = getattr(self, method)(ratio)
+        train_s = time.perf_counter() - t0
+        params = sum(p.numel() for p in model.parameters())
+        row = {"seed": self.seed, "method": method, "ratio": ratio, "params": params,
+               "ratio params": self.dense_params / params,
+               "ratio FLOPs": self.dense_flops / cstar_fx.count_flops(model, self.example),
+               **compute, "train s": train_s, **self.evaluate(model, method in AA_METHODS)}
+        cell.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(done, json.dumps(row, indent=2))
+        return row
+
+    def teacher_row(self) -> dict[str, Any]:
+        done = self.dir / "teacher" / "result.json"
+        if done.is_file():
+            row = json.loads(done.read_text())
+        else:
+            t0 = time.perf_counter()
+            self.train_teacher()
+            row = {"seed": self.seed, "method": "teacher", "ratio": 1.0, "params": self.dense_params,
+                   "ratio params": 1.0, "ratio FLOPs": 1.0, "epochs": self.prof.teacher_epochs,
+                   "student passes": self.passes(self.prof.teacher_epochs), "train s": time.perf_counter() - t0,
+                   **self.evaluate(self.teacher, True)}
+            atomic_write_text(done, json.dumps(row, indent=2))
+        self.train_teacher()  # loads the finished checkpoint (no training) when the row was cached
+        return row
+
+    @property
+    def dense_params(self) -> int:
+        return sum(p.numel() for p in self.teacher.parameters())
+
+    @property
+    def dense_flops(self) -> float:
+        return cstar_fx.count_flops(self.teacher, self.example)
+
+
+def uniform_plan(model: nn.Module, ratio: float) -> cstar_fx.RankPlan:
+    """Every factorized layer keeps the same fraction of its full ranks, the fraction bisected to reach ``ratio``."""
+    full = cstar_fx.RankPlan.full_rank(model)
+    dense = sum(p.numel() for p in model.parameters())
+
+    def at(frac: float) -> cstar_fx.RankPlan:
+        plan = full
+        for name, lp in full.factorized.items():
+            plan = plan.with_layer(name, ranks=tuple(max(1, round(frac * r)) for r in lp.ranks))
+        return plan
+
+    def achieved(frac: float) -> float:
+        gm = cstar_fx.transform(model, plan=at(frac), decompose=False)
+        return dense / sum(p.numel() for p in gm.parameters())
+
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if achieved(mid) >= ratio else (lo, mid)
+    return at(lo)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: list[str]) -> tuple[list, list]:
+    """Mean +- std per (ratio, method) and per-seed paired differences of the recommended method."""
+    table, paired = [], []
+    teachers = [r for r in rows if r["method"] == "teacher"]
+    if teachers:
+        table.append(_agg("teacher", 1.0, teachers))
+    for ratio in ratios:
+        for method in methods:
+            cells = [r for r in rows if r["method"] == method and r["ratio"] == ratio]
+            if cells:
+                table.append(_agg(method, ratio, cells))
+        rec = {r["seed"]: r for r in rows if r["method"] == RECOMMENDED and r["ratio"] == ratio}
+        for method in methods:
+            if method == RECOMMENDED:
+                continue
+            other = {r["seed"]: r for r in rows if r["method"] == method and r["ratio"] == ratio}
+            seeds = sorted(set(rec) & set(other))
+            if not seeds:
+                continue
+            row = {"ratio": f"{ratio:g}x", "vs": LABELS[method], "seeds": len(seeds)}
+            for key, col in (("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), ("autoattack", "Δ AutoAttack")):
+                diffs = [rec[s][key] - other[s][key] for s in seeds if key in rec[s] and key in other[s]]
+                row[col] = _mean_std(diffs)
+                if key == "pgd20" and len(diffs) > 1:
+                    sd = statistics.stdev(diffs)
+                    row["PGD-20 gain > 2 sd"] = "yes" if statistics.mean(diffs) > 2 * sd else "no"
+            paired.append(row)
+    return table, paired
+
+
+def _agg(method: str, ratio: float, cells: list[dict[str, Any]]) -> dict[str, Any]:
+    first = cells[0]
+    return {"method": LABELS[method], "ratio": f"{ratio:g}x" if ratio > 1 else "-", "seeds": len(cells),
+            "ratio params": f"{statistics.mean(c['ratio params'] for c in cells):.1f}",
+            "ratio FLOPs": f"{statistics.mean(c['ratio FLOPs'] for c in cells):.1f}",
+            "student passes": first.get("student passes", ""), "dense passes": first.get("dense passes", 0),
+            "teacher fwd": first.get("teacher forwards", 0), "calib passes": first.get("calibration passes", 0),
+            "clean %": _mean_std([c["clean"] for c in cells]), "PGD-20 %": _mean_std([c["pgd20"] for c in cells]),
+            "AutoAttack %": _mean_std([c["autoattack"] for c in cells if "autoattack" in c]),
+            "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",
+            "train s": f"{statistics.mean(c['train s'] for c in cells):.0f}"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the table; returns 0."""
+    """Run (or resume) the benchmark and write the table; returns 0."""
     args = _args(argv)
+    prof = PROFILES[args.profile]
+    if args.aa_n is None:
+        args.aa_n = prof.aa_n
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    torch.manual_seed(args.seed)
+    if args.aa_n:
+        try:
+            import pyautoattack  # noqa: F401
+        except ImportError:
+            _log("AutoAttack skipped: pip install 'cstar-fx[robust]' to add it")
+            args.aa_n = 0
     t_all = time.perf_counter()
-    per_class = (20, 10) if args.smoke else None
-    train, test = cifar10_jpeg(args.archive, cache_dir=args.cache_dir, per_class=per_class)
+    train, test = cifar10_jpeg(args.archive, cache_dir=args.cache_dir, per_class=(prof.train_per_class,
+                                                                                  prof.test_per_class))
     if device.type == "cuda":
-        train, test = train.to(device), test.to(device)  # batches and augmentation stay on the GPU
-    print(f"data: CIFAR-10 (JPEG q75), {len(train)} train / {len(test)} test images; device {device}")
-    example = torch.rand(1, 3, 32, 32, device=device)
-    attack = AttackConfig(eps=EPS, alpha=STEP, steps=20)
-    try:
-        import pyautoattack  # noqa: F401
-        attacks: tuple[str, ...] = ("pgd", "autoattack")
-    except ImportError:
-        attacks = ("pgd",)
-        print("note: AutoAttack skipped: pip install 'cstar-fx[robust]' to add it")
-
+        train, test = train.to(device), test.to(device)
+    _log(f"data: CIFAR-10 (JPEG q75), {len(train)} train / {len(test)} test; device {device}; profile {args.profile}")
     rows: list[dict[str, Any]] = []
-
-    def record(method: str, ratio: float, model: torch.nn.Module, training: str, seconds: float) -> None:
-        res = evaluate(model, test, attacks=attacks, attack=attack, n=args.pgd_n, autoattack_n=args.aa_n,
-                       sanity_n=16 if args.smoke else 256, seed=args.seed)
-        params = sum(p.numel() for p in model.parameters())
-        row = {"method": method, "ratio target": f"{ratio:g}x" if ratio > 1 else "-", "params": params,
-               "ratio params": dense_params / params, "ratio FLOPs": dense_flops / cstar_fx.count_flops(model, example),
-               "training": training, "clean %": 100 * res.clean, "PGD-20 %": 100 * res.pgd,
-               "AutoAttack %": 100 * res.robust["autoattack"] if "autoattack" in res.robust else "n/a",
-               "sanity": "ok" if res.sanity.ok else "FAILED " + ",".join(res.sanity.failed),
-               "train s": seconds, "eval s": res.seconds, "result": res.to_dict()}
+    for seed in args.seeds:
+        bench = Bench(args, prof, seed, train, test, device)
+        if args.report:
+            rows += [json.loads(p.read_text()) for p in sorted(bench.dir.glob("*/result.json"))]
+            continue
+        row = bench.teacher_row()
         rows.append(row)
-        print(f"{method:<22} {row['ratio target']:>5} params {params:>10,} clean {row['clean %']:6.2f}% "
-              f"PGD-20 {row['PGD-20 %']:6.2f}% AA {row['AutoAttack %']} ({row['sanity']})", flush=True)
-
-    teacher = cifar_resnet18().to(device)
-    dense_params = sum(p.numel() for p in teacher.parameters())
-    dense_flops = cstar_fx.count_flops(teacher, example)
-    t0 = time.perf_counter()
-    finetune(teacher, train, _train_cfg(args, args.teacher_epochs, 0.2 if not args.smoke else 0.05),
-             run_dir=args.runs / "teacher", resume=args.resume)
-    record("dense PGD-AT teacher", 1.0, teacher, f"{args.teacher_epochs} ep", time.perf_counter() - t0)
-
-    tune = _train_cfg(args, args.ft_epochs, 0.02)
-    joint = JointConfig(joint=_train_cfg(args, args.joint_epochs, 0.02), finetune=tune, admm=AdmmConfig(rho=args.rho))
-    prune = _prune_fn() if "prune" in args.methods else None
-    for ratio in args.ratios:
-        tag = f"{ratio:g}x"
-        if "cstar" in args.methods:
-            t0 = time.perf_counter()
-            gm = cstar(teacher, train, ratio, joint, run_dir=args.runs / f"cstar_{tag}", resume=args.resume)
-            record("CSTAR (ADMM + FT)", ratio, gm, f"+{args.joint_epochs}+{args.ft_epochs} ep", time.perf_counter() - t0)
-        if "decompose" in args.methods:
-            t0 = time.perf_counter()
-            gm = decompose_finetune(teacher, train, ratio, tune, run_dir=args.runs / f"decompose_{tag}", resume=args.resume)
-            record("transform + FT", ratio, gm, f"+{args.ft_epochs} ep", time.perf_counter() - t0)
-        if prune is not None:
-            t0 = time.perf_counter()
-            pruned = prune(copy.deepcopy(teacher), ratio, example, importance="l2", round_to=8)
-            finetune(pruned, train, tune, run_dir=args.runs / f"prune_{tag}", resume=args.resume)
-            record("Torch-Pruning L2 + FT", ratio, pruned, f"+{args.ft_epochs} ep", time.perf_counter() - t0)
-
-    name = "robust_table_smoke" if args.smoke else "robust_table"
-    columns = ["method", "ratio target", "params", "ratio params", "ratio FLOPs", "training", "clean %", "PGD-20 %",
-               "AutoAttack %", "sanity"]
-    meta = {"dataset": f"CIFAR-10 (JPEG q75), {len(train)} train images, first {min(args.pgd_n, len(test))} test images "
-                       f"(AutoAttack: first {min(args.aa_n, len(test))})",
-            "model": "CIFAR ResNet-18 (3x3 stem, no max-pool, input normalisation inside)",
-            "threat model": "L_inf eps 8/255; evaluation PGD-20 step 2/255 (1 restart), AutoAttack standard",
-            "training": f"PGD-{args.train_steps} AT, SGD momentum 0.9, wd 5e-4, cosine, batch {args.batch_size}; "
-                        f"teacher {args.teacher_epochs} ep lr {0.2 if not args.smoke else 0.05}; joint/fine-tune lr 0.02; "
-                        f"ADMM rho {args.rho} (x1.25 per epoch, max 10), refreshed once per epoch",
-            "device": str(device), "smoke": args.smoke, "wall s": round(time.perf_counter() - t_all, 1)}
-    md = write(name, rows, columns, meta)
-    print("\n" + md)
-    print(f"written {OUT / (name + '.json')} and .md in {time.perf_counter() - t_all:.0f} s")
+        _log(f"seed {seed} teacher: clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f}")
+    if not args.report:
+        for ratio in args.ratios:  # ratio-major: a partial run still has every seed of the first ratio
+            for seed in args.seeds:
+                bench = Bench(args, prof, seed, train, test, device)
+                bench.train_teacher()
+                for method in args.methods:
+                    t0 = time.perf_counter()
+                    row = bench.run_cell(method, ratio)
+                    rows.append(row)
+                    _log(f"seed {seed} {ratio:g}x {method:<18} clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f} "
+                         f"AA {row.get('autoattack', '-')} ({time.perf_counter() - t0:.0f} s)")
+    table, paired = summarise(rows, args.ratios, args.methods)
+    meta = {"profile": args.profile, "dataset": f"CIFAR-10 (JPEG q75), {len(train)} train, first {prof.pgd_n} test "
+                                                f"images (AutoAttack: first {args.aa_n})",
+            "model": f"CIFAR ResNet-18, width {prof.width} ({bench.dense_params:,} params)",
+            "threat model": "L_inf eps 8/255; PGD-20 step 2/255 (1 restart); AutoAttack standard",
+            "training": f"PGD-{prof.train_steps} AT (step {prof.train_alpha * 255:.0f}/255), SGD 0.9, wd 5e-4, batch "
+                        f"{prof.batch_size}, cosine; teacher {prof.teacher_epochs} ep lr {prof.teacher_lr}; every "
+                        f"method {prof.ft_epochs} adversarial epochs at lr {prof.ft_lr} (CSTAR: {prof.joint_epochs} "
+                        f"joint + {prof.ft_epochs - prof.joint_epochs} FT); BN re-estimated after compression; "
+                        f"distill weight {prof.distill}; calibration {prof.calibrate} images + their PGD examples",
+            "seeds": list(args.seeds), "device": str(device), "wall s": round(time.perf_counter() - t_all, 1)}
+    name = f"robust_table_{args.profile}"
+    columns = ["method", "ratio", "seeds", "ratio params", "ratio FLOPs", "student passes", "dense passes",
+               "teacher fwd", "calib passes", "clean %", "PGD-20 %", "AutoAttack %", "sanity", "train s"]
+    md = write(name, table, columns, meta)
+    pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", "Δ AutoAttack"]
+    paired_md = markdown_table(paired, pcols)
+    with open(OUT / f"{name}.md", "a") as fh:
+        fh.write(f"\nPaired per-seed differences, {LABELS[RECOMMENDED]} minus each method (mean ± std over seeds):\n\n"
+                 f"{paired_md}\n")
+    data = json.loads((OUT / f"{name}.json").read_text())
+    data["cells"], data["paired"] = rows, paired
+    atomic_write_text(OUT / f"{name}.json", json.dumps(data, indent=2))
+    print(md + "\n" + paired_md)
     return 0
 
 

@@ -15,8 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .allocate import Cap, _energy, allocate, max_ranks, scheme_for
 from .config import CstarConfig, resolve_config
 from .costs import CostModel, FlopCost, LayerSpec, ParamCost, cost_model_for
-from .decompose import mode_spectra
+from .decompose import data_spectra, mode_spectra
 from .passes.attention import unpack_attention
+from .passes.calibrate import input_moments
 from .passes.discover import LayerSite, find_layers
 from .passes.factorize import factorize
 from .passes.shapes import as_tuple, eval_mode, record_shapes
@@ -55,6 +56,7 @@ class _Analysis:
     skipped: dict[str, str]
     dense_params: int
     dense_flops: float | None
+    moments: dict[str, torch.Tensor]
 
 
 def _count_params(model: nn.Module) -> int:
@@ -119,13 +121,16 @@ def _check_devices(model: nn.Module) -> None:
         raise ValueError("the model is on the meta device and has no values to factorize" + meta)
 
 
-def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spectra: bool = True) -> _Analysis:
+def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spectra: bool = True,
+             calibration: Any = None) -> _Analysis:
     if cfg.unpack_attention:
         model = unpack_attention(model)
     gm = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
     _check_devices(gm)
     sites, unsupported = find_layers(gm)
     shapes = record_shapes(gm, example_inputs, {n for s in sites for n in s.nodes}) if example_inputs is not None else {}
+    eligible = [s for s in sites if not _skip_reason(s.name, cfg.skip)]
+    moments = input_moments(gm, eligible, calibration) if calibration is not None else {}
     specs: dict[str, LayerSpec] = {}
     skipped: dict[str, str] = {}
     for site in sites:
@@ -135,7 +140,8 @@ def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spect
         spectra = ()
         if need_spectra and not why:
             try:
-                spectra = mode_spectra(site.weight)
+                spectra = (data_spectra(site.weight, moments[site.name]) if site.name in moments
+                           else mode_spectra(site.weight))
             except ValueError as exc:
                 raise ValueError(f"layer {site.name!r}: {exc}") from exc
         p_in = p_out = in_shape = out_shape = None
@@ -147,7 +153,7 @@ def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spect
                                      in_shape, out_shape, _pair(site.stride), site.padding if isinstance(site.padding, str)
                                      else _pair(site.padding), _pair(site.dilation))
     flops = count_flops(gm, example_inputs) if example_inputs is not None else None
-    return _Analysis(gm, sites, unsupported, specs, skipped, _count_params(gm), flops)
+    return _Analysis(gm, sites, unsupported, specs, skipped, _count_params(gm), flops, moments)
 
 
 def _layer_plan(site: LayerSite, spec: LayerSpec, scheme: str, ranks: tuple[int, ...], reason: str) -> LayerPlan:
@@ -186,6 +192,8 @@ def _assemble(a: _Analysis, choices: dict[str, tuple[str, tuple[int, ...]]], rea
             options["target"] = asdict(cfg.target) if is_dataclass(cfg.target) else repr(cfg.target)
         if cfg.unpack_attention:  # the layer names refer to the unpacked model: applying the plan needs it too
             options["unpack_attention"] = True
+        if a.moments:  # energies are fractions of output energy on the calibration data
+            options["calibrated"] = True
     return RankPlan(layers=layers, target_ratio=ratio if ratio is not None else (cfg.ratio if cfg else None),
                     budget=cfg.budget_name if cfg else "full-rank", dense_params=a.dense_params,
                     params=a.dense_params - saved, dense_flops=a.dense_flops, flops=flops,
@@ -245,7 +253,7 @@ def _plan(a: _Analysis, cfg: CstarConfig, example_inputs: Any, latency_ms: float
 
 def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str = "params",
                example_inputs: Any = None, target_speedup: float | None = None, latency_ms: float | None = None,
-               **options: Any) -> RankPlan:
+               calibration: Any = None, **options: Any) -> RankPlan:
     """Choose per-layer schemes and ranks under one global budget. Never modifies ``model``.
 
     ``ratio`` is dense cost / compressed cost for the whole model; ``budget`` is ``"params"``,
@@ -253,6 +261,8 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
     ``latency_ms`` may stand for ``ratio``). ``options`` are the other :class:`CstarConfig` fields
     (``round_to``, ``min_rank``, ``skip``, ``conv_scheme``, ``leaf_modules``, ``concrete_args``,
     ``cost_model``, ``target``, ``param_ratio``). With ``example_inputs`` the plan also reports FLOPs.
+    With ``calibration`` (model inputs: a tensor or an iterable of batches) each layer's spectrum is
+    that of its *outputs* on those inputs (data-aware allocation, see :func:`transform`).
 
     Example:
         >>> import torchvision, cstar_fx
@@ -271,7 +281,7 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
     if not isinstance(ratio, CstarConfig) or budget != "params":
         options = {"budget": budget, **options}
     cfg = resolve_config(ratio, options)
-    a = _analyse(model, cfg, example_inputs)
+    a = _analyse(model, cfg, example_inputs, calibration=calibration)
     return _plan(a, cfg, example_inputs, latency_ms=latency_ms)
 
 
@@ -319,8 +329,15 @@ def _check_plan(plan: RankPlan, a: _Analysis) -> None:
 
 
 def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: RankPlan | None = None,
-              example_inputs: Any = None, decompose: bool = True, **options: Any) -> fx.GraphModule:
+              example_inputs: Any = None, decompose: bool = True, calibration: Any = None,
+              **options: Any) -> fx.GraphModule:
     """Factorize ``model`` at ``ratio`` (or as ``plan`` says) and return a new GraphModule.
+
+    ``calibration`` (model inputs: a tensor, or an iterable of batches or ``(inputs, labels)`` pairs)
+    makes the factorization data-aware: each layer's factors preserve its outputs on those inputs
+    (output-PCA SVD, whitened Tucker-2 with a least-squares core) instead of its weights, and the
+    allocator ranks layers by the output energy they keep. A few hundred training images (or
+    adversarial examples of them) are enough; full ranks stay exact.
 
     ``decompose=False`` (with ``plan``) builds the factorized architecture with zero factors instead of
     decomposing the weights — for loading saved factor weights into it quickly.
@@ -346,14 +363,16 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
         cfg = resolve_config(2.0, options)
     source = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
     gm = copy.deepcopy(source)
-    a = _analyse(gm, cfg, example_inputs, need_spectra=plan is None)
+    if not decompose and calibration is not None:
+        raise ValueError("decompose=False builds zero factors, so calibration would be ignored; drop one of them")
+    a = _analyse(gm, cfg, example_inputs, need_spectra=plan is None, calibration=calibration)
     gm = a.gm  # a new GraphModule when _analyse unpacked attention
     if plan is None:
         plan = _plan(a, cfg, example_inputs)
     else:
         _check_plan(plan, a)
     choices = {name: (lp.scheme, lp.ranks) for name, lp in plan.factorized.items()}
-    factorize(gm, a.sites, choices, decompose)
+    factorize(gm, a.sites, choices, decompose, a.moments)
     report = build_report(gm, a.sites, plan, dense_params=a.dense_params, params=_count_params(gm), with_errors=decompose,
                           dense_flops=a.dense_flops,
                           flops=count_flops(gm, example_inputs) if example_inputs is not None else None)

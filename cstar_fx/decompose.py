@@ -16,6 +16,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ __all__ = [
     "project",
     "eckart_young_error",
     "relative_error",
+    "svd_factors_data",
+    "tucker2_factors_data",
+    "data_spectra",
 ]
 
 
@@ -135,16 +139,155 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     w = weight.detach().to(_work_dtype(weight))
     wide = w.shape[0] <= w.shape[1]
     basis = _left_eig(w if wide else w.T)[1][:, :rank]  # U_r (out side) or V_r (in side)
-    proj = basis.T @ w if wide else w @ basis  # U_r^T W (r, in) or W V_r (out, r)
-    # The product is the exact projection whatever the split; splitting sqrt(s) to each side only
-    # balances the two factors' scales for fine-tuning (norms guarded so rank-deficient weights work).
-    norms = torch.linalg.vector_norm(proj, dim=1 if wide else 0)
-    root = norms.clamp_min(float(norms.max()) * 1e-12 if norms.numel() else 0.0).clamp_min(1e-30).sqrt()
     if wide:
-        first, second = proj / root[:, None], basis * root[None, :]
+        first, second = _balanced(basis.T @ w, basis)  # U_r^T W (r, in), U_r
     else:
-        first, second = basis.T * root[:, None], proj / root[None, :]
+        second_t, first_t = _balanced((w @ basis).T, basis)  # (W V_r)^T, V_r
+        first, second = first_t.T, second_t.T
     return first.to(weight.dtype), second.to(weight.dtype)
+
+
+def _balanced(proj: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(proj (r, in), basis (out, r))`` rescaled so both carry ``sqrt`` of each component's norm.
+
+    The product ``basis @ proj`` is unchanged; balancing only evens the two factors' scales for
+    fine-tuning (norms guarded so rank-deficient weights work).
+    """
+    norms = torch.linalg.vector_norm(proj, dim=1)
+    root = norms.clamp_min(float(norms.max()) * 1e-12 if norms.numel() else 0.0).clamp_min(1e-30).sqrt()
+    return proj / root[:, None], basis * root[None, :]
+
+
+def _check_moment(moment: torch.Tensor, dim: int) -> torch.Tensor:
+    if not isinstance(moment, torch.Tensor) or moment.shape != (dim, dim):
+        raise ValueError(f"expected an input second-moment matrix of shape ({dim}, {dim}), "
+                         f"got {tuple(getattr(moment, 'shape', ()))}")
+    if not torch.isfinite(moment).all():
+        raise ValueError("the input second-moment matrix contains NaN or Inf; check the calibration inputs")
+    m = moment.detach().to(torch.float64)
+    m = 0.5 * (m + m.T)
+    # A ridge keeps the solves defined for rank-deficient inputs (e.g. dead ReLU channels); it
+    # leaves full-rank factorizations exact (see tucker2_factors_data).
+    ridge = 1e-6 * float(m.diagonal().mean()) if dim else 0.0
+    return m + (ridge if ridge > 0 else 1e-12) * torch.eye(dim, dtype=m.dtype, device=m.device)
+
+
+def _top_eigvecs(sym: torch.Tensor, rank: int) -> torch.Tensor:
+    scale = float(sym.abs().max())
+    if scale == 0.0 or not math.isfinite(scale):
+        return torch.eye(sym.shape[0], rank, dtype=sym.dtype, device=sym.device)
+    _, vecs = torch.linalg.eigh(sym / scale)  # normalised: scale-free whatever the weights' magnitude
+    return vecs.flip(1)[:, :rank]
+
+
+def svd_factors_data(weight: torch.Tensor, rank: int, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-aware truncated SVD: the rank-``rank`` weight that best preserves the layer's *outputs*.
+
+    ``moment`` is the second moment ``E[x x^T]`` of the layer's inputs (``(in, in)``; for a conv
+    treated as a matrix, of its unfolded patches). Minimises ``E||W x - W' x||^2`` exactly: ``W'``
+    projects ``W x`` onto the top ``rank`` principal directions of the outputs, the eigenvectors of
+    ``W E[x x^T] W^T`` (Eckart-Young on ``W X``). Same factor layout as :func:`svd_factors`; exact
+    at full rank.
+
+    Example:
+        >>> w, x = torch.randn(6, 5, dtype=torch.float64), torch.randn(5, 100, dtype=torch.float64)
+        >>> a, b = svd_factors_data(w, 2, x @ x.T / 100)
+        >>> ((b @ a - w) @ x).norm() <= ((svd_reconstruct(*svd_factors(w, 2)) - w) @ x).norm()
+        tensor(True)
+    """
+    _check_weight(weight, (2,))
+    _check_rank(rank, min(weight.shape), "rank")
+    c = _check_moment(moment, weight.shape[1])
+    w = weight.detach().to(torch.float64)
+    u = _top_eigvecs(w @ c.to(w.device) @ w.T, rank)
+    first, second = _balanced(u.T @ w, u)
+    return first.to(weight.dtype), second.to(weight.dtype)
+
+
+def _sym_sqrt(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    evals, evecs = torch.linalg.eigh(c)
+    root = evals.clamp_min(float(evals.max()) * 1e-12 if evals.numel() else 0.0).sqrt()
+    inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
+    return (evecs * root) @ evecs.T, (evecs * inv) @ evecs.T
+
+
+def _channel_moment(patch_moment: torch.Tensor, c_in: int, taps: int) -> torch.Tensor:
+    # The patch vector is ordered (channel, tap): average the per-tap channel blocks.
+    blocks = patch_moment.reshape(c_in, taps, c_in, taps)
+    return blocks.diagonal(dim1=1, dim2=3).mean(-1)
+
+
+def tucker2_factors_data(weight: torch.Tensor, rank_out: int, rank_in: int,
+                         patch_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Data-aware Tucker-2 of a conv weight: factors chosen to preserve the conv's outputs on the inputs.
+
+    ``patch_moment`` is ``E[p p^T]`` over the layer's unfolded input patches ``p`` (ordered channel,
+    then kernel position, as ``weight.reshape(C_out, -1)``). The input factor is the whitened
+    HOSVD one (the reduction that best preserves the outputs when neighbouring taps are treated as
+    uncorrelated), the core is the least-squares fit of the layer's outputs from the reduced inputs
+    (it compensates for what the reduction drops), and the output factor holds the top principal
+    directions of that fit, which is the optimal output projection for the given reduction.
+    Returns ``(reduce (C_in, R_in), core, u_out (C_out, R_out))`` in the layout of
+    :func:`tucker2_factors` (``reduce`` is not orthonormal); exact at full ranks.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+        >>> p = torch.randn(36, 500, dtype=torch.float64)
+        >>> u_in, core, u_out = tucker2_factors_data(w, 8, 4, p @ p.T / 500)
+        >>> torch.allclose(tucker2_reconstruct(u_in, core, u_out), w)
+        True
+    """
+    _check_weight(weight, (4,))
+    c_out, c_in, kh, kw = weight.shape
+    taps = kh * kw
+    _check_rank(rank_out, min(c_out, c_in * taps), "rank_out")
+    _check_rank(rank_in, min(c_in, c_out * taps), "rank_in")
+    c = _check_moment(patch_moment, c_in * taps)
+    w = weight.detach().to(torch.float64)
+    c = c.to(w.device)
+    root, inv_root = _sym_sqrt(_check_moment(_channel_moment(c, c_in, taps), c_in))
+    gram_in = _unfold(w, 1) @ _unfold(w, 1).T
+    v = _top_eigvecs(root @ gram_in @ root, rank_in)
+    reduce = v.T @ inv_root  # (R_in, C_in): x -> whitened top directions
+    k = torch.kron(reduce, torch.eye(taps, dtype=w.dtype, device=w.device))  # per-tap reduction of a patch
+    w0 = w.reshape(c_out, -1)
+    c_yz = w0 @ c @ k.T
+    c_zz = k @ c @ k.T
+    fit = torch.linalg.solve(c_zz, c_yz.T).T  # (C_out, R_in * taps): least squares outputs <- reduced patches
+    u_out = _top_eigvecs(fit @ c_zz @ fit.T, rank_out)
+    core = (u_out.T @ fit).reshape(rank_out, rank_in, kh, kw)
+    return reduce.T.to(weight.dtype), core.to(weight.dtype), u_out.to(weight.dtype)
+
+
+def data_spectra(weight: torch.Tensor, moment: torch.Tensor) -> tuple[Spectrum, ...]:
+    """Output-energy spectra for the allocator, the data-aware counterpart of :func:`mode_spectra`.
+
+    For a 2-D weight (``moment`` over its inputs): the eigenvalues of ``W E[x x^T] W^T``, so a kept
+    fraction is the fraction of the output energy a rank keeps. For a conv (``moment`` over its
+    unfolded patches): that spectrum for the output mode and the whitened input mode's for the input.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3)
+        >>> [len(s.sq) for s in data_spectra(w, torch.eye(36))]
+        [8, 4]
+    """
+    _check_weight(weight, (2, 4))
+    w = weight.detach().to(torch.float64)
+    c = _check_moment(moment, w[0].numel()).to(w.device)
+    w0 = w.reshape(w.shape[0], -1)
+
+    def spectrum(sym: torch.Tensor) -> Spectrum:
+        scale = float(sym.abs().max())
+        evals = torch.linalg.eigvalsh(sym / scale) * scale if scale > 0 else sym.new_zeros(sym.shape[0])
+        return Spectrum(tuple(evals.flip(0).clamp_min(0.0).tolist()))
+
+    out = spectrum(w0 @ c @ w0.T)
+    if w.ndim == 2:
+        return (out,)
+    c_in, taps = w.shape[1], w.shape[2] * w.shape[3]
+    root, _ = _sym_sqrt(_check_moment(_channel_moment(c, c_in, taps), c_in))
+    gram_in = _unfold(w, 1) @ _unfold(w, 1).T
+    return out, spectrum(root @ gram_in @ root)
 
 
 def svd_reconstruct(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

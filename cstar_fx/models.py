@@ -77,14 +77,36 @@ def build_model(name: str, *, num_classes: int = 10, stem: str = "cifar", normal
     return model
 
 
-def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+def cifar_resnet18(num_classes: int = 10, width: int = 64) -> nn.Module:
     """ResNet-18 for 32x32 inputs with input normalisation (the paper's CIFAR-10 model).
+
+    ``width`` is the first stage's channel count (stages have ``width``, 2x, 4x, 8x); 64 is the
+    standard ResNet-18, narrower ones (e.g. 16) train on a CPU. Module names match torchvision's.
 
     Example:
         >>> sum(p.numel() for p in cifar_resnet18().parameters())
         11173962
+        >>> sum(p.numel() for p in cifar_resnet18(width=16).parameters())
+        701466
     """
-    return build_model("resnet18", num_classes=num_classes, stem="cifar")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an int >= 1 (64 for the standard ResNet-18), got {width!r}")
+    model = build_model("resnet18", num_classes=num_classes, stem="cifar")
+    if width == 64:
+        return model
+    net = model.net
+    # torchvision's stage builder takes any width; only its 64-channel defaults are fixed in __init__.
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    block = torchvision.models.resnet.BasicBlock
+    for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+        setattr(net, name, net._make_layer(block, width * 2 ** i, 2, stride=1 if i == 0 else 2))
+    net.fc = nn.Linear(8 * width, num_classes)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
 
 
 def small_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.Module:

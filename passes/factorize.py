@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..decompose import svd_factors, tucker2_factors
+from ..decompose import svd_factors, svd_factors_data, tucker2_factors, tucker2_factors_data
 from .discover import LayerSite
 
 __all__ = ["build_factors", "factorize", "dense_weight", "factors_path"]
@@ -45,9 +45,12 @@ def _linear(c_in: int, c_out: int, bias: bool, weight: torch.Tensor) -> nn.Linea
     return lin
 
 
-def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...], decompose: bool = True) -> nn.Sequential:
+def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...], decompose: bool = True,
+                  moment: torch.Tensor | None = None) -> nn.Sequential:
     """The factorized replacement of one layer, initialised from its weights (``decompose=False``: the same
-    modules with zero weights, when the weights will be loaded from elsewhere).
+    modules with zero weights, when the weights will be loaded from elsewhere). With ``moment`` (the
+    second moment of the layer's inputs, from :func:`cstar_fx.passes.calibrate.input_moments`) the
+    factors are the data-aware ones that preserve the layer's outputs rather than its weights.
 
     Example:
         >>> import torch.nn as nn
@@ -61,8 +64,11 @@ def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...], decompos
     has_bias = site.bias is not None
     if scheme == "svd":
         (r,) = ranks
-        first, second = (svd_factors(w.reshape(w.shape[0], -1), r) if decompose
-                         else (w.new_zeros(r, w[0].numel()), w.new_zeros(w.shape[0], r)))
+        flat = w.reshape(w.shape[0], -1)
+        if not decompose:
+            first, second = w.new_zeros(r, w[0].numel()), w.new_zeros(w.shape[0], r)
+        else:
+            first, second = svd_factors(flat, r) if moment is None else svd_factors_data(flat, r, moment)
         if site.kind == "linear":
             parts = [("reduce", _linear(w.shape[1], r, False, first)), ("expand", _linear(r, w.shape[0], has_bias, second))]
         else:
@@ -73,9 +79,13 @@ def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...], decompos
         if site.kind != "conv":
             raise ValueError(f"layer {site.name!r}: tucker2 needs a conv weight; use 'svd' for linear layers")
         r_out, r_in = ranks
-        u_in, core, u_out = (tucker2_factors(w, r_out, r_in) if decompose else
-                             (w.new_zeros(w.shape[1], r_in), w.new_zeros(r_out, r_in, *w.shape[2:]),
-                              w.new_zeros(w.shape[0], r_out)))
+        if not decompose:
+            u_in, core, u_out = (w.new_zeros(w.shape[1], r_in), w.new_zeros(r_out, r_in, *w.shape[2:]),
+                                 w.new_zeros(w.shape[0], r_out))
+        elif moment is None:
+            u_in, core, u_out = tucker2_factors(w, r_out, r_in)
+        else:
+            u_in, core, u_out = tucker2_factors_data(w, r_out, r_in, moment)
         parts = [("reduce", _conv(w.shape[1], r_in, (1, 1), None, False, u_in.T.contiguous())),
                  ("core", _conv(r_in, r_out, (w.shape[2], w.shape[3]), site, False, core)),
                  ("expand", _conv(r_out, w.shape[0], (1, 1), None, has_bias, u_out))]
@@ -114,11 +124,12 @@ def factors_path(site: LayerSite) -> str:
 
 
 def factorize(gm: fx.GraphModule, sites: list[LayerSite], choices: dict[str, tuple[str, tuple[int, ...]]],
-              decompose: bool = True) -> fx.GraphModule:
+              decompose: bool = True, moments: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
     """Rewrite ``gm`` in place: every site whose choice is not ``"dense"`` becomes its factor chain.
 
     ``gm`` must be the module the sites were found in (callers pass a private copy). Runs
-    ``graph.lint()`` and ``recompile()`` and returns ``gm``. ``decompose=False`` builds zero factors.
+    ``graph.lint()`` and ``recompile()`` and returns ``gm``. ``decompose=False`` builds zero factors;
+    ``moments`` (site name -> input second moment) makes those sites' factors data-aware.
 
     Example:
         >>> import torch.nn as nn
@@ -135,7 +146,7 @@ def factorize(gm: fx.GraphModule, sites: list[LayerSite], choices: dict[str, tup
         scheme, ranks = choices.get(site.name, ("dense", ()))
         if scheme == "dense":
             continue
-        seq = build_factors(site, scheme, ranks, decompose)
+        seq = build_factors(site, scheme, ranks, decompose, (moments or {}).get(site.name))
         path = factors_path(site)
         if site.form == "module" and not path:
             raise ValueError("cannot factorize the root module itself; wrap it in an nn.Sequential first")

@@ -10,14 +10,14 @@ from .config import AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConf
 from .cstar import cstar, decompose_finetune
 from .distributed import World, init_from_env, is_main_process, process_group
 from .evaluate import MissingExtraError, RobustResult, SanityReport, autoattack, evaluate
-from .finetune import RunDirError, TrainHistory, finetune, load_checkpoint
+from .finetune import RunDirError, TrainHistory, finetune, load_checkpoint, recalibrate_bn
 from .losses import LossOutput, adversarial_loss, adversarial_step
 
 __all__ = [
     "pgd", "fgsm",
     "adversarial_loss", "adversarial_step", "LossOutput",
     "AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig",
-    "finetune", "TrainHistory", "RunDirError", "load_checkpoint",
+    "finetune", "TrainHistory", "RunDirError", "load_checkpoint", "recalibrate_bn",
     "Admm", "AdmmRecord", "TrainHook",
     "cstar", "decompose_finetune",
     "evaluate", "autoattack", "RobustResult", "SanityReport", "MissingExtraError",

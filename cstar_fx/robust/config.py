@@ -111,6 +111,12 @@ class LossConfig(_Replace):
     * ``"fast"``: Wong et al. fast AT, CE on one FGSM step from a random start with step ``fast_alpha`` * eps.
     * ``"clean"``: plain cross-entropy (standard training, no attack).
 
+    ``distill`` (0 to 1, kinds ``"pgd"``, ``"fast"`` and ``"clean"``): robust distillation from a teacher
+    passed to :func:`~cstar_fx.robust.finetune` (``teacher=``). The loss becomes
+    ``(1 - distill) * CE(f(x'), y) + distill * KL(teacher(x) || f(x'))`` where ``x'`` is the same
+    adversarial example as without distillation and the teacher sees the clean input (RSLAD's
+    robust soft labels, Zi et al. 2021): one extra teacher forward per batch, no extra attack.
+
     Example:
         >>> LossConfig("fast").attack.eps == 8 / 255
         True
@@ -120,9 +126,14 @@ class LossConfig(_Replace):
     attack: AttackConfig = field(default_factory=AttackConfig)
     beta: float = 6.0
     fast_alpha: float = 1.25
+    distill: float = 0.0
 
     def __post_init__(self) -> None:
         _choice(self, "kind", LOSSES)
+        _number(self, "distill", low=0.0, high=1.0)
+        if self.distill > 0 and self.kind == "trades":
+            raise ValueError("distill is defined for kinds 'pgd', 'fast' and 'clean' (TRADES has its own KL term); "
+                             "use LossConfig('pgd', distill=...)")
         if not isinstance(self.attack, AttackConfig):
             raise TypeError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
         _number(self, "beta", low=0.0)
@@ -137,7 +148,7 @@ class TrainConfig(_Replace):
 
     * ``schedule``: ``"cosine"`` (per step, after ``warmup_epochs`` of linear warm-up), ``"step"``
       (x0.1 at 50% and 75% of the epochs) or ``"constant"``.
-    * ``amp``: bf16 autocast, used only on CUDA; ``channels_last``: NHWC memory format, CUDA only.
+    * ``amp``: bf16 autocast, used only on CUDA; ``channels_last``: NHWC memory format (GPU and CPU).
     * ``seed``: seeds the data order, the augmentation and the attacks' random starts.
     * ``grad_clip``: clip the global gradient norm to this value (``None``: off).
 

@@ -29,16 +29,51 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..api import plan_ranks, transform
+from ..data import as_loader
 from ..config import CstarConfig
 from ..passes.shapes import as_tuple
 from ..plan import RankPlan
 from .admm import Admm
 from .config import JointConfig, TrainConfig
-from .finetune import _model_device, finetune
+from .attacks import pgd
+from .finetune import _model_device, _private_rng, finetune, recalibrate_bn
 
-__all__ = ["cstar", "decompose_finetune"]
+__all__ = ["cstar", "decompose_finetune", "calibration_batches", "model_on"]
 
 _TRACE_OPTIONS = ("leaf_modules", "concrete_args")
+_BN_BATCHES = 20
+
+
+def calibration_batches(model: nn.Module, train_data: Any, n: int, cfg: TrainConfig, *,
+                        device: torch.device | None = None) -> list[torch.Tensor]:
+    """The first ``n`` training inputs and their adversarial examples against ``model`` (``cfg.loss.attack``).
+
+    These are what a data-aware :func:`~cstar_fx.transform` (``calibration=``) should preserve the
+    layers' outputs on: the inputs the robust model must classify, clean and attacked. Costs one
+    attack on ``n`` images (``steps + 1`` forward/backward passes each); the RNG is seeded by ``cfg.seed``.
+
+    Example:
+        >>> from cstar_fx.data import digits
+        >>> from cstar_fx.models import small_cnn
+        >>> xs = calibration_batches(small_cnn(width=8), digits()[0], 64, TrainConfig(batch_size=32))
+        >>> [tuple(x.shape) for x in xs]
+        [(32, 1, 8, 8), (32, 1, 8, 8), (32, 1, 8, 8), (32, 1, 8, 8)]
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of calibration images must be an int >= 1, got {n!r}")
+    dev = device if device is not None else _model_device(model)
+    a = cfg.loss.attack
+    out: list[torch.Tensor] = []
+    seen = 0
+    with _private_rng(dev, cfg.seed):
+        for x, y in as_loader(train_data, min(cfg.batch_size, n), False, dev):
+            x, y = x[: n - seen], y[: n - seen]
+            adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, random_start=a.random_start)
+            out += [x, adv.detach()]
+            seen += x.shape[0]
+            if seen >= n:
+                break
+    return out
 
 
 def _sub(run_dir: str | os.PathLike[str] | None, name: str) -> Path | None:
@@ -83,7 +118,9 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     joint = finetune(dense, train_data, cfg.joint, run_dir=_sub(run_dir, "joint"), resume=resume, device=dev, hook=admm)
     gm = transform(dense, plan=admm.plan, example_inputs=example_inputs,
                    **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
-    tuned = finetune(gm, train_data, cfg.finetune, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev)
+    recalibrate_bn(gm, train_data, _BN_BATCHES, cfg.finetune.batch_size, seed=cfg.finetune.seed, device=dev)
+    tuned = finetune(gm, train_data, cfg.finetune, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
+                     teacher=model_on(model, dev) if cfg.finetune.loss.distill > 0 else None)
     gm.meta["cstar_training"] = {"method": "cstar", "joint": joint.to_dict(), "finetune": tuned.to_dict(),
                                  "admm": [r.to_dict() for r in admm.history], "config": cfg.to_dict()}
     return gm
@@ -91,12 +128,15 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
 
 def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg: TrainConfig | None = None,
                        *, example_inputs: Any = None, run_dir: str | os.PathLike[str] | None = None,
-                       resume: bool = False, device: str | torch.device | None = None,
+                       resume: bool = False, device: str | torch.device | None = None, calibrate: int = 0,
                        **plan_options: Any) -> fx.GraphModule:
-    """The plain variant: ``transform`` at ``ratio`` (no ADMM), then adversarial fine-tuning with ``cfg``.
+    """``transform`` at ``ratio`` (no ADMM), batch-norm re-estimation, then adversarial fine-tuning with ``cfg``.
 
     Arguments as in :func:`cstar`; ``cfg`` is the fine-tune :class:`TrainConfig`, checkpointed under
-    ``run_dir/finetune``.
+    ``run_dir/finetune``. ``calibrate=N`` makes the factorization data-aware: the layers' outputs are
+    preserved on the first ``N`` training images and their adversarial examples against ``model``
+    (:func:`calibration_batches`). With ``cfg.loss.distill > 0`` the fine-tune distils from ``model``
+    (a private copy, in eval mode).
 
     Example:
         >>> from cstar_fx.data import digits
@@ -108,9 +148,27 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
+        raise ValueError(f"calibrate must be a number of training images >= 0 (0: weight-based factors), got {calibrate!r}")
     dev = torch.device(device) if device is not None else _model_device(model)
     example_inputs = _on(example_inputs, dev)
-    gm = transform(model, ratio, example_inputs=example_inputs, **plan_options)
-    tuned = finetune(gm, train_data, cfg, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev)
-    gm.meta["cstar_training"] = {"method": "decompose_finetune", "finetune": tuned.to_dict(), "config": cfg.to_dict()}
+    teacher = model_on(model, dev)
+    calibration = calibration_batches(teacher, train_data, calibrate, cfg, device=dev) if calibrate else None
+    gm = transform(teacher, ratio, example_inputs=example_inputs, calibration=calibration, **plan_options)
+    recalibrate_bn(gm, train_data, _BN_BATCHES, cfg.batch_size, seed=cfg.seed, device=dev)
+    tuned = finetune(gm, train_data, cfg, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
+                     teacher=teacher if cfg.loss.distill > 0 else None)
+    gm.meta["cstar_training"] = {"method": "decompose_finetune", "finetune": tuned.to_dict(), "config": cfg.to_dict(),
+                                 "calibrate": calibrate}
     return gm
+
+
+def model_on(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself when it is already on ``device`` (it is only read), else a copy moved there.
+
+    Example:
+        >>> m = nn.Linear(2, 2)
+        >>> model_on(m, torch.device("cpu")) is m
+        True
+    """
+    return model if _model_device(model) == device else copy.deepcopy(model).to(device)

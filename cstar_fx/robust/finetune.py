@@ -1,4 +1,4 @@
-"""A ready adversarial training loop: SGD + schedule, bf16/channels_last on CUDA, atomic per-epoch checkpoints, resume.
+"""A ready adversarial training loop: SGD + schedule, bf16 on CUDA, channels_last, atomic per-epoch checkpoints, resume.
 
 The loop has no global state: the device, the data's sampler and an optional :class:`TrainHook`
 (e.g. CSTAR's ADMM term) are arguments, and random numbers come from a private generator state
@@ -37,7 +37,7 @@ from .admm import TrainHook
 from .config import TrainConfig
 from .losses import adversarial_step
 
-__all__ = ["finetune", "TrainHistory", "RunDirError", "CHECKPOINT_NAME", "load_checkpoint"]
+__all__ = ["finetune", "TrainHistory", "RunDirError", "CHECKPOINT_NAME", "load_checkpoint", "recalibrate_bn"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = "cstar-fx/checkpoint/1"
@@ -169,7 +169,8 @@ def _distributed_loader(loader: Any, w: D.World, train_data: Any) -> None:
 def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, *,
              run_dir: str | os.PathLike[str] | None = None, resume: bool = False,
              device: str | torch.device | None = None, hook: TrainHook | None = None,
-             sampler: Iterable[int] | None = None, distributed: bool | None = None) -> TrainHistory:
+             sampler: Iterable[int] | None = None, distributed: bool | None = None,
+             teacher: nn.Module | None = None) -> TrainHistory:
     """Train ``model`` in place with ``cfg.loss`` (PGD-AT by default) and SGD; returns the per-epoch history.
 
     ``train_data``: a :class:`~cstar_fx.data.TensorData`, an ``(x, y)`` tensor pair or a re-iterable of
@@ -177,7 +178,8 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     With ``run_dir`` a checkpoint is written atomically after every epoch; ``resume=True`` continues
     from it (a fresh start when there is none) and refuses a checkpoint written with another config.
     ``hook`` adds a loss term and per-step/per-epoch callbacks (see :class:`TrainHook`). On CUDA the
-    forward passes run under bf16 autocast (``cfg.amp``) in channels_last (``cfg.channels_last``).
+    forward passes run under bf16 autocast (``cfg.amp``); on every device the model and batches use
+    the channels_last memory format (``cfg.channels_last``), which also speeds up CPU training.
 
     Under ``torchrun`` (an initialised process group, unless ``distributed=False``) the model trains
     wrapped in ``DistributedDataParallel``: ``cfg.batch_size`` is the global batch, split evenly over
@@ -186,6 +188,9 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     run per rank on the plain module, the hook's state is rank 0's (``hook.sync()``), the logged
     loss and accuracy are reduced over all ranks, and only rank 0 writes the checkpoint and shows
     progress. Call it on every rank; ``model`` ends with the same weights everywhere.
+
+    ``teacher``: the model that ``cfg.loss.distill`` distils from (used in eval mode, never trained
+    or moved; it must already be on ``device``).
 
     Example:
         >>> from cstar_fx.data import digits
@@ -201,6 +206,11 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if cfg.loss.distill > 0 and teacher is None:
+        raise ValueError(f"cfg.loss.distill={cfg.loss.distill:g} needs teacher=<the dense robust model>; "
+                         "pass it, or set LossConfig(distill=0)")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
     w = D.world(distributed)
     if run_dir is None:
         path = None
@@ -209,7 +219,10 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     device = torch.device(device) if device is not None else _model_device(model)
     cuda = device.type == "cuda"
     model.to(device)
-    if cuda and cfg.channels_last:
+    if teacher is not None and _model_device(teacher) != device:
+        raise ValueError(f"the teacher is on {_model_device(teacher)}, training runs on {device}; "
+                         f"move it first: teacher.to({str(device)!r})")
+    if cfg.channels_last:  # NHWC: faster convolutions on GPUs and on CPUs (oneDNN), 1.6x measured on 2 cores
         model.to(memory_format=torch.channels_last)
     loader = as_loader(train_data, cfg.batch_size, True, device, seed=cfg.seed, sampler=sampler,
                        shard=(w.rank, w.size) if w.active else None)
@@ -266,10 +279,10 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
                 bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=not cfg.progress or not w.is_main, leave=False)
                 for step, (x, y) in enumerate(bar):
-                    if cuda and cfg.channels_last and x.ndim == 4:
+                    if cfg.channels_last and x.ndim == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with amp:
-                        out = adversarial_step(model, x, y, cfg.loss, forward=forward)
+                        out = adversarial_step(model, x, y, cfg.loss, forward=forward, teacher=teacher)
                     loss = out.loss
                     extra = hook.penalty() if hook is not None else None
                     if extra is not None:
@@ -316,3 +329,48 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
         model.train(was_training)
         del forward  # drops the DDP reducer and its gradient hooks
     return history
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Any, batches: int = 20, batch_size: int = 128, *, seed: int = 0,
+                   device: str | torch.device | None = None) -> int:
+    """Re-estimate every batch-norm layer's running statistics on ``batches`` training batches; returns how many.
+
+    After ``transform`` the factorized layers' outputs differ from the dense ones the statistics were
+    measured on; re-estimating them (a forward pass per batch, no gradients) removes that mismatch
+    before fine-tuning. Other weights are not touched; the model's training flag is restored; the
+    caller's RNG is untouched. A model without batch norm is left as it is (returns 0).
+
+    Example:
+        >>> from cstar_fx.data import digits
+        >>> from cstar_fx.models import small_cnn
+        >>> recalibrate_bn(small_cnn(width=8), digits()[0], batches=2, batch_size=32)
+        2
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be an int >= 1, got {batches!r}")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    saved = [(m.momentum, m.training) for m in norms]
+    was_training = model.training
+    done = 0
+    try:
+        model.eval()
+        for m in norms:  # cumulative average over the batches, from scratch
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with _private_rng(dev, seed):
+            for x, _ in as_loader(data, batch_size, True, dev, seed=seed):
+                model(x)
+                done += 1
+                if done == batches:
+                    break
+    finally:
+        for m, (momentum, training) in zip(norms, saved):
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return done

@@ -48,14 +48,28 @@ def _kl(logits_adv: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), target_probs, reduction="none").sum(1)
 
 
+def _with_distill(ce: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, cfg: LossConfig,
+                  teacher: nn.Module | None) -> torch.Tensor:
+    if cfg.distill == 0:
+        return ce
+    if teacher is None:
+        raise ValueError(f"LossConfig(distill={cfg.distill:g}) needs the teacher: pass teacher=<dense robust model> "
+                         "to finetune/adversarial_loss, or set distill=0")
+    with torch.no_grad(), eval_mode(teacher):
+        target = F.softmax(teacher(x).float(), dim=1)
+    return (1.0 - cfg.distill) * ce + cfg.distill * _kl(logits, target).mean()
+
+
 def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig | TrainConfig, *,
-                     forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LossOutput:
+                     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     teacher: nn.Module | None = None) -> LossOutput:
     """Like :func:`adversarial_loss` but also returns the logits the loss scored (for accuracy logging).
 
     For ``"trades"`` the logits are those of the adversarial inputs. ``forward`` (default ``model``)
     computes the logits that the loss backpropagates through, e.g. a ``DistributedDataParallel``
     wrapper of ``model``: the attack's many forward passes then run on the plain ``model`` and only
-    the training forward takes part in the gradient all-reduce.
+    the training forward takes part in the gradient all-reduce. ``teacher`` is the model that
+    ``cfg.distill`` distils from (run in eval mode on the clean inputs, without gradients).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -70,16 +84,16 @@ def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
     fwd = model if forward is None else forward
     if cfg.kind == "clean":
         logits = fwd(x)
-        return LossOutput(F.cross_entropy(logits.float(), y), logits)
+        return LossOutput(_with_distill(F.cross_entropy(logits.float(), y), logits, x, cfg, teacher), logits)
     if cfg.kind == "pgd":
         x_adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
                     random_start=a.random_start, restarts=a.restarts)
         logits = fwd(x_adv)
-        return LossOutput(F.cross_entropy(logits.float(), y), logits)
+        return LossOutput(_with_distill(F.cross_entropy(logits.float(), y), logits, x, cfg, teacher), logits)
     if cfg.kind == "fast":
         x_adv = fgsm(model, x, y, eps=a.eps, alpha=cfg.fast_alpha * a.eps, random_start=True)
         logits = fwd(x_adv)
-        return LossOutput(F.cross_entropy(logits.float(), y), logits)
+        return LossOutput(_with_distill(F.cross_entropy(logits.float(), y), logits, x, cfg, teacher), logits)
     # TRADES: the attack maximises KL(f(x) || f(x')) from a small Gaussian start (Zhang et al. 2019).
     with torch.no_grad(), eval_mode(model):
         target = F.softmax(model(x).float(), dim=1)
@@ -95,10 +109,12 @@ def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
     return LossOutput(natural + cfg.beta * robust, logits_adv)
 
 
-def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig | TrainConfig) -> torch.Tensor:
+def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig | TrainConfig, *,
+                     teacher: nn.Module | None = None) -> torch.Tensor:
     """The scalar training loss for ``cfg.kind``: PGD-AT (Madry), TRADES (``beta``), fast AT or clean CE.
 
     ``x`` holds inputs in [0, 1]; call ``loss.backward()`` and step your optimiser as usual.
+    ``teacher`` is needed when ``cfg.distill > 0`` (robust distillation, see :class:`LossConfig`).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -108,4 +124,4 @@ def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
         >>> loss.ndim
         0
     """
-    return adversarial_step(model, x, y, cfg).loss
+    return adversarial_step(model, x, y, cfg, teacher=teacher).loss

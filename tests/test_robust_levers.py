@@ -1,0 +1,222 @@
+"""The levers of the robust recipe: distillation loss, data-aware factors and allocation, BN re-estimation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cstar_fx
+from cstar_fx.data import digits
+from cstar_fx.decompose import (data_spectra, svd_factors, svd_factors_data, svd_reconstruct, tucker2_factors,
+                                tucker2_factors_data, tucker2_reconstruct)
+from cstar_fx.models import small_cnn
+from cstar_fx.passes.calibrate import CalibrationError
+from cstar_fx.robust import (AttackConfig, LossConfig, TrainConfig, adversarial_loss, decompose_finetune, finetune,
+                             recalibrate_bn)
+from cstar_fx.robust.cstar import calibration_batches
+
+
+def _patches(x: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    cols = F.unfold(x, k, padding=pad)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+# -- distillation --------------------------------------------------------------------------------------------
+
+def test_distill_loss_is_the_documented_mix_of_ce_and_kl_to_the_teacher() -> None:
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(6, 4), nn.Linear(6, 4)
+    x, y = torch.rand(8, 6), torch.randint(0, 4, (8,))
+    loss = adversarial_loss(student, x, y, LossConfig("clean", distill=0.25), teacher=teacher)
+    logits = student(x)
+    target = F.softmax(teacher(x), 1)
+    kl = (target * (target.log() - F.log_softmax(logits, 1))).sum(1).mean()
+    expected = 0.75 * F.cross_entropy(logits, y) + 0.25 * kl
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_distill_from_itself_is_zero_kl_and_teacher_gets_no_gradient() -> None:
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    teacher = copy.deepcopy(student)
+    x, y = torch.rand(5, 1, 2, 2), torch.randint(0, 3, (5,))
+    loss = adversarial_loss(student, x, y, LossConfig("clean", distill=1.0), teacher=teacher)
+    assert abs(float(loss.detach())) < 1e-6
+    loss = adversarial_loss(student, x, y, LossConfig("pgd", attack=AttackConfig(eps=0.1, alpha=0.05, steps=2),
+                                                      distill=0.5), teacher=teacher)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_distill_needs_a_teacher_and_rejects_trades() -> None:
+    with pytest.raises(ValueError, match="teacher"):
+        adversarial_loss(nn.Linear(3, 2), torch.rand(2, 3), torch.tensor([0, 1]), LossConfig("clean", distill=0.5))
+    with pytest.raises(ValueError, match="TRADES"):
+        LossConfig("trades", distill=0.5)
+    with pytest.raises(ValueError, match="distill"):
+        LossConfig("pgd", distill=1.5)
+    with pytest.raises(ValueError, match="teacher="):
+        finetune(small_cnn(width=4), digits()[0].subset(64),
+                 TrainConfig(epochs=1, batch_size=32, loss=LossConfig("clean", distill=0.5), progress=False))
+
+
+def test_finetune_with_distillation_learns_the_teachers_function_not_the_labels() -> None:
+    train, test = digits()
+    shifted = train._like(train.x, (train.y + 1) % 10)  # a teacher that disagrees with every label
+    torch.manual_seed(0)
+    teacher = small_cnn(width=8)
+    finetune(teacher, shifted, TrainConfig(epochs=10, batch_size=64, lr=0.1, loss=LossConfig("clean"), progress=False))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x, _ = test.tensors()
+    with torch.no_grad():
+        teacher_says = teacher.eval()(x).argmax(1)
+    agree = {}
+    for distill in (0.0, 1.0):
+        torch.manual_seed(1)
+        student = small_cnn(width=8)
+        cfg = TrainConfig(epochs=6, batch_size=64, lr=0.05, loss=LossConfig("clean", distill=distill), progress=False)
+        finetune(student, train, cfg, teacher=teacher)
+        with torch.no_grad():
+            agree[distill] = float((student.eval()(x).argmax(1) == teacher_says).float().mean())
+    assert agree[1.0] > 0.75 and agree[0.0] < 0.3, agree
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher is only read
+
+
+# -- data-aware factors --------------------------------------------------------------------------------------
+
+def test_data_aware_svd_is_exact_at_full_rank_and_optimal_in_output_error() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(12, 9, dtype=torch.float64)
+    x = torch.randn(9, 400, dtype=torch.float64) * torch.linspace(0.05, 3, 9, dtype=torch.float64)[:, None]
+    m = x @ x.T / x.shape[1]
+    assert torch.allclose(svd_reconstruct(*svd_factors_data(w, 9, m)), w)
+    for r in (1, 3, 6):
+        plain = ((svd_reconstruct(*svd_factors(w, r)) - w) @ x).norm()
+        aware = ((svd_reconstruct(*svd_factors_data(w, r, m)) - w) @ x).norm()
+        assert aware < plain
+        # Eckart-Young on W X: nothing of rank r does better than the discarded output spectrum
+        s = torch.linalg.svdvals(w @ x)
+        assert torch.isclose(aware, s[r:].pow(2).sum().sqrt(), rtol=1e-6)
+
+
+def test_data_aware_tucker2_is_exact_at_full_rank_and_beats_hosvd_on_the_outputs() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    x = torch.randn(32, 8, 8, 8, dtype=torch.float64) * torch.linspace(0.1, 4, 8, dtype=torch.float64)[None, :, None, None]
+    m = _patches(x, 3, 1).T @ _patches(x, 3, 1) / _patches(x, 3, 1).shape[0]
+    y = F.conv2d(x, w, padding=1)
+    assert torch.allclose(tucker2_reconstruct(*tucker2_factors_data(w, 16, 8, m)), w)
+    for ranks in ((8, 4), (4, 2), (12, 6)):
+        plain = (F.conv2d(x, tucker2_reconstruct(*tucker2_factors(w, *ranks)), padding=1) - y).norm()
+        aware = (F.conv2d(x, tucker2_reconstruct(*tucker2_factors_data(w, *ranks, m)), padding=1) - y).norm()
+        assert aware < plain, ranks
+
+
+def test_data_aware_factors_are_scale_invariant_and_survive_dead_inputs() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    x = torch.rand(4, 4, 6, 6)
+    x[:, 1] = 0  # a dead channel: a singular moment matrix
+    m = _patches(x, 3, 1).T @ _patches(x, 3, 1)
+    ref = tucker2_reconstruct(*tucker2_factors_data(w, 4, 2, m))
+    assert torch.isfinite(ref).all()
+    for scale in (1e-20, 1e20):
+        got = tucker2_reconstruct(*tucker2_factors_data(w * scale, 4, 2, m * scale))
+        assert torch.allclose(got / scale, ref, rtol=1e-3, atol=1e-4)
+    assert [len(s.sq) for s in data_spectra(w, m)] == [8, 4]
+
+
+def test_transform_with_calibration_is_exact_at_full_rank_and_closer_to_the_dense_outputs() -> None:
+    torch.manual_seed(0)
+    model = small_cnn(width=16).eval()
+    train, test = digits()
+    calib, _ = train.subset(256).tensors()
+    x, _ = test.subset(128).tensors()
+    with torch.no_grad():
+        y = model(x)
+    full = cstar_fx.RankPlan.full_rank(model)
+    gm = cstar_fx.transform(model, plan=full, calibration=calib).eval()
+    with torch.no_grad():
+        assert torch.allclose(gm(x), y, atol=1e-4)
+    plan = cstar_fx.plan_ranks(model, 4, round_to=1)
+    weight_based = cstar_fx.transform(model, plan=plan).eval()
+    aware = cstar_fx.transform(model, plan=plan, calibration=[(calib, None)]).eval()
+    with torch.no_grad():
+        assert (aware(x) - y).norm() < (weight_based(x) - y).norm()
+
+
+@pytest.mark.parametrize("ratio", [2.0, 4.0, 8.0])
+def test_data_aware_allocation_hits_the_budget(ratio: float) -> None:
+    torch.manual_seed(0)
+    model = small_cnn(width=16)
+    calib, _ = digits()[0].subset(128).tensors()
+    plan = cstar_fx.plan_ranks(model, ratio, round_to=1, calibration=calib)
+    assert plan.options["calibrated"] is True
+    assert abs(plan.ratio_params / ratio - 1) <= 0.02
+    weight_plan = cstar_fx.plan_ranks(model, ratio, round_to=1)
+    assert {n: lp.energy for n, lp in plan.layers.items()} != {n: lp.energy for n, lp in weight_plan.layers.items()}
+
+
+def test_calibration_errors_name_the_fix_and_leave_the_model_alone() -> None:
+    model = small_cnn(width=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CalibrationError, match="cannot run"):
+        cstar_fx.transform(model, 2, calibration=torch.rand(4, 3, 8, 8))
+    with pytest.raises(CalibrationError, match="no non-empty batch"):
+        cstar_fx.transform(model, 2, calibration=[])
+    with pytest.raises(CalibrationError, match="tensor of inputs"):
+        cstar_fx.transform(model, 2, calibration="images/")
+    with pytest.raises(ValueError, match="calibration"):
+        cstar_fx.transform(model, plan=cstar_fx.plan_ranks(model, 2, round_to=1), decompose=False,
+                            calibration=torch.rand(2, 1, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_calibration_batches_are_clean_and_attacked_inputs_inside_the_ball() -> None:
+    torch.manual_seed(0)
+    model = small_cnn(width=8)
+    cfg = TrainConfig(batch_size=40, loss=LossConfig("pgd", attack=AttackConfig(eps=0.1, alpha=0.05, steps=2)))
+    xs = calibration_batches(model, digits()[0], 100, cfg)
+    assert [x.shape[0] for x in xs] == [40, 40, 40, 40, 20, 20]
+    for clean, adv in zip(xs[::2], xs[1::2]):
+        assert (adv - clean).abs().max() <= 0.1 + 1e-6
+        assert not torch.equal(adv, clean)
+
+
+# -- batch-norm re-estimation --------------------------------------------------------------------------------
+
+def test_recalibrate_bn_measures_the_data_and_restores_the_settings() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.Flatten())
+    model.eval()
+    train = digits()[0]
+    assert recalibrate_bn(model, train, batches=5, batch_size=64) == 5
+    bn = model[1]
+    assert bn.momentum == 0.3 and not bn.training and not model.training
+    x, _ = train.tensors()
+    with torch.no_grad():
+        feats = model[0](x)
+    assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=0.05 * float(feats.abs().mean()))
+    assert recalibrate_bn(nn.Linear(2, 2), train) == 0
+    with pytest.raises(ValueError, match="batches"):
+        recalibrate_bn(model, train, batches=0)
+
+
+def test_decompose_finetune_with_calibration_and_distillation_runs_and_keeps_the_input() -> None:
+    torch.manual_seed(0)
+    train = digits()[0].subset(128)
+    model = small_cnn(width=8)
+    before = copy.deepcopy(model.state_dict())
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, progress=False,
+                      loss=LossConfig("pgd", attack=AttackConfig(eps=0.1, alpha=0.05, steps=1), distill=0.8))
+    gm = decompose_finetune(model, train, 4, cfg, calibrate=64, round_to=1)
+    assert gm.meta["cstar_training"]["calibrate"] == 64
+    assert cstar_fx.get_report(gm).ratio_params >= 3.9
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="calibrate"):
+        decompose_finetune(model, train, 4, cfg, calibrate=-1)
