@@ -121,6 +121,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--aa-n", type=int, default=None, help="AutoAttack images (0: none; default: the profile's)")
     p.add_argument("--report", action="store_true", help="only rebuild the table from finished cells")
+    p.add_argument("--autoattack", action="store_true",
+                   help="add AutoAttack to the finished cells of the main methods (models rebuilt from their checkpoints)")
     args = p.parse_args(argv)
     prof = PROFILES[args.profile]
     args.ratios = tuple(args.ratios or prof.ratios)
@@ -231,10 +233,12 @@ class Bench:
                 "teacher forwards": epochs * len(self.train) if distill else 0, "calibration passes": calib_passes}
 
     def evaluate(self, model: nn.Module, aa: bool) -> dict[str, Any]:
-        attacks = ("pgd", "autoattack") if aa and self.args.aa_n else ("pgd",)
-        res = evaluate(model, self.test, attacks=attacks, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20),
-                       n=self.prof.pgd_n, autoattack_n=self.args.aa_n, sanity_n=self.prof.sanity_n, seed=self.seed,
-                       progress=False)
+        if aa:  # AutoAttack on its subset only
+            res = evaluate(model, self.test.subset(self.args.aa_n), attacks=("autoattack",), sanity=False,
+                           seed=self.seed, progress=False)
+            return {"autoattack": 100 * res.robust["autoattack"]}
+        res = evaluate(model, self.test, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20),
+                       n=self.prof.pgd_n, sanity_n=self.prof.sanity_n, seed=self.seed, progress=False)
         out = {"clean": 100 * res.clean, "pgd20": 100 * res.pgd, "sanity": res.sanity.ok,
                "sanity_failed": list(res.sanity.failed), "eval s": res.seconds}
         if "autoattack" in res.robust:
@@ -254,8 +258,37 @@ class Bench:
         row = {"seed": self.seed, "method": method, "ratio": ratio, "params": params,
                "ratio params": self.dense_params / params,
                "ratio FLOPs": self.dense_flops / cstar_fx.count_flops(model, self.example),
-               **compute, "train s": train_s, **self.evaluate(model, method in AA_METHODS)}
+               **compute, "train s": train_s, **self.evaluate(model, False)}
         cell.mkdir(parents=True, exist_ok=True)
+        if isinstance(model, torch.fx.GraphModule):  # the architecture, for rebuilding the model from its checkpoint
+            atomic_write_text(cell / "plan.json", cstar_fx.get_plan(model).to_json())
+        atomic_write_text(done, json.dumps(row, indent=2))
+        return row
+
+    def add_autoattack(self, method: str, ratio: float) -> dict[str, Any] | None:
+        """AutoAttack accuracy of a finished cell's model, stored in its result; ``None`` when the cell is missing."""
+        from cstar_fx.passes.prune import prune_to_ratio
+        from cstar_fx.robust import load_checkpoint
+
+        cell = self._cell(ratio, method)
+        done = cell / "result.json"
+        if not done.is_file():
+            return None
+        row = json.loads(done.read_text())
+        if "autoattack" in row or not self.args.aa_n:
+            return row
+        if (cell / "plan.json").is_file():
+            model = cstar_fx.transform(self.teacher, plan=cstar_fx.RankPlan.from_json((cell / "plan.json").read_text()),
+                                       decompose=False)
+        else:
+            model = prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1)
+        ckpt = load_checkpoint(cell / "run" / "finetune") or load_checkpoint(cell / "run")
+        model.load_state_dict(ckpt["model"])
+        clean = 100 * evaluate(model, self.test, attacks=(), n=self.prof.pgd_n, sanity=False, progress=False).clean
+        if abs(clean - row["clean"]) > 1e-6:
+            raise RuntimeError(f"{cell}: the rebuilt model's clean accuracy {clean:.2f} differs from the recorded "
+                               f"{row['clean']:.2f}; the checkpoint does not belong to this cell")
+        row.update({k: v for k, v in self.evaluate(model, True).items() if k == "autoattack"})
         atomic_write_text(done, json.dumps(row, indent=2))
         return row
 
@@ -269,7 +302,7 @@ class Bench:
             row = {"seed": self.seed, "method": "teacher", "ratio": 1.0, "params": self.dense_params,
                    "ratio params": 1.0, "ratio FLOPs": 1.0, "epochs": self.prof.teacher_epochs,
                    "student passes": self.passes(self.prof.teacher_epochs), "train s": time.perf_counter() - t0,
-                   **self.evaluate(self.teacher, True)}
+                   **self.evaluate(self.teacher, False)}
             atomic_write_text(done, json.dumps(row, indent=2))
         self.train_teacher()  # loads the finished checkpoint (no training) when the row was cached
         return row
@@ -386,6 +419,21 @@ def main(argv: list[str] | None = None) -> int:
         row = bench.teacher_row()
         rows.append(row)
         _log(f"seed {seed} teacher: clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f}")
+    if args.autoattack and not args.report:
+        for ratio in args.ratios:
+            for seed in args.seeds:
+                bench = Bench(args, prof, seed, train, test, device)
+                bench.train_teacher()
+                for method in [m for m in args.methods if m in AA_METHODS]:
+                    t0 = time.perf_counter()
+                    row = bench.add_autoattack(method, ratio)
+                    if row is not None:
+                        _log(f"seed {seed} {ratio:g}x {method:<18} AutoAttack {row.get('autoattack', '-')} "
+                             f"({time.perf_counter() - t0:.0f} s)")
+        rows = [r for r in rows if r["method"] == "teacher"]
+        args.report = True
+        for seed in args.seeds:
+            rows += [json.loads(p.read_text()) for p in sorted((args.runs / f"seed{seed}").glob("*x/result.json"))]
     if not args.report:
         for ratio in args.ratios:  # ratio-major: a partial run still has every seed of the first ratio
             for seed in args.seeds:

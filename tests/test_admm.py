@@ -51,12 +51,12 @@ def test_without_the_term_w_stays_far_from_low_rank(pretrained: nn.Module) -> No
     model = copy.deepcopy(pretrained)
     plan = cstar_fx.plan_ranks(model, ratio=4)
     finetune(model, digits()[0].subset(640), ADMM_RUN)
-    assert Admm(model, plan, AdmmConfig(replan=False)).history[0].gap > 0.5
+    assert Admm(model, plan, AdmmConfig(rho=1.0, replan=False)).history[0].gap > 0.5
 
 
 def test_refresh_every_n_steps_is_counted() -> None:
     model = _model()
-    admm = Admm(model, cstar_fx.plan_ranks(model, ratio=4), AdmmConfig(refresh_every=3, replan=False))
+    admm = Admm(model, cstar_fx.plan_ranks(model, ratio=4), AdmmConfig(rho=1.0, refresh_every=3, replan=False))
     finetune(model, digits()[0].subset(320), TrainConfig(epochs=1, batch_size=32, lr=0.01, progress=False,
                                                          loss=LossConfig("clean")), hook=admm)
     assert [r.step for r in admm.history] == [0, 3, 6, 9]
@@ -90,12 +90,12 @@ def test_refresh_is_the_scaled_admm_update_and_penalty_gradient() -> None:
 
 def test_admm_state_survives_a_weights_only_checkpoint() -> None:
     model = _model()
-    admm = Admm(model, cstar_fx.plan_ranks(model, ratio=4), AdmmConfig(replan=True))
+    admm = Admm(model, cstar_fx.plan_ranks(model, ratio=4), AdmmConfig(rho=1.0, replan=True))
     admm.refresh()
     buf = io.BytesIO()
     torch.save(admm.state_dict(), buf)
     buf.seek(0)
-    other = Admm(_model(), cstar_fx.plan_ranks(model, ratio=4), AdmmConfig(replan=True))
+    other = Admm(_model(), cstar_fx.plan_ranks(model, ratio=4), AdmmConfig(rho=1.0, replan=True))
     other.load_state_dict(torch.load(buf, weights_only=True))
     assert other.rho == admm.rho and other.steps == admm.steps and other.plan == admm.plan
     assert all(torch.equal(other.U[n], admm.U[n]) for n in admm.U)
@@ -106,10 +106,10 @@ def test_admm_argument_errors() -> None:
     model = _model()
     flops_plan = cstar_fx.plan_ranks(model, ratio=4, budget="flops", example_inputs=torch.rand(1, 1, 8, 8))
     with pytest.raises(ValueError, match="replan_fn="):
-        Admm(model, flops_plan, AdmmConfig(replan=True))
+        Admm(model, flops_plan, AdmmConfig(rho=1.0, replan=True))
     other = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     with pytest.raises(ValueError, match="not parameters of this model"):
-        Admm(other, cstar_fx.plan_ranks(model, ratio=4), AdmmConfig(replan=False))
+        Admm(other, cstar_fx.plan_ranks(model, ratio=4), AdmmConfig(rho=1.0, replan=False))
     with pytest.raises(ValueError, match="rho_max"):
         AdmmConfig(rho=2.0, rho_max=1.0)
 

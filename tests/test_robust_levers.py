@@ -220,3 +220,48 @@ def test_decompose_finetune_with_calibration_and_distillation_runs_and_keeps_the
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="calibrate"):
         decompose_finetune(model, train, 4, cfg, calibrate=-1)
+
+
+# -- the joint phase ------------------------------------------------------------------------------------------
+
+def test_admm_gives_a_layer_whose_ranks_change_a_fresh_dual_and_logs_the_worst_layer() -> None:
+    from cstar_fx.robust import Admm, AdmmConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    p2, p4 = cstar_fx.plan_ranks(model, 2, round_to=1), cstar_fx.plan_ranks(model, 4, round_to=1)
+    assert all(p2.layers[n].ranks != p4.layers[n].ranks for n in p2.factorized)
+    plans = iter([p2, p4])
+    admm = Admm(model, p2, AdmmConfig(rho=1.0), replan_fn=lambda m: next(plans))
+    with torch.no_grad():
+        model[0].weight.add_(0.3 * torch.randn(32, 32))
+    admm.refresh()  # same ranks: U accumulates W - Z
+    assert admm.U["0.weight"].abs().sum() > 0
+    with torch.no_grad():
+        model[1].weight.add_(0.3 * torch.randn(32, 32))
+    admm.refresh()  # new ranks everywhere: the dual restarts from W - Z alone
+    for name in ("0.weight", "1.weight"):
+        w = dict(model.named_parameters())[name].detach()
+        assert torch.allclose(admm.U[name], w - admm.Z[name], atol=1e-6)
+    last = admm.history[-1]
+    per_layer = admm.layer_residuals()
+    assert last.worst == max(per_layer.values()) and last.worst_layer in per_layer
+    assert last.worst >= last.relative - 1e-9  # the global number never exceeds the worst layer
+
+
+def test_cstar_resolves_auto_rho_from_the_joint_learning_rate() -> None:
+    from cstar_fx.robust import AdmmConfig, JointConfig, auto_rho, cstar
+
+    torch.manual_seed(0)
+    data = digits()[0].subset(256)
+    quick = TrainConfig(epochs=1, batch_size=64, lr=0.02, progress=False, loss=LossConfig("clean"))
+    cfg = JointConfig(joint=quick.replace(schedule="constant"), finetune=quick, admm=AdmmConfig(replan=False))
+    with pytest.warns(UserWarning, match="hand-off"):  # one joint epoch cannot close the gap: said, not hidden
+        gm = cstar(small_cnn(width=8), data, 4, cfg, round_to=1)
+    used = gm.meta["cstar_training"]["config"]["admm"]["rho"]
+    assert used == pytest.approx(auto_rho(cfg.joint, 4))  # 256 images / batch 64 = 4 steps per refresh
+    assert gm.meta["cstar_training"]["admm"][-1]["worst_layer"]
+    with pytest.raises(ValueError, match="auto"):
+        from cstar_fx.robust import Admm
+
+        Admm(small_cnn(width=8), cstar_fx.plan_ranks(small_cnn(width=8), 4, round_to=1), AdmmConfig())

@@ -4,10 +4,10 @@ Example:
     >>> from cstar_fx.robust import pgd, adversarial_loss, finetune, cstar, evaluate, TrainConfig
 """
 
-from .admm import Admm, AdmmRecord, TrainHook
+from .admm import Admm, AdmmRecord, TrainHook, auto_rho
 from .attacks import fgsm, pgd
 from .config import AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig
-from .cstar import cstar, decompose_finetune
+from .cstar import calibration_batches, cstar, decompose_finetune
 from .distributed import World, init_from_env, is_main_process, process_group
 from .evaluate import MissingExtraError, RobustResult, SanityReport, autoattack, evaluate
 from .finetune import RunDirError, TrainHistory, finetune, load_checkpoint, recalibrate_bn
@@ -18,8 +18,8 @@ __all__ = [
     "adversarial_loss", "adversarial_step", "LossOutput",
     "AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig",
     "finetune", "TrainHistory", "RunDirError", "load_checkpoint", "recalibrate_bn",
-    "Admm", "AdmmRecord", "TrainHook",
-    "cstar", "decompose_finetune",
+    "Admm", "AdmmRecord", "TrainHook", "auto_rho",
+    "cstar", "decompose_finetune", "calibration_batches",
     "evaluate", "autoattack", "RobustResult", "SanityReport", "MissingExtraError",
     "init_from_env", "process_group", "is_main_process", "World",
 ]

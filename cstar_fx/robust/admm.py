@@ -27,9 +27,24 @@ import torch.nn as nn
 
 from ..decompose import project
 from ..plan import RankPlan
-from .config import AdmmConfig
+from .config import AdmmConfig, TrainConfig
 
-__all__ = ["Admm", "AdmmRecord", "TrainHook"]
+__all__ = ["Admm", "AdmmRecord", "TrainHook", "auto_rho"]
+
+
+def auto_rho(cfg: TrainConfig, steps_per_refresh: int) -> float:
+    """The "auto" ADMM weight: SGD with momentum closes the W-Z gap about once per refresh.
+
+    Each step closes about ``lr * rho / (1 - momentum)`` of the gap, so
+    ``rho = (1 - momentum) / (lr * steps_per_refresh)``.
+
+    Example:
+        >>> round(auto_rho(TrainConfig(lr=0.05, momentum=0.9), 20), 6)
+        0.1
+    """
+    if isinstance(steps_per_refresh, bool) or not isinstance(steps_per_refresh, int) or steps_per_refresh < 1:
+        raise ValueError(f"steps_per_refresh must be an int >= 1, got {steps_per_refresh!r}")
+    return max(1.0 - cfg.momentum, 1e-3) / (cfg.lr * steps_per_refresh)
 
 
 class TrainHook:
@@ -71,11 +86,13 @@ class TrainHook:
 @dataclass(frozen=True)
 class AdmmRecord:
     """One refresh: optimiser step, ``||W - Z||`` (absolute and relative to ``||W||``), the distance of W
-    itself to its projection at the plan's ranks (relative), rho after the refresh and the planned ratio.
+    itself to its projection at the plan's ranks (relative), rho after the refresh, the planned ratio,
+    and the largest per-layer relative residual with its layer (the global number can hide one layer
+    that has not converged).
 
     Example:
-        >>> AdmmRecord(0, 1.0, 0.5, 0.4, 0.01, 8.0).relative
-        0.5
+        >>> AdmmRecord(0, 1.0, 0.5, 0.4, 0.01, 8.0, 0.9, "conv1").worst_layer
+        'conv1'
     """
 
     step: int
@@ -84,11 +101,13 @@ class AdmmRecord:
     gap: float
     rho: float
     ratio: float
+    worst: float = 0.0
+    worst_layer: str = ""
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return dict(step=self.step, residual=self.residual, relative=self.relative, gap=self.gap,
-                    rho=self.rho, ratio=self.ratio)
+                    rho=self.rho, ratio=self.ratio, worst=self.worst, worst_layer=self.worst_layer)
 
 
 def _default_replan(plan: RankPlan) -> Callable[[nn.Module], RankPlan]:
@@ -112,18 +131,20 @@ class Admm(TrainHook):
     Example:
         >>> import torch.nn as nn, cstar_fx
         >>> model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
-        >>> admm = Admm(model, cstar_fx.plan_ranks(model, ratio=2), AdmmConfig(replan=False))
+        >>> admm = Admm(model, cstar_fx.plan_ranks(model, ratio=2), AdmmConfig(rho=1.0, replan=False))
         >>> admm.refresh(); len(admm.history)
         2
     """
 
-    def __init__(self, model: nn.Module, plan: RankPlan, cfg: AdmmConfig | None = None, *,
+    def __init__(self, model: nn.Module, plan: RankPlan, cfg: AdmmConfig, *,
                  replan_fn: Callable[[nn.Module], RankPlan] | None = None) -> None:
-        cfg = AdmmConfig() if cfg is None else cfg
         if not isinstance(cfg, AdmmConfig):
             raise TypeError(f"cfg must be an AdmmConfig, got {type(cfg).__name__}")
         if not isinstance(plan, RankPlan):
             raise TypeError(f"plan must be a cstar_fx.RankPlan (from plan_ranks), got {type(plan).__name__}")
+        if cfg.rho is None:
+            raise ValueError("AdmmConfig(rho=None) means 'auto', which cstar() resolves from the joint phase's learning "
+                             "rate; to use Admm directly pass a number, e.g. AdmmConfig(rho=auto_rho(train_cfg, steps))")
         self.model, self.cfg, self.plan = model, cfg, plan
         self.replan_fn = (replan_fn or _default_replan(plan)) if cfg.replan else None
         self.params = dict(model.named_parameters())
@@ -133,6 +154,7 @@ class Admm(TrainHook):
         self.history: list[AdmmRecord] = []
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
+        self._z_ranks: dict[str, tuple[int, ...]] = {}
         self._synced_at: int | None = None  # len(history) at the last sync
         self._update_z()
         self._record()
@@ -181,8 +203,11 @@ class Admm(TrainHook):
                 del self.Z[name], self.U[name]
         for name, r in ranks.items():
             w = self.params[name].detach()
+            if self._z_ranks.get(name, r) != r:  # the dual of another constraint: start it afresh
+                self.U[name] = torch.zeros_like(w)
             u = self.U.setdefault(name, torch.zeros_like(w))
             self.Z[name] = project(w + u, r).to(w.dtype)
+        self._z_ranks = dict(ranks)
 
     @torch.no_grad()
     def residual(self) -> tuple[float, float]:
@@ -191,7 +216,7 @@ class Admm(TrainHook):
         Example:
             >>> import torch.nn as nn, cstar_fx
             >>> m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
-            >>> r, rel = Admm(m, cstar_fx.plan_ranks(m, ratio=2), AdmmConfig(replan=False)).residual()
+            >>> r, rel = Admm(m, cstar_fx.plan_ranks(m, ratio=2), AdmmConfig(rho=1.0, replan=False)).residual()
             >>> 0 < rel < 1
             True
         """
@@ -208,9 +233,28 @@ class Admm(TrainHook):
             norm += float(w.double().pow(2).sum())
         return math.sqrt(diff / norm) if norm > 0 else 0.0
 
+    @torch.no_grad()
+    def layer_residuals(self) -> dict[str, float]:
+        """``||W - Z|| / ||W||`` per constrained weight, now.
+
+        Example:
+            >>> import torch.nn as nn, cstar_fx
+            >>> m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+            >>> sorted(Admm(m, cstar_fx.plan_ranks(m, ratio=2), AdmmConfig(rho=1.0, replan=False)).layer_residuals())
+            ['0.weight', '1.weight']
+        """
+        out = {}
+        for n in self.Z:
+            norm = float(self.params[n].double().norm())
+            out[n] = float((self.params[n] - self.Z[n]).double().norm()) / norm if norm > 0 else 0.0
+        return out
+
     def _record(self) -> None:
         res, rel = self.residual()
-        self.history.append(AdmmRecord(self.steps, res, rel, self._gap(), self.rho, self.plan.ratio_params))
+        per_layer = self.layer_residuals()
+        worst = max(per_layer, key=per_layer.__getitem__) if per_layer else ""
+        self.history.append(AdmmRecord(self.steps, res, rel, self._gap(), self.rho, self.plan.ratio_params,
+                                       per_layer.get(worst, 0.0), worst))
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -237,7 +281,8 @@ class Admm(TrainHook):
         if self.cfg.refresh_every is None:
             self.refresh()
         last = self.history[-1]
-        return {"admm_residual": last.relative, "admm_gap": last.gap, "rho": self.rho}
+        return {"admm_residual": last.relative, "admm_worst_layer_residual": last.worst, "admm_gap": last.gap,
+                "rho": self.rho}
 
     def sync(self) -> None:
         """Under ``torch.distributed``: copy rank 0's Z, U, rho, plan and history to every rank.
@@ -269,18 +314,20 @@ class Admm(TrainHook):
     def _restore_meta(self, state: dict[str, Any]) -> None:
         self.rho, self.steps = float(state["rho"]), int(state["steps"])
         self.plan = RankPlan.from_json(state["plan"])
-        self.history = [AdmmRecord(**{k: (int(v) if k == "step" else float(v)) for k, v in r.items()})
-                        for r in state["history"]]
+        self.history = [AdmmRecord(**{k: (int(v) if k == "step" else str(v) if k == "worst_layer" else float(v))
+                                      for k, v in r.items()}) for r in state["history"]]
 
     def state_dict(self) -> dict[str, Any]:
-        """Z, U, rho, the step count, the plan (JSON) and the history."""
+        """Z, U, rho, the step count, the plan (JSON), the ranks Z was projected at and the history."""
         return {"rho": self.rho, "steps": self.steps, "plan": self.plan.to_json(indent=None),
+                "z_ranks": {k: list(v) for k, v in self._z_ranks.items()},
                 "Z": {k: v.clone() for k, v in self.Z.items()}, "U": {k: v.clone() for k, v in self.U.items()},
                 "history": [r.to_dict() for r in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (on resume)."""
         self._restore_meta(state)
+        self._z_ranks = {k: tuple(int(r) for r in v) for k, v in state.get("z_ranks", {}).items()} or self.ranks
         dev = {n: self.params[n].device for n in state["Z"]}
         self.Z = {k: v.to(dev[k]) for k, v in state["Z"].items()}
         self.U = {k: v.to(dev[k]) for k, v in state["U"].items()}

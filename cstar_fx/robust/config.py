@@ -198,30 +198,37 @@ class TrainConfig(_Replace):
 class AdmmConfig(_Replace):
     """CSTAR's ADMM proximity term ``rho/2 * ||W - Z + U||^2`` over the factorizable weights.
 
-    * ``rho``: the penalty weight at the start; ``rho_growth``: multiplies ``rho`` after each
-      refresh (up to ``rho_max``), the usual ADMM continuation that tightens ``W ~= Z`` over time.
-      The term is a sum over all constrained weights, so ``lr * rho`` is the fraction of the
-      distance to Z closed per SGD step (before momentum): keep it well below 1.
+    * ``rho``: the penalty weight; ``None`` (default) is "auto", resolved by
+      :func:`~cstar_fx.robust.cstar` with :func:`~cstar_fx.robust.admm.auto_rho`: the weight at which
+      SGD with momentum closes the gap between W and Z about once per refresh at the joint phase's
+      learning rate. ``lr * rho / (1 - momentum)`` is the fraction of the gap closed per step; far
+      larger values turn the "joint" phase into a hard projection followed by retraining.
+    * ``rho_growth``: multiplies ``rho`` after each refresh (up to ``rho_max``), the usual ADMM
+      continuation; 1.0 (default) keeps it constant, as in the group's reference ADMM code.
     * ``refresh_every``: refresh Z and U every this many optimiser steps; ``None`` (default): once per epoch.
     * ``replan``: re-run the global rank allocator on ``W + U`` at each refresh (the allocator as the
-      budget-constrained projection); ``False`` keeps the ranks chosen on the initial weights.
+      budget-constrained projection); ``False`` keeps the ranks chosen on the initial weights. A
+      layer whose ranks change gets a fresh dual variable (the old one belongs to another constraint).
 
     Example:
         >>> AdmmConfig(rho=0.5, refresh_every=50).refresh_every
         50
+        >>> AdmmConfig().rho is None  # auto
+        True
     """
 
-    rho: float = 1.0
-    rho_growth: float = 1.25
+    rho: float | None = None
+    rho_growth: float = 1.0
     rho_max: float = 10.0
     refresh_every: int | None = None
     replan: bool = True
 
     def __post_init__(self) -> None:
-        _number(self, "rho", low=0.0, strict_low=True)
+        if self.rho is not None:
+            _number(self, "rho", low=0.0, strict_low=True)
         _number(self, "rho_growth", low=1.0)
         _number(self, "rho_max", low=0.0, strict_low=True)
-        if self.rho_max < self.rho:
+        if self.rho is not None and self.rho_max < self.rho:
             raise ValueError(f"rho_max ({self.rho_max:g}) must be >= rho ({self.rho:g}); raise rho_max or lower rho")
         if self.refresh_every is not None:
             _int(self, "refresh_every", 1)
@@ -233,7 +240,8 @@ class AdmmConfig(_Replace):
 class JointConfig(_Replace):
     """The whole CSTAR recipe: ADMM adversarial training of the dense model, then adversarial fine-tuning.
 
-    * ``joint``: the training run with the ADMM term (dense weights, usually from a robust teacher).
+    * ``joint``: the training run with the ADMM term (dense weights, usually from a robust teacher); a
+      constant learning rate by default, so W can still follow Z at the end of the phase.
     * ``finetune``: the adversarial fine-tune of the factorized network.
     * ``admm``: the proximity term's settings.
 
@@ -243,7 +251,7 @@ class JointConfig(_Replace):
         True
     """
 
-    joint: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.01))
+    joint: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.01, schedule="constant"))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.01))
     admm: AdmmConfig = field(default_factory=AdmmConfig)
 

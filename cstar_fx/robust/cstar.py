@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,20 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..api import plan_ranks, transform
-from ..data import as_loader
 from ..config import CstarConfig
+from ..data import as_loader
 from ..passes.shapes import as_tuple
 from ..plan import RankPlan
-from .admm import Admm
-from .config import JointConfig, TrainConfig
+from .admm import Admm, auto_rho
 from .attacks import pgd
+from .config import JointConfig, TrainConfig
 from .finetune import _model_device, _private_rng, finetune, recalibrate_bn
 
 __all__ = ["cstar", "decompose_finetune", "calibration_batches", "model_on"]
 
 _TRACE_OPTIONS = ("leaf_modules", "concrete_args")
 _BN_BATCHES = 20
+_HANDOFF_RESIDUAL = 0.25  # relative ||W - Z|| of a layer above which the hand-off is a hard cut
 
 
 def calibration_batches(model: nn.Module, train_data: Any, n: int, cfg: TrainConfig, *,
@@ -114,15 +116,26 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     def replan(m: nn.Module) -> RankPlan:
         return plan_ranks(m, ratio, example_inputs=example_inputs, **plan_options)
 
-    admm = Admm(dense, replan(dense), cfg.admm, replan_fn=replan)
+    admm_cfg = cfg.admm
+    if admm_cfg.rho is None:
+        steps = admm_cfg.refresh_every or len(as_loader(train_data, cfg.joint.batch_size, True, dev))
+        rho = auto_rho(cfg.joint, max(1, steps))
+        admm_cfg = admm_cfg.replace(rho=rho, rho_max=max(admm_cfg.rho_max, rho))
+    admm = Admm(dense, replan(dense), admm_cfg, replan_fn=replan)
     joint = finetune(dense, train_data, cfg.joint, run_dir=_sub(run_dir, "joint"), resume=resume, device=dev, hook=admm)
+    last = admm.history[-1]
+    if cfg.joint.epochs and last.worst > _HANDOFF_RESIDUAL:
+        warnings.warn(f"ADMM hand-off: layer {last.worst_layer!r} is still {last.worst:.0%} away from its low-rank "
+                      f"projection (global {last.relative:.0%}), so transform will cut it hard; give the joint phase "
+                      f"more epochs or a larger AdmmConfig(rho=...)", stacklevel=2)
     gm = transform(dense, plan=admm.plan, example_inputs=example_inputs,
                    **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
     recalibrate_bn(gm, train_data, _BN_BATCHES, cfg.finetune.batch_size, seed=cfg.finetune.seed, device=dev)
     tuned = finetune(gm, train_data, cfg.finetune, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=model_on(model, dev) if cfg.finetune.loss.distill > 0 else None)
     gm.meta["cstar_training"] = {"method": "cstar", "joint": joint.to_dict(), "finetune": tuned.to_dict(),
-                                 "admm": [r.to_dict() for r in admm.history], "config": cfg.to_dict()}
+                                 "admm": [r.to_dict() for r in admm.history],
+                                 "config": cfg.replace(admm=admm_cfg).to_dict()}
     return gm
 
 
