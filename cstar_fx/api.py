@@ -125,7 +125,8 @@ def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spect
              calibration: Any = None) -> _Analysis:
     if cfg.unpack_attention:
         model = unpack_attention(model)
-    gm = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
+    gm = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args,
+               autowrap_functions=cfg.autowrap_functions)
     _check_devices(gm)
     sites, unsupported = find_layers(gm)
     shapes = record_shapes(gm, example_inputs, {n for s in sites for n in s.nodes}) if example_inputs is not None else {}
@@ -260,7 +261,8 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
     ``"flops"`` or ``"latency"`` (measured on ``target=LatencyTarget(...)``; then ``target_speedup`` or
     ``latency_ms`` may stand for ``ratio``). ``options`` are the other :class:`CstarConfig` fields
     (``round_to``, ``min_rank``, ``skip``, ``conv_scheme``, ``leaf_modules``, ``concrete_args``,
-    ``cost_model``, ``target``, ``param_ratio``). With ``example_inputs`` the plan also reports FLOPs.
+    ``autowrap_functions``, ``cost_model``, ``target``, ``param_ratio``). With ``example_inputs`` the plan
+    also reports FLOPs.
     With ``calibration`` (model inputs: a tensor or an iterable of batches) each layer's spectrum is
     that of its *outputs* on those inputs (data-aware allocation, see :func:`transform`).
 
@@ -361,7 +363,8 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
         cfg = resolve_config(8 if ratio is None else ratio, options)
     else:  # the plan fixes the ranks; options are still validated so a misspelt one is not silently ignored
         cfg = resolve_config(2.0, options)
-    source = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
+    source = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args,
+                   autowrap_functions=cfg.autowrap_functions)
     gm = copy.deepcopy(source)
     if not decompose and calibration is not None:
         raise ValueError("decompose=False builds zero factors, so calibration would be ignored; drop one of them")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable
 from typing import Any
 
 from .costs import CostModel
@@ -36,6 +37,10 @@ class CstarConfig:
     * ``conv_scheme``: ``"tucker2"`` (default), ``"svd"``, or ``"auto"`` (per layer, whichever keeps more
       energy for the cost: Tucker-2 first, then a layer moves to SVD when that is better within the budget).
     * ``leaf_modules``: module names/patterns/types fx should not trace into.
+    * ``concrete_args``: forward() arguments to fix while tracing (for control flow on them).
+    * ``autowrap_functions``: module-level functions fx should call opaquely rather than trace into
+      (helpers with data-dependent control flow); timm's own not-traced registry is added automatically
+      when timm is loaded.
     * ``cost_model``: a custom cost (e.g. measured latency); overrides ``budget``.
     * ``target``: for ``budget="latency"``, a :class:`cstar_fx.latency.LatencyTarget` (default: onnxruntime
       CPU, batch 1); ``ratio`` is then the speedup to reach.
@@ -62,6 +67,7 @@ class CstarConfig:
     target: Any = None
     param_ratio: float | None = None
     unpack_attention: bool = False
+    autowrap_functions: tuple[Callable[..., Any], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", _check_ratio(self.ratio))
@@ -90,6 +96,12 @@ class CstarConfig:
         if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
             raise TypeError(f"concrete_args must be a dict of forward() argument name -> value, "
                             f"got {type(self.concrete_args).__name__}")
+        funcs = self.autowrap_functions
+        funcs = (funcs,) if callable(funcs) else funcs
+        if not isinstance(funcs, (tuple, list)) or any(not callable(f) or isinstance(f, type) for f in funcs):
+            raise TypeError(f"autowrap_functions entries must be functions fx should call opaquely, e.g. "
+                            f"autowrap_functions=(my_helper,), got {self.autowrap_functions!r}")
+        object.__setattr__(self, "autowrap_functions", tuple(funcs))
         if not isinstance(self.unpack_attention, bool):
             raise TypeError(f"unpack_attention must be True or False, got {self.unpack_attention!r}")
         if self.cost_model is not None and not callable(self.cost_model):

@@ -46,7 +46,7 @@ __all__ = ["save", "load", "CheckpointError", "MODEL_FORMAT"]
 MODEL_FORMAT = "cstar-fx/model/1"
 _FORMAT_FAMILY = "cstar-fx/model/"
 _REQUIRED_KEYS = ("format", "plan", "report", "options", "sha256")
-_TRACE_OPTIONS = ("leaf_modules", "concrete_args", "unpack_attention")
+_TRACE_OPTIONS = ("leaf_modules", "concrete_args", "unpack_attention", "autowrap_functions")
 
 
 class CheckpointError(ValueError):
@@ -233,8 +233,9 @@ def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> f
     loads the saved weights with exact key and shape checks (values are cast to ``model``'s dtypes and
     devices, as ``load_state_dict`` does). ``model`` is not modified. ``options`` are transform's trace
     options and override what the file recorded: ``leaf_modules`` (default: the modules the saved graph
-    called opaquely), ``unpack_attention`` (default: as saved), ``concrete_args`` (not saved: pass them
-    again if transform needed them). Nothing is unpickled and nothing is written.
+    called opaquely), ``unpack_attention`` (default: as saved), ``concrete_args`` and
+    ``autowrap_functions`` (not saved: pass them again if transform needed them). Nothing is unpickled and
+    nothing is written.
 
     Example:
         >>> import os, tempfile, torch.nn as nn, cstar_fx

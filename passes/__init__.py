@@ -1,5 +1,6 @@
-"""Graph passes over torch.fx GraphModules: tracing, layer discovery, shapes, the factorization rewrite
-and Torch-Pruning interop. Installed as ``cstar_fx.passes``.
+"""Graph passes over torch.fx GraphModules: tracing, layer discovery, shapes, the factorization rewrite,
+Torch-Pruning interop, and :class:`CstarPass` / :class:`PrunePass` for ``torch.fx`` PassManager pipelines.
+Installed as ``cstar_fx.passes``.
 
 Example:
     >>> from cstar_fx.passes import trace, find_layers
@@ -14,4 +15,13 @@ from .shapes import record_shapes
 from .trace import TraceError, register_leaf, trace
 
 __all__ = ["trace", "register_leaf", "TraceError", "find_layers", "LayerSite", "factorize", "build_factors",
-           "dense_weight", "record_shapes"]
+           "dense_weight", "record_shapes", "CstarPass", "PrunePass", "PassCheckError"]
+
+
+def __getattr__(name: str) -> object:
+    # The pass objects build on cstar_fx.api, which imports this package: load them on first use.
+    if name in ("CstarPass", "PrunePass", "PassCheckError"):
+        from . import pass_objects
+
+        return getattr(pass_objects, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

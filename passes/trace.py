@@ -1,4 +1,7 @@
-"""Tracing with torch.fx, a leaf-module registry, and errors that say what to do.
+"""Tracing with torch.fx, a leaf-module registry, functions fx calls opaquely, and errors that say what to do.
+
+When timm is loaded, its own not-traced registry (``timm.layers.register_notrace_module`` /
+``register_notrace_function``) is honoured too, so timm models trace as timm traces them.
 
 Example:
     >>> import torch.nn as nn
@@ -11,14 +14,17 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable
+from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["TraceError", "register_leaf", "registered_leaves", "trace", "CstarTracer"]
+__all__ = ["TraceError", "register_leaf", "registered_leaves", "timm_notrace", "trace", "CstarTracer"]
 
 _LEAF_TYPES: set[type[nn.Module]] = set()
 M = TypeVar("M", bound=type)
@@ -61,9 +67,40 @@ def registered_leaves() -> frozenset[type[nn.Module]]:
     return frozenset(_LEAF_TYPES)
 
 
+def timm_notrace() -> tuple[tuple[Callable[..., Any], ...], tuple[type[nn.Module], ...]]:
+    """timm's not-traced registry: (functions fx must call opaquely, module types it must not enter).
+
+    Empty when timm has not been imported. Only an already-imported timm is consulted: a timm model
+    cannot exist without it, and importing timm for every other model would cost seconds for nothing.
+    Both registries are read from ``timm.layers`` (timm >= 1.0.17) or ``timm.models._features_fx``
+    (older timm), through their public getters.
+
+    Example:
+        >>> functions, modules = timm_notrace()
+        >>> isinstance(functions, tuple) and isinstance(modules, tuple)
+        True
+    """
+    if "timm" not in sys.modules:
+        return (), ()
+    getters = None
+    for where in ("timm.layers", "timm.models._features_fx"):
+        try:
+            mod = __import__(where, fromlist=["get_notrace_functions"])
+            getters = (mod.get_notrace_functions, mod.get_notrace_modules)
+            break
+        except (ImportError, AttributeError):
+            continue
+    if getters is None:
+        return (), ()
+    functions = tuple(f for f in getters[0]() if callable(f) and not isinstance(f, type))
+    modules = tuple(m for m in getters[1]() if isinstance(m, type) and issubclass(m, nn.Module))
+    return functions, modules
+
+
 class CstarTracer(fx.Tracer):
-    """An fx tracer that honours the leaf registry and per-call leaf names/patterns/types, and
-    remembers which module it was inside when tracing fails.
+    """An fx tracer that honours the leaf registry, per-call leaf names/patterns/types, functions to call
+    opaquely (``autowrap_functions``, plus timm's registry when timm is loaded), and remembers which module
+    it was inside when tracing fails.
 
     Example:
         >>> import torch.nn as nn
@@ -72,11 +109,14 @@ class CstarTracer(fx.Tracer):
         ['0']
     """
 
-    def __init__(self, leaf_modules: Iterable[str | type] = ()) -> None:
-        super().__init__()
+    def __init__(self, leaf_modules: Iterable[str | type] = (),
+                 autowrap_functions: Iterable[Callable[..., Any]] = ()) -> None:
+        timm_functions, timm_modules = timm_notrace()
+        functions = tuple(autowrap_functions)
+        super().__init__(autowrap_functions=functions + tuple(f for f in timm_functions if f not in functions))
         leaves = tuple(leaf_modules)
         self._leaf_names = tuple(x for x in leaves if isinstance(x, str))
-        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type)) + timm_modules
         self.cstar_stack: list[tuple[str, str]] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -99,33 +139,74 @@ class CstarTracer(fx.Tracer):
         return out
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _culprit(tb: TracebackType | None) -> tuple[str, str] | None:
+    """The innermost user frame of a failed trace: (qualified function name, "file:line")."""
+    found = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not code.co_filename.startswith(_TORCH_DIR) and code.co_filename != __file__:
+            found = (getattr(code, "co_qualname", code.co_name), f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}")
+        tb = tb.tb_next
+    return found
+
+
 def _explain(stack: list[tuple[str, str]], exc: Exception) -> TraceError:
-    name, cls = stack[-1] if stack else ("<root>", "model")
+    name, cls = stack[-1] if stack else ("", "model")
+    culprit = _culprit(exc.__traceback__)
     where = f"module {name!r} ({cls})" if name else f"the top-level module ({cls})"
-    return TraceError(
-        f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}\n"
-        f"Fix: mark it as a leaf so it is called opaquely — transform(..., leaf_modules=({name!r},)) or "
-        f"@cstar_fx.register_leaf on class {cls} — or, for control flow that depends on an argument, pass "
-        f"concrete_args={{...}} to fix that argument. Layers inside a leaf are not factorized."
-    )
+    if culprit:
+        where += f", in {culprit[0]} at {culprit[1]}"
+    # A module-level helper can be called opaquely; a forward (or a method) can only be made a leaf,
+    # and the root module cannot be a leaf of itself.
+    helper = culprit is not None and "." not in culprit[0] and "<" not in culprit[0]
+    fixes = []
+    if helper:
+        fixes.append(f"let fx call the function {culprit[0]} opaquely: transform(..., "
+                     f"autowrap_functions=({culprit[0]},)) or @torch.fx.wrap on it")
+    if name:
+        fixes.append(f"mark the module as a leaf so it is called opaquely: transform(..., leaf_modules=({name!r},)) "
+                     f"or @cstar_fx.register_leaf on class {cls} (layers inside a leaf are not factorized)")
+    fixes.append("for control flow that depends on a forward() argument, pass concrete_args={'name': value} "
+                 "to fix that argument")
+    if not name and not helper:
+        fixes.append("for control flow on tensor values, move it into a module-level function and pass "
+                     "autowrap_functions=(that_function,) so fx calls it opaquely")
+    return TraceError(f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}\nFix: " + "; or ".join(fixes) + ".")
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    # torch.compile returns an OptimizedModule around the model; fx must trace the model itself.
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return model._orig_mod
+    return model
 
 
 def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
-          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+          concrete_args: dict[str, Any] | None = None,
+          autowrap_functions: Iterable[Callable[..., Any]] = ()) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule (a GraphModule is returned as it is).
 
-    Raises :class:`TraceError` naming the module fx failed in and what to do about it.
+    ``leaf_modules`` (names, glob patterns or classes) are called opaquely, ``autowrap_functions``
+    (module-level functions, e.g. helpers with data-dependent control flow) appear as single
+    ``call_function`` nodes, and ``concrete_args`` fixes forward() arguments. A ``torch.compile``
+    wrapper is traced through to the module it compiles. Raises :class:`TraceError` naming the
+    module (and function) fx failed in and what to do about it.
 
     Example:
         >>> import torch.nn as nn
         >>> [n.op for n in trace(nn.Linear(3, 2)).graph.nodes]  # the root is traced into: F.linear on parameters
         ['placeholder', 'get_attr', 'get_attr', 'call_function', 'output']
     """
+    if isinstance(model, nn.Module):
+        model = _unwrap_compiled(model)
     if isinstance(model, fx.GraphModule):
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module or torch.fx.GraphModule, got {type(model).__name__}")
-    tracer = CstarTracer(leaf_modules)
+    tracer = CstarTracer(leaf_modules, autowrap_functions)
     try:
         with torch.no_grad():
             graph = tracer.trace(model, concrete_args=concrete_args)
