@@ -44,7 +44,7 @@ from ..plan import LayerPlan, RankPlan
 from .discover import find_layers
 from .shapes import as_tuple, eval_mode, record_shapes
 
-__all__ = ["IMPORTANCES", "protected_layers", "output_layers", "derive_plan", "prune_to_ratio"]
+__all__ = ["IMPORTANCES", "protected_layers", "output_layers", "derive_plan", "prune_to_ratio", "prune_to_ratio_finer"]
 
 IMPORTANCES = ("l2", "l1", "fpgm", "lamp", "bn", "random")
 """Importance names accepted by :func:`prune_to_ratio` (Torch-Pruning estimators)."""
@@ -425,7 +425,8 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
         if trial(top) < ratio * (1 - tolerance):
             raise UnreachableBudgetError(
                 f"channel pruning reaches at most {ratios[top]:.2f}x ({budget}) with round_to={round_to} on this "
-                f"model, short of {ratio:g}x; lower the ratio or round_to, or ignore fewer layers",
+                f"model, short of {ratio:g}x; lower the ratio{' or round_to' if round_to > 1 else ''}, or ignore "
+                "fewer layers",
                 max_ratio=ratios[top])
         # bisection for the smallest threshold whose pruning is `ratio` times smaller (cost falls as it rises)
         lo, hi = 0, top
@@ -439,6 +440,37 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
     if abs(ratios[best] / ratio - 1) > tolerance:
         raise UnreachableBudgetError(
             f"channel pruning cannot get within {tolerance:.0%} of {ratio:g}x ({budget}) with round_to={round_to}: "
-            f"the nearest reachable ratios are {ratios[lo]:.3f}x and {ratios[hi]:.3f}x; use a smaller round_to, "
-            "a nearby ratio or a larger tolerance", max_ratio=ratios[top])
+            f"the nearest reachable ratios are {ratios[lo]:.3f}x and {ratios[hi]:.3f}x; use "
+            f"{'a smaller round_to, ' if round_to > 1 else ''}a nearby ratio or a larger tolerance", max_ratio=ratios[top])
     return _prune_copy(model, example_inputs, groups, levels[best], round_to)
+
+
+def prune_to_ratio_finer(model: nn.Module, ratio: float, example_inputs: Any, *, round_to: int | None = 8,
+                         **options: Any) -> tuple[nn.Module, int]:
+    """:func:`prune_to_ratio` at ``round_to``, or at the coarsest finer granularity that reaches ``ratio``.
+
+    Whole multiples of ``round_to`` channels may overshoot the ratio on either side (a small network
+    has few channels per group); the search is then repeated at ``round_to // 2``, ``// 4``, ..., 1,
+    so the baseline is the ratio asked for rather than an error. Returns ``(pruned copy, round_to
+    used)``. ``options`` are :func:`prune_to_ratio`'s (``importance``, ``budget``, ``tolerance``,
+    ...). Raises :class:`cstar_fx.UnreachableBudgetError` (from the finest try, ``round_to=1``) when
+    even single channels cannot reach it.
+
+    Example:
+        >>> import torch
+        >>> from cstar_fx.models import small_cnn
+        >>> torch.manual_seed(0); model = small_cnn(in_channels=1, num_classes=10)  # doctest: +ELLIPSIS
+        <...>
+        >>> small, used = prune_to_ratio_finer(model, 4, torch.randn(1, 1, 8, 8), round_to=8)  # 8 overshoots
+        >>> count = lambda m: sum(p.numel() for p in m.parameters())
+        >>> used, abs(count(model) / count(small) / 4 - 1) <= 0.03
+        (4, True)
+    """
+    step = 1 if round_to is None else round_to
+    while True:
+        try:
+            return prune_to_ratio(model, ratio, example_inputs, round_to=step, **options), step
+        except UnreachableBudgetError:
+            if step == 1:
+                raise
+            step = max(1, step // 2)

@@ -13,10 +13,11 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["main", "build_parser", "UsageError", "Parser"]
 
 SUBCOMMANDS = ("demo", "plan", "compress", "export_cmd", "bench_cmd")
 
@@ -24,10 +25,34 @@ SUBCOMMANDS = ("demo", "plan", "compress", "export_cmd", "bench_cmd")
 class UsageError(Exception):
     """A bad option or input; the CLI prints the message on one line and exits with code 2.
 
+    ``prog`` (optional) is the command the message is about, e.g. ``"cstar-fx compress"``.
+
     Example:
         >>> str(UsageError("--ratio must be > 1"))
         '--ratio must be > 1'
     """
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`UsageError` instead of printing usage and exiting,
+    so :func:`main` reports every user mistake the same way (one line, exit code 2) and a config
+    file can be parsed with the same parser as the command line.
+
+    Example:
+        >>> p = Parser(prog="cstar-fx x"); _ = p.add_argument("--n", type=int)
+        >>> try:
+        ...     p.parse_args(["--n", "two"])
+        ... except UsageError as exc:
+        ...     print(exc.prog, "|", exc)
+        cstar-fx x | argument --n: invalid int value: 'two'
+    """
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102 - argparse's hook
+        raise UsageError(message, prog=self.prog)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().prog
         'cstar-fx'
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cstar-fx", description="CSTAR: compact, structured and adversarially robust networks via torch.fx",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cstar-fx {__version__}")
@@ -61,15 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    command = None
     try:
+        args = parser.parse_args(argv)
+        args.argv = argv
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        command = args.command
         return int(args.func(args) or 0)
     except UsageError as exc:
-        print(f"cstar-fx {args.command}: error: {exc}", file=sys.stderr)
+        prog = exc.prog or (f"cstar-fx {command}" if command else "cstar-fx")
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"{prog}: error: {message} (see {prog} --help)" if exc.prog and not command else
+              f"{prog}: error: {message}", file=sys.stderr)
         return 2
 
 

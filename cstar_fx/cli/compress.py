@@ -13,15 +13,15 @@ import datetime as dt
 import importlib
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Iterator
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from . import UsageError
+from .options import config_values, explicit_dests, fraction, integer, number
+from .runfolder import RunFolder
 
 __all__ = ["register", "run", "parse_eps"]
 
@@ -29,105 +29,106 @@ METHODS = ("cstar", "decompose", "prune")
 DATASETS = ("digits", "cifar10", "cifar10-jpeg", "folder")
 MODELS = ("small_cnn", "resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn", "mobilenet_v2")
 COMPLETE = "COMPLETE"
+_NOT_CONFIG = {"func", "command", "config", "overwrite", "out", "argv", "parser"}
+"""Namespace entries that are not options of a run (never read from, nor written to, config.json)."""
+_RESUME_IGNORES = ("device",)
+"""Options a run folder may be resumed with a different value of (they do not change the results)."""
 
 
 def parse_eps(text: str) -> float:
-    """An attack radius given as a number or a fraction such as ``8/255``.
+    """An attack radius given as a number or a fraction such as ``8/255``, in [0, 1).
 
     Example:
         >>> round(parse_eps("8/255"), 5)
         0.03137
     """
-    try:
-        value = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (inputs are in [0, 1]), got {text!r}")
-    return value
-
-
-def _positive_ratio(text: str) -> float:
-    value = float(text)
-    if not value > 1:
-        raise argparse.ArgumentTypeError(f"ratios must be > 1, got {text}")
-    return value
+    return fraction()(text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``compress`` sub-command.
 
+    Every option's value check is its ``type=`` (see :mod:`cstar_fx.cli.options`), so the command line and
+    ``--config`` files are validated by the same code; checks that relate several options are in ``_check``.
+
     Example:
-        >>> import argparse
-        >>> p = argparse.ArgumentParser(); register(p.add_subparsers())
+        >>> from cstar_fx.cli import Parser
+        >>> p = Parser(); register(p.add_subparsers())
     """
     p = sub.add_parser("compress", help="run the whole pipeline and write a report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+    count, positive = integer(at_least=0), integer(at_least=1)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="small_cnn", choices=MODELS, help="architecture (random init)")
     g.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"), help="torchvision input stem")
     g.add_argument("--model-class", default=None, metavar="MODULE:CLASS",
-                   help="your own nn.Module class, built with no arguments (overrides --model)")
+                   help="your own nn.Module class, built with no arguments (overrides --model); only taken from the "
+                        "command line, never from --config, since it imports and runs code")
     g.add_argument("--checkpoint", type=Path, default=None,
                    help="state_dict for the model (loaded with weights_only=True), used as the teacher")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="digits", choices=DATASETS, help="training/evaluation data")
     g.add_argument("--data", type=Path, default=None,
                    help="cifar10: torchvision root; cifar10-jpeg: the .tar.xz archive; folder: root with train/ test/")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N training and N//4 test images")
+    g.add_argument("--limit", type=integer(at_least=8), default=None,
+                   help="use only the first N training and N//4 test images")
     g = p.add_argument_group("compression")
-    g.add_argument("--ratios", type=_positive_ratio, nargs="+", default=[8.0], help="compression ratios")
+    g.add_argument("--ratios", type=number(above=1), nargs="+", default=[8.0], help="compression ratios")
     g.add_argument("--methods", nargs="+", default=["cstar", "decompose"], choices=METHODS,
                    help="cstar: ADMM joint training + fine-tune; decompose: transform + fine-tune; prune: Torch-Pruning")
     g.add_argument("--budget", default="params", choices=("params", "flops"), help="what the ratio counts")
-    g.add_argument("--round-to", type=int, default=8, help="ranks/channels are multiples of this")
+    g.add_argument("--round-to", type=positive, default=8,
+                   help="ranks/channels are multiples of this (pruning goes finer where it cannot reach a ratio)")
     g.add_argument("--skip", nargs="*", default=[], help="layer names or globs kept dense")
     g = p.add_argument_group("training")
-    g.add_argument("--teacher-epochs", type=int, default=10, help="robust teacher epochs (ignored with --checkpoint)")
-    g.add_argument("--joint-epochs", type=int, default=5, help="CSTAR ADMM joint-training epochs")
-    g.add_argument("--finetune-epochs", type=int, default=5, help="adversarial fine-tune epochs (same for all methods)")
+    g.add_argument("--teacher-epochs", type=count, default=10, help="robust teacher epochs (ignored with --checkpoint)")
+    g.add_argument("--joint-epochs", type=count, default=5, help="CSTAR ADMM joint-training epochs")
+    g.add_argument("--finetune-epochs", type=count, default=5, help="adversarial fine-tune epochs (same for all methods)")
     g.add_argument("--loss", default="pgd", choices=("pgd", "trades", "fast", "clean"), help="training loss")
-    g.add_argument("--lr", type=float, default=0.05, help="teacher learning rate (compression phases use lr/5)")
-    g.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    g.add_argument("--rho", type=float, default=1.0, help="ADMM proximity weight")
+    g.add_argument("--lr", type=number(above=0), default=0.05, help="teacher learning rate (compression phases use lr/5)")
+    g.add_argument("--batch-size", type=positive, default=128, help="training batch size")
+    g.add_argument("--rho", type=number(above=0), default=1.0, help="ADMM proximity weight")
     g = p.add_argument_group("attack")
-    g.add_argument("--eps", type=parse_eps, default=None, help="L_inf radius (default: 8/255, digits 0.1)")
-    g.add_argument("--alpha", type=parse_eps, default=None, help="PGD step (default: eps/4)")
-    g.add_argument("--train-steps", type=int, default=7, help="PGD steps during training")
-    g.add_argument("--eval-steps", type=int, default=20, help="PGD steps for evaluation")
-    g.add_argument("--eval-n", type=int, default=1000, help="test images for clean/PGD accuracy")
-    g.add_argument("--autoattack-n", type=int, default=0, help="test images for AutoAttack (0: skip; needs [robust])")
+    g.add_argument("--eps", type=fraction(), default=None, help="L_inf radius (default: 8/255, digits 0.1)")
+    g.add_argument("--alpha", type=number(above=0, below=1, fractions=True), default=None,
+                   help="PGD step (default: eps/4)")
+    g.add_argument("--train-steps", type=count, default=7, help="PGD steps during training")
+    g.add_argument("--eval-steps", type=count, default=20, help="PGD steps for evaluation")
+    g.add_argument("--eval-n", type=positive, default=1000, help="test images for clean/PGD accuracy")
+    g.add_argument("--autoattack-n", type=count, default=0, help="test images for AutoAttack (0: skip; needs [robust])")
     g = p.add_argument_group("deployment")
     g.add_argument("--no-export", action="store_true", help="skip ONNX export and benchmark")
-    g.add_argument("--bench-batch", type=int, nargs="+", default=[1, 64], help="onnxruntime batch sizes")
+    g.add_argument("--bench-batch", type=positive, nargs="+", default=[1, 64], help="onnxruntime batch sizes")
     g.add_argument("--providers", nargs="+", default=["CUDAExecutionProvider", "CPUExecutionProvider"],
                    help="onnxruntime providers (an unusable one is reported, not faked)")
-    g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    g.add_argument("--threads", type=positive, default=None, help="onnxruntime intra-op threads")
     g = p.add_argument_group("run")
-    g.add_argument("--out", type=Path, default=None, help="run folder (default runs/<date-time>)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--out", type=Path, default=None,
+                   help="run folder (default runs/<date-time>); a run folder with the same options is resumed")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (a cstar-fx run folder) with a new one once the new one has finished")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--config", type=Path, default=None, help="repeat a run from its config.json (flags override)")
-    p.set_defaults(func=run)
+    g.add_argument("--seed", type=count, default=0, help="random seed")
+    g.add_argument("--config", type=Path, default=None,
+                   help="repeat a run from its config.json (flags override; --model-class is never taken from it)")
+    p.set_defaults(func=run, parser=p)
 
 
-_NOT_CONFIG = {"func", "command", "config", "overwrite", "out", "argv"}
-
-
-def _apply_config(args: argparse.Namespace, argv_flags: set[str]) -> None:
-    try:
-        saved = json.loads(args.config.read_text())["options"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UsageError(f"--config {args.config}: not a cstar-fx config.json ({exc}); pass the one a run wrote") from None
-    for key, value in saved.items():
-        if key in _NOT_CONFIG or not hasattr(args, key) or f"--{key.replace('_', '-')}" in argv_flags:
-            continue
-        setattr(args, key, Path(value) if key in ("data", "checkpoint") and value is not None else value)
+def _apply_config(args: argparse.Namespace) -> None:
+    """Fill in the options the command line left out from ``--config``, parsed by the same parser."""
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    tokens = argv[argv.index(args.command) + 1:] if args.command in argv else []
+    explicit = explicit_dests(args.parser, tokens)
+    values = config_values(args.parser, args.config, skip=explicit, not_options=_NOT_CONFIG)
+    if values.get("model_class") is not None:
+        raise UsageError(f"--config {args.config} names model_class {values['model_class']!r}; a config file never "
+                         f"imports code, so pass --model-class {values['model_class']} on the command line to use it")
+    for key, value in values.items():
+        setattr(args, key, value)
 
 
 def _check(args: argparse.Namespace) -> None:
-    """Every input error, before anything is written."""
+    """The input errors that involve several options (each option's own range is checked by its type)."""
     if args.dataset in ("cifar10", "folder") and args.data is None:
         raise UsageError(f"--dataset {args.dataset} needs --data PATH (the dataset root)")
     if args.data is not None and not args.data.exists():
@@ -136,18 +137,14 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--checkpoint {args.checkpoint} is not a file")
     if args.dataset == "digits" and args.model not in ("small_cnn",) and args.model_class is None:
         raise UsageError(f"--model {args.model} needs 3-channel images; use --model small_cnn with --dataset digits")
-    for name in ("teacher_epochs", "joint_epochs", "finetune_epochs", "eval_steps", "train_steps", "eval_n",
-                 "autoattack_n", "batch_size", "round_to"):
-        if getattr(args, name) < (1 if name in ("batch_size", "round_to", "eval_n") else 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be {'>= 1' if name in ('batch_size', 'round_to', 'eval_n') else '>= 0'}")
-    if args.lr <= 0:
-        raise UsageError("--lr must be > 0")
-    if args.limit is not None and args.limit < 8:
-        raise UsageError("--limit must be >= 8")
-    if any(b < 1 for b in args.bench_batch):
-        raise UsageError("--bench-batch sizes must be >= 1")
-    if args.model_class is not None and ":" not in args.model_class:
-        raise UsageError("--model-class must look like package.module:ClassName")
+    if args.model_class is not None:
+        module, _, cls = args.model_class.partition(":")
+        if not (module and cls and all(part.isidentifier() for part in module.split(".") + [cls])):
+            raise UsageError(f"--model-class must look like package.module:ClassName, got {args.model_class!r}")
+    if len(set(args.ratios)) < len(args.ratios) or len(set(args.methods)) < len(args.methods):
+        raise UsageError("--ratios and --methods must not repeat a value")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; pass a folder")
 
 
 def _device(name: str) -> Any:
@@ -194,9 +191,11 @@ def _build_model(args: argparse.Namespace, train: Any) -> Any:
         module_name, _, cls_name = args.model_class.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), cls_name)
-        except (ImportError, AttributeError) as exc:
-            raise UsageError(f"--model-class {args.model_class}: {exc}") from None
-        model = cls()
+            model = cls()
+        except Exception as exc:  # the user's own code: whatever it raises is a problem with the option
+            raise UsageError(f"--model-class {args.model_class}: {type(exc).__name__}: {exc}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"--model-class {args.model_class} built a {type(model).__name__}, not a torch.nn.Module")
     elif args.model == "small_cnn":
         model = small_cnn(in_channels=channels, num_classes=train.num_classes)
     else:
@@ -267,6 +266,11 @@ def run(args: argparse.Namespace) -> int:
 
     Under ``torchrun --nproc-per-node N -m cstar_fx compress ...`` every rank runs the stages
     (``--batch-size`` is the global batch) and only rank 0 writes the run folder, exports and benchmarks.
+
+    Example:
+        >>> from cstar_fx.cli import main
+        >>> main(["compress", "--rho", "0"])  # doctest: +SKIP
+        2
     """
     from cstar_fx.robust.distributed import process_group
 
@@ -274,42 +278,132 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from cstar_fx.robust.distributed import barrier, broadcast_object, local_device, rank0_first
+def _reachable(model: Any, example: Any, args: argparse.Namespace) -> dict[float, int]:
+    """Refuse a (method, ratio) that cannot be reached, before any training; the pruning granularity per ratio.
 
-    flags = {a.split("=")[0] for a in getattr(args, "argv", sys.argv[1:]) if a.startswith("--")}
+    Reachability depends on the layer shapes only, so the untrained model answers for the trained one.
+    """
+    import cstar_fx
+    from cstar_fx.passes.prune import prune_to_ratio_finer
+
+    granularity = {}
+    lowrank = [m for m in args.methods if m != "prune"]
+    for ratio in args.ratios:
+        if lowrank:
+            try:
+                cstar_fx.plan_ranks(model, ratio, budget=args.budget, round_to=args.round_to, skip=tuple(args.skip),
+                                    example_inputs=example)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"{'/'.join(lowrank)} at {ratio:g}x: {exc}") from None
+        if "prune" in args.methods:
+            try:
+                _, granularity[ratio] = prune_to_ratio_finer(model, ratio, example, round_to=args.round_to,
+                                                             budget=args.budget)
+            except ImportError as exc:
+                raise UsageError(f"--methods prune needs Torch-Pruning: pip install 'cstar-fx[pruning]' ({exc})") from None
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"prune at {ratio:g}x: {exc}") from None
+            if granularity[ratio] != args.round_to and _rank0():
+                print(f"[cstar-fx] prune at {ratio:g}x: whole multiples of {args.round_to} channels cannot get within "
+                      f"3% of it; pruning in multiples of {granularity[ratio]}", flush=True)
+    return granularity
+
+
+def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, Any, Any, dict[float, int]]:
+    """Every check that needs no run folder: options, configs, device, data, model, reachability."""
+    from cstar_fx.robust.distributed import local_device, rank0_first
+
     if args.config is not None:
-        _apply_config(args, flags)
+        _apply_config(args)
     _check(args)
     _check_world(args)
+    eps = args.eps if args.eps is not None else (0.1 if args.dataset == "digits" else 8 / 255)
+    try:
+        cfg = _configs(args, eps)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    cfg["eps"] = eps
     device = local_device(_device(args.device))
-    out = broadcast_object(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"run folder {out} exists and is not empty; pass --overwrite or another --out")
-    barrier()  # every rank has checked the folder before rank 0 fills it
-    if _rank0():
-        if out.exists() and any(out.iterdir()):
-            shutil.rmtree(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise UsageError(f"cannot write the run folder {out}: {exc}; pass a writable --out") from None
 
     import torch
 
+    with rank0_first():  # rank 0 extracts and caches a dataset once; the others then read the cache
+        train, test = _load_data(args)
+    torch.manual_seed(args.seed)
+    model = _build_model(args, train)
+    example = torch.rand(1, *train.input_shape)
+    return cfg, device, (train, test), model, example, _reachable(model, example, args)
+
+
+def _label(method: str, ratio: float) -> str:
+    return f"{method}_{ratio:g}x"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cstar_fx.robust.distributed import barrier, broadcast_object
+
+    cfg, device, (train, test), model, example, granularity = _resolve(args)
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    out = broadcast_object(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    labels = [_label(m, r) for r in args.ratios for m in args.methods]
+    folder = None
+    state: dict[str, Any] = {}
+    if _rank0():  # nothing was written or deleted before this point
+        folder = RunFolder.claim(out, options, overwrite=args.overwrite, ignore=_RESUME_IGNORES,
+                                 entries=["config.json", "results.json", "report.md", "teacher.pt", COMPLETE, "bench.md",
+                                          "plots", "onnx", "plans", "teacher", *labels])
+        state = _saved_state(folder)
+        if folder.resumed:
+            done = [r["label"] for r in state.get("runs", [])]
+            print(f"[cstar-fx] resuming {folder.path}: {len(done)} of {len(labels)} compressed model(s) done"
+                  + (f" ({', '.join(done)})" if done else ""), flush=True)
+    state = broadcast_object(state)
+    path = broadcast_object(folder.path if folder is not None else None)
+    barrier()
+    if state.get("complete"):
+        root = folder.finish() if folder is not None else out
+        if _rank0():
+            print(_summary(state["results"]))
+            print(f"\nnothing to do: every run is done; report: {root / 'report.md'}")
+        return 0
+    return _stages(args, cfg, device, train, test, model, example, granularity, folder, path, state)
+
+
+def _saved_state(folder: RunFolder) -> dict[str, Any]:
+    """What an earlier, interrupted run in this folder finished (empty for a new folder)."""
+    from cstar_fx.runreport import validate_results
+
+    if not folder.resumed:
+        return {}
+    state: dict[str, Any] = {"teacher": "teacher.pt" in folder.files and (folder.path / "teacher.pt").is_file()}
+    try:
+        results = json.loads((folder.path / "results.json").read_text()) if "results.json" in folder.files else None
+        if results is not None:
+            validate_results(results)
+    except (OSError, ValueError):
+        results = None  # written atomically, so only a hand-edited file lands here: redo what it held
+    if results is not None:
+        state["results"] = results
+        state["runs"] = [{**r, "label": _label(r["method"], r["ratio"])} for r in results["runs"]]
+        state["complete"] = COMPLETE in folder.files and (folder.path / COMPLETE).is_file()
+    return state
+
+
+def _stages(args: argparse.Namespace, cfg: dict[str, Any], device: Any, train: Any, test: Any, model: Any, example: Any,
+            granularity: dict[float, int], folder: RunFolder | None, out: Path, state: dict[str, Any]) -> int:
+    import torch
+
     import cstar_fx
+    from cstar_fx.fileutil import atomic_path
     from cstar_fx.runreport import RESULTS_FORMAT, plot_all, validate_results, write_report
     from cstar_fx.sysinfo import describe
 
-    torch.manual_seed(args.seed)
+    eps = cfg["eps"]
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    if _rank0():
-        (out / "config.json").write_text(json.dumps({"format": "cstar-fx/config/1", "version": cstar_fx.__version__,
-                                                     "options": options}, indent=2))
-    timings: dict[str, float] = {}
+    previous = state.get("results") or {}
+    timings: dict[str, float] = dict(previous.get("timings", {}))
+    if folder is not None:
+        folder.remove(COMPLETE)
 
     @contextlib.contextmanager
     def stage(name: str) -> Iterator[None]:
@@ -319,90 +413,128 @@ def _run(args: argparse.Namespace) -> int:
         yield
         timings[name] = time.perf_counter() - start
 
-    with stage("data"):
-        with rank0_first():  # rank 0 extracts and caches a dataset once; the others then read the cache
-            train, test = _load_data(args)
-        eps = args.eps if args.eps is not None else (0.1 if args.dataset == "digits" else 8 / 255)
-        cfg = _configs(args, eps)
-        example = torch.rand(1, *train.input_shape)
+    results = {"format": RESULTS_FORMAT, "config": {**options, "eval_attack": f"PGD-{args.eval_steps} linf eps={eps:.4g}"},
+               "created": previous.get("created", dt.datetime.now().isoformat(timespec="seconds")),
+               "machine": describe(), "dense": previous.get("dense"), "runs": [], "bench": [], "timings": timings}
 
-    with stage("teacher"):
-        model = _build_model(args, train).to(device)
-        if args.checkpoint is None and args.teacher_epochs > 0:
-            from cstar_fx.robust import finetune
+    def save(plots: list[Path] = ()) -> None:  # results.json and report.md, as they stand, after every result
+        if folder is None:
+            return
+        validate_results(results)
+        folder.write_text("results.json", json.dumps(results, indent=2))
+        write_report(results, out, list(plots))
+        folder.record("report.md")
 
-            finetune(model, train, cfg["teacher"], run_dir=out / "teacher", device=device)
-        if _rank0():
-            torch.save(model.state_dict(), out / "teacher.pt")
+    model = model.to(device)
+    if state.get("teacher"):  # trained by the interrupted run
+        model.load_state_dict(torch.load(out / "teacher.pt", map_location=device, weights_only=True))
+    else:
+        with stage("teacher"):
+            if args.checkpoint is None and args.teacher_epochs > 0:
+                from cstar_fx.robust import finetune
 
-    with stage("evaluate dense"):
-        dense_eval = _evaluate(model, test, cfg, args, device)
-        dense = {"params": sum(p.numel() for p in model.parameters()), "flops": cstar_fx.count_flops(model.cpu(), example),
-                 "clean": dense_eval.clean, "pgd": dense_eval.pgd, "autoattack": dense_eval.robust.get("autoattack")}
-        model.to(device)
+                try:
+                    finetune(model, train, cfg["teacher"], run_dir=out / "teacher", device=device)
+                finally:
+                    if folder is not None:
+                        folder.record("teacher")
+            if folder is not None:
+                folder.files.add("teacher.pt")
+                folder.record()
+                with atomic_path(out / "teacher.pt") as tmp:
+                    torch.save(model.state_dict(), tmp)
 
-    runs, models = [], {"dense": model}
+    if results["dense"] is None:
+        with stage("evaluate dense"):
+            dense_eval = _evaluate(model, test, cfg, args, device)
+            results["dense"] = {"params": sum(p.numel() for p in model.parameters()),
+                                "flops": cstar_fx.count_flops(model.cpu(), example), "clean": dense_eval.clean,
+                                "pgd": dense_eval.pgd, "autoattack": dense_eval.robust.get("autoattack")}
+            model.to(device)
+    dense = results["dense"]
+    onnx = {"dense": out / "onnx" / "dense.onnx"}
+    if not args.no_export and folder is not None and "onnx/dense.onnx" not in folder.files:
+        _export(folder, model, example, "dense")
+    model.to(device)
+    save()
+
+    finished = {r["label"]: r for r in state.get("runs", [])}
     plan_options = {"budget": args.budget, "round_to": args.round_to, "skip": tuple(args.skip)}
     for ratio in args.ratios:
         for method in args.methods:
-            label = f"{method}_{ratio:g}x"
+            label = _label(method, ratio)
+            if label in finished:  # done in an earlier, interrupted run of the same options
+                results["runs"].append({k: v for k, v in finished[label].items() if k != "label"})
+                if finished[label].get("onnx"):
+                    onnx[label] = out / finished[label]["onnx"]
+                continue
             with stage(f"compress {label}"):
-                gm, plan = _compress(method, model, train, ratio, cfg, plan_options, example, out / label, device, args)
+                torch.manual_seed(args.seed)  # each result depends on the options only, resumed or not
+                try:
+                    gm, plan, used = _compress(method, model, train, ratio, cfg, plan_options, example, out / label,
+                                               device, granularity.get(ratio, args.round_to))
+                finally:
+                    if folder is not None:
+                        folder.record(label)
                 result = _evaluate(gm, test, cfg, args, device)
                 gm_cpu = gm.cpu()
                 params = sum(p.numel() for p in gm_cpu.parameters())
                 flops = cstar_fx.count_flops(gm_cpu, example)
-                plan_file = None
-                if plan is not None and _rank0():
-                    plan_file = f"plans/{label}.json"
-                    (out / "plans").mkdir(exist_ok=True)
-                    (out / plan_file).write_text(plan.to_json())
-                runs.append({"method": method, "ratio": ratio, "params": params, "ratio_params": dense["params"] / params,
-                             "ratio_flops": dense["flops"] / flops if flops else None, "clean": result.clean,
-                             "pgd": result.pgd, "autoattack": result.robust.get("autoattack"),
-                             "sanity_ok": result.sanity.ok if result.sanity is not None else None,
-                             "plan": plan_file, "onnx": None, "ranks": _ranks(plan) if plan is not None else {}})
-                models[label] = gm_cpu
-                gm.to(device)
+                plan_file = f"plans/{label}.json" if plan is not None else None
+                if plan is not None and folder is not None:
+                    folder.write_text(plan_file, plan.to_json())
+                run = {"method": method, "ratio": ratio, "params": params, "ratio_params": dense["params"] / params,
+                       "ratio_flops": dense["flops"] / flops if flops else None, "clean": result.clean,
+                       "pgd": result.pgd, "autoattack": result.robust.get("autoattack"),
+                       "sanity_ok": result.sanity.ok if result.sanity is not None else None,
+                       "plan": plan_file, "onnx": None, "ranks": _ranks(plan) if plan is not None else {}}
+                if used is not None:
+                    run["round_to"] = used
+                if not args.no_export and folder is not None:
+                    onnx[label] = _export(folder, gm_cpu, example, label)
+                    run["onnx"] = f"onnx/{label}.onnx"
+                results["runs"].append(run)
+                save()  # this result is on disk now, whatever happens to the next one
 
-    if not _rank0():
+    if folder is None:
         return 0  # export, benchmark and report are rank 0's; the other ranks are done
-    bench_rows: list[dict[str, Any]] = []
     if not args.no_export:
-        with stage("export onnx"):
-            from cstar_fx.export import benchmark, to_onnx
-
-            (out / "onnx").mkdir(exist_ok=True)
-            paths = {}
-            for label, m in models.items():
-                paths[label] = to_onnx(m.cpu(), example, out / "onnx" / f"{label}.onnx")
-            for r in runs:
-                r["onnx"] = f"onnx/{r['method']}_{r['ratio']:g}x.onnx"
         with stage("benchmark"):
-            res = benchmark(paths, providers=tuple(args.providers), batch_sizes=tuple(args.bench_batch),
+            from cstar_fx.export import benchmark
+
+            res = benchmark(onnx, providers=tuple(args.providers), batch_sizes=tuple(args.bench_batch),
                             baseline="dense", intra_op_threads=args.threads)
-            bench_rows = [{"model": b.model, "provider": b.ran_on, "batch": b.batch, "median_ms": b.median_ms,
-                           "p90_ms": b.p90_ms, "speedup": b.speedup} for b in res.rows]
-            (out / "bench.md").write_text(res.to_markdown() + "\n")
+            results["bench"] = [{"model": b.model, "provider": b.ran_on, "batch": b.batch, "median_ms": b.median_ms,
+                                 "p90_ms": b.p90_ms, "speedup": b.speedup} for b in res.rows]
+            folder.write_text("bench.md", res.to_markdown() + "\n")
             for label, why in res.unavailable.items():
                 print(f"[cstar-fx] {label} not measured: {why}")
 
     with stage("report"):
-        results = {"format": RESULTS_FORMAT, "config": {**options, "eval_attack": f"PGD-{args.eval_steps} linf eps={eps:.4g}"},
-                   "created": dt.datetime.now().isoformat(timespec="seconds"), "machine": describe(),
-                   "dense": dense, "runs": runs, "bench": bench_rows, "timings": timings}
         validate_results(results)
         plots = plot_all(results, out / "plots")
-        report = write_report(results, out, plots)
-    (out / "results.json").write_text(json.dumps(results, indent=2))  # after the stage, so its time is in it
+        folder.record("plots")
+    save(plots)  # after the stage, so its time is in it
+    folder.write_text(COMPLETE, dt.datetime.now().isoformat(timespec="seconds") + "\n")
+    root = folder.finish()
     print(_summary(results))
-    print(f"\nreport: {report}")
-    (out / COMPLETE).write_text(dt.datetime.now().isoformat(timespec="seconds") + "\n")
+    print(f"\nreport: {root / 'report.md'}")
     return 0
 
 
+def _export(folder: RunFolder, model: Any, example: Any, label: str) -> Path:
+    from cstar_fx.export import to_onnx
+
+    name = f"onnx/{label}.onnx"
+    folder.files.add(name)
+    folder.record()
+    (folder.path / "onnx").mkdir(exist_ok=True)
+    return to_onnx(model.cpu(), example, folder.path / name)
+
+
 def _compress(method: str, model: Any, train: Any, ratio: float, cfg: dict[str, Any], plan_options: dict[str, Any],
-              example: Any, run_dir: Path, device: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+              example: Any, run_dir: Path, device: Any, prune_round_to: int) -> tuple[Any, Any, int | None]:
+    """The compressed, fine-tuned model, its rank plan (None for pruning) and the pruning granularity used."""
     import cstar_fx
     from cstar_fx.robust import cstar, decompose_finetune, finetune
 
@@ -410,16 +542,16 @@ def _compress(method: str, model: Any, train: Any, ratio: float, cfg: dict[str, 
     try:
         if method == "cstar":
             gm = cstar(model, train, ratio, cfg["joint"], example_inputs=ex, run_dir=run_dir, device=device, **plan_options)
-            return gm, cstar_fx.get_plan(gm)
+            return gm, cstar_fx.get_plan(gm), None
         if method == "decompose":
             gm = decompose_finetune(model, train, ratio, cfg["tune"], example_inputs=ex, run_dir=run_dir, device=device,
                                     **plan_options)
-            return gm, cstar_fx.get_plan(gm)
-        from cstar_fx.passes.prune import prune_to_ratio
+            return gm, cstar_fx.get_plan(gm), None
+        from cstar_fx.passes.prune import prune_to_ratio_finer
 
-        pruned = prune_to_ratio(model, ratio, ex, round_to=args.round_to, budget=args.budget)
+        pruned, used = prune_to_ratio_finer(model, ratio, ex, round_to=prune_round_to, budget=plan_options["budget"])
         finetune(pruned, train, cfg["tune"], run_dir=run_dir / "finetune", device=device)
-        return pruned, None
+        return pruned, None, used
     except cstar_fx.UnreachableBudgetError as exc:
         raise UsageError(f"{method} at {ratio:g}x: {str(exc).splitlines()[0]}") from None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UsageError
+from .options import integer, number
 
 __all__ = ["register", "run", "add_model_args", "build_models", "BuiltModels"]
 
@@ -21,19 +22,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         8.0
     """
     p.add_argument("--model", default="resnet18", help="torchvision model name (cstar_fx.models.TORCHVISION_NAMES)")
-    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
+    p.add_argument("--num-classes", type=integer(at_least=1), default=10, help="classifier outputs")
     p.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="input stem / resolution")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--ratio", type=float, default=None, help="compress with cstar_fx.transform at this ratio")
+    group.add_argument("--ratio", type=number(above=1), default=None, help="compress with cstar_fx.transform at this ratio")
     group.add_argument("--plan", type=Path, default=None,
                        help="compress with this rank plan (JSON from `cstar-fx plan`)")
     p.add_argument("--budget", choices=("params", "flops"), default="params", help="what --ratio counts")
-    p.add_argument("--round-to", type=int, default=8, help="ranks are multiples of this (with --ratio)")
+    p.add_argument("--round-to", type=integer(at_least=1), default=8, help="ranks are multiples of this (with --ratio)")
     p.add_argument("--dense-weights", type=Path, default=None,
                    help="state dict loaded into the dense model before compressing (torch.load, weights_only)")
     p.add_argument("--weights", type=Path, default=None,
                    help="state dict loaded into the final (compressed, with --ratio/--plan) model")
-    p.add_argument("--seed", type=int, default=0, help="random seed for untrained weights and inputs")
+    p.add_argument("--seed", type=integer(at_least=0), default=0, help="random seed for untrained weights and inputs")
 
 
 @dataclass
@@ -139,7 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 stores weights/compute in half precision, inputs/outputs stay float32")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--batch", type=int, default=2, help="batch size of the example input used for export and check")
+    p.add_argument("--batch", type=integer(at_least=1), default=2, help="batch size of the example input used for export and check")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis instead of making it dynamic")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: 1e-4 fp32, 1e-2 fp16)")
     p.add_argument("--rtol", type=float, default=None,

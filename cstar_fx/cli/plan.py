@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from . import UsageError
+from .options import integer, number
 
 __all__ = ["register", "run"]
 
@@ -20,11 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="print the rank plan for a model and ratio",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="resnet18", help="torchvision model name")
-    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
+    p.add_argument("--num-classes", type=integer(at_least=1), default=10, help="classifier outputs")
     p.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="input stem / resolution")
-    p.add_argument("--ratio", type=float, default=8.0, help="compression ratio (dense / compressed)")
+    p.add_argument("--ratio", type=number(above=1), default=8.0, help="compression ratio (dense / compressed)")
     p.add_argument("--budget", choices=("params", "flops"), default="params", help="what the ratio counts")
-    p.add_argument("--round-to", type=int, default=8, help="ranks are multiples of this")
+    p.add_argument("--round-to", type=integer(at_least=1), default=8, help="ranks are multiples of this")
     p.add_argument("--skip", nargs="*", default=[], help="layer names or glob patterns kept dense")
     p.add_argument("--conv-scheme", choices=("tucker2", "svd", "auto"), default="tucker2", help="scheme for kxk convs")
     p.add_argument("--unpack-attention", action="store_true",
@@ -40,8 +41,6 @@ def run(args: argparse.Namespace) -> int:
     import cstar_fx
     from cstar_fx.models import build_model
 
-    if args.ratio <= 1:
-        raise UsageError(f"--ratio must be > 1, got {args.ratio:g}")
     try:
         model = build_model(args.model, num_classes=args.num_classes, stem=args.stem)
     except ValueError as exc:
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                                    skip=tuple(args.skip), conv_scheme=args.conv_scheme,
                                    unpack_attention=args.unpack_attention,
                                    example_inputs=torch.randn(1, 3, size, size))
-    except cstar_fx.UnreachableBudgetError as exc:
+    except (ValueError, TypeError) as exc:  # unreachable ratio, a skip pattern or scheme the planner refuses
         raise UsageError(str(exc).replace("\n", " ")) from None
     print(plan)
     if args.json:
