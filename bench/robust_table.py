@@ -17,8 +17,9 @@ pruning + the same fine-tune), ``data_distill`` (data-aware factorization calibr
 adversarial training images + robust distillation from the teacher in the fine-tune),
 ``prune_distill`` (pruning with that same distillation fine-tune), ``data_ft`` (data-aware
 factorization, plain fine-tune), ``transform_distill``, ``uniform_ft`` (the same fraction of every
-layer's ranks) and ``cstar`` (ADMM joint epochs on the dense weights, then transform and
-fine-tune, same total epochs). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``: every
+layer's ranks), ``cstar`` (ADMM joint epochs on the dense weights, then transform and
+fine-tune, same total epochs) and ``sens_distill`` (``data_distill`` with the ranks allocated by
+each layer's measured sensitivity of the adversarial loss). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``: every
 cell, mean +- std per method and ratio, and per-seed paired differences of ``data_distill``
 against every other method.
 """
@@ -93,7 +94,7 @@ PROFILES = {
 }
 
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
-           "uniform_ft", "cstar")
+           "uniform_ft", "cstar", "sens_distill")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -104,6 +105,7 @@ LABELS = {
     "transform_distill": "transform + distill FT",
     "uniform_ft": "uniform ranks + FT",
     "cstar": "CSTAR (ADMM joint + FT)",
+    "sens_distill": "data-aware + sensitivity-weighted ranks + distill FT",
 }
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill")
 
@@ -177,12 +179,17 @@ class Bench:
         self.teacher.eval()
 
     # -- the methods: each returns (compressed model, compute record) --------------------------------------
-    def transform_ft(self, ratio: float, distill: bool = False, calibrate: int = 0) -> tuple[nn.Module, dict]:
+    def transform_ft(self, ratio: float, distill: bool = False, calibrate: int = 0,
+                     sensitivity: int = 0) -> tuple[nn.Module, dict]:
         cfg = self.ft_distill if distill else self.ft
         gm = decompose_finetune(self.teacher, self.train, ratio, cfg, run_dir=self._cell(ratio) / "run", resume=True,
-                                calibrate=calibrate, round_to=1)
-        extra = self.prof.train_steps + 1 if calibrate else 0
-        return gm, self._compute(self.prof.ft_epochs, distill, calib_passes=calibrate * extra)
+                                calibrate=calibrate, sensitivity=sensitivity, round_to=1)
+        # calibration: one attack per image; sensitivity: an attack and one more forward/backward per image
+        passes = calibrate * (self.prof.train_steps + 1) + sensitivity * (self.prof.train_steps + 2)
+        return gm, self._compute(self.prof.ft_epochs, distill, calib_passes=passes)
+
+    def sens_distill(self, ratio: float) -> tuple[nn.Module, dict]:
+        return self.transform_ft(ratio, distill=True, calibrate=self.prof.calibrate, sensitivity=self.prof.calibrate)
 
     def transform_distill(self, ratio: float) -> tuple[nn.Module, dict]:
         return self.transform_ft(ratio, distill=True)

@@ -4,7 +4,8 @@ Criterion (documented in docs/concepts.md): every layer ``l`` keeps a fraction `
 spectral energy, ``k_l = sum_{i<=r} s_i^2 / ||W_l||_F^2`` for SVD and, for Tucker-2, the product of
 the two channel modes' kept fractions ``k_0(r_out) * k_1(r_in)``. The allocator maximises
 ``sum_l log k_l`` -- the product of the kept energies, a proxy for how per-layer errors compound
-through depth. Relative energies put layers of every size on the same scale, and the logarithm
+through depth (each term weighted by the layer's ``importance``, 1 unless a measured sensitivity
+is given). Relative energies put layers of every size on the same scale, and the logarithm
 makes starving any one layer expensive, so no layer is cut to nothing to pay for another. The
 objective is separable over modes and concave in each rank (spectra are sorted), which is what
 makes the greedy below sound. Starting
@@ -110,8 +111,8 @@ def _energy(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
 
 
 def _score(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
-    """The allocator's objective for one layer: log of the kept energy (0 when dense)."""
-    return math.log(max(_energy(layer, scheme, ranks), 1e-300))
+    """The allocator's objective for one layer: its importance times the log of the kept energy (0 when dense)."""
+    return layer.importance * math.log(max(_energy(layer, scheme, ranks), 1e-300))
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .allocate import Cap, _energy, allocate, max_ranks, scheme_for
 from .config import CstarConfig, resolve_config
 from .costs import CostModel, FlopCost, LayerSpec, ParamCost, cost_model_for
-from .decompose import data_spectra, mode_spectra
+from .decompose import mode_spectra
 from .passes.attention import unpack_attention
 from .passes.calibrate import input_moments
 from .passes.discover import LayerSite, find_layers
@@ -121,8 +122,26 @@ def _check_devices(model: nn.Module) -> None:
         raise ValueError("the model is on the meta device and has no values to factorize" + meta)
 
 
+def _check_sensitivity(sensitivity: Any, sites: list[LayerSite]) -> dict[str, float]:
+    if sensitivity is None:
+        return {}
+    if not isinstance(sensitivity, dict):
+        raise TypeError(f"sensitivity must be a dict of layer name -> positive weight "
+                        f"(e.g. from cstar_fx.robust.layer_sensitivity), got {type(sensitivity).__name__}")
+    names = {s.name for s in sites}  # a skipped layer's weight is simply unused
+    unknown = sorted(set(sensitivity) - names)
+    if unknown:
+        raise ValueError(f"sensitivity names layers that are not factorizable layers of this model: {unknown[:5]}; "
+                         f"measure it on this model with cstar_fx.robust.layer_sensitivity(model, ...)")
+    bad = {k: v for k, v in sensitivity.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
+    if bad:
+        raise ValueError(f"sensitivity weights must be finite numbers > 0, got {dict(list(bad.items())[:3])}")
+    return {k: float(v) for k, v in sensitivity.items()}
+
+
 def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spectra: bool = True,
-             calibration: Any = None) -> _Analysis:
+             calibration: Any = None, sensitivity: dict[str, float] | None = None) -> _Analysis:
     if cfg.unpack_attention:
         model = unpack_attention(model)
     gm = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args,
@@ -131,6 +150,7 @@ def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spect
     sites, unsupported = find_layers(gm)
     shapes = record_shapes(gm, example_inputs, {n for s in sites for n in s.nodes}) if example_inputs is not None else {}
     eligible = [s for s in sites if not _skip_reason(s.name, cfg.skip)]
+    importance = _check_sensitivity(sensitivity, sites)
     moments = input_moments(gm, eligible, calibration) if calibration is not None else {}
     specs: dict[str, LayerSpec] = {}
     skipped: dict[str, str] = {}
@@ -141,8 +161,7 @@ def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spect
         spectra = ()
         if need_spectra and not why:
             try:
-                spectra = (data_spectra(site.weight, moments[site.name]) if site.name in moments
-                           else mode_spectra(site.weight))
+                spectra = mode_spectra(site.weight)
             except ValueError as exc:
                 raise ValueError(f"layer {site.name!r}: {exc}") from exc
         p_in = p_out = in_shape = out_shape = None
@@ -152,7 +171,7 @@ def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spect
             in_shape, out_shape = shapes[site.nodes[0]]
         specs[site.name] = LayerSpec(site.name, site.kind, site.weight_shape, site.bias is not None, spectra, p_in, p_out,
                                      in_shape, out_shape, _pair(site.stride), site.padding if isinstance(site.padding, str)
-                                     else _pair(site.padding), _pair(site.dilation))
+                                     else _pair(site.padding), _pair(site.dilation), importance.get(site.name, 1.0))
     flops = count_flops(gm, example_inputs) if example_inputs is not None else None
     return _Analysis(gm, sites, unsupported, specs, skipped, _count_params(gm), flops, moments)
 
@@ -193,8 +212,8 @@ def _assemble(a: _Analysis, choices: dict[str, tuple[str, tuple[int, ...]]], rea
             options["target"] = asdict(cfg.target) if is_dataclass(cfg.target) else repr(cfg.target)
         if cfg.unpack_attention:  # the layer names refer to the unpacked model: applying the plan needs it too
             options["unpack_attention"] = True
-        if a.moments:  # energies are fractions of output energy on the calibration data
-            options["calibrated"] = True
+        if any(spec.importance != 1.0 for spec in a.specs.values()):
+            options["sensitivity"] = {n: spec.importance for n, spec in a.specs.items() if spec.importance != 1.0}
     return RankPlan(layers=layers, target_ratio=ratio if ratio is not None else (cfg.ratio if cfg else None),
                     budget=cfg.budget_name if cfg else "full-rank", dense_params=a.dense_params,
                     params=a.dense_params - saved, dense_flops=a.dense_flops, flops=flops,
@@ -254,7 +273,7 @@ def _plan(a: _Analysis, cfg: CstarConfig, example_inputs: Any, latency_ms: float
 
 def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str = "params",
                example_inputs: Any = None, target_speedup: float | None = None, latency_ms: float | None = None,
-               calibration: Any = None, **options: Any) -> RankPlan:
+               sensitivity: dict[str, float] | None = None, **options: Any) -> RankPlan:
     """Choose per-layer schemes and ranks under one global budget. Never modifies ``model``.
 
     ``ratio`` is dense cost / compressed cost for the whole model; ``budget`` is ``"params"``,
@@ -263,8 +282,8 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
     (``round_to``, ``min_rank``, ``skip``, ``conv_scheme``, ``leaf_modules``, ``concrete_args``,
     ``autowrap_functions``, ``cost_model``, ``target``, ``param_ratio``). With ``example_inputs`` the plan
     also reports FLOPs.
-    With ``calibration`` (model inputs: a tensor or an iterable of batches) each layer's spectrum is
-    that of its *outputs* on those inputs (data-aware allocation, see :func:`transform`).
+    ``sensitivity`` (layer name -> weight > 0, e.g. from :func:`cstar_fx.robust.layer_sensitivity`)
+    weighs each layer's term in the allocator's objective, so sensitive layers keep more rank.
 
     Example:
         >>> import torchvision, cstar_fx
@@ -283,7 +302,7 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
     if not isinstance(ratio, CstarConfig) or budget != "params":
         options = {"budget": budget, **options}
     cfg = resolve_config(ratio, options)
-    a = _analyse(model, cfg, example_inputs, calibration=calibration)
+    a = _analyse(model, cfg, example_inputs, sensitivity=sensitivity)
     return _plan(a, cfg, example_inputs, latency_ms=latency_ms)
 
 
@@ -332,14 +351,16 @@ def _check_plan(plan: RankPlan, a: _Analysis) -> None:
 
 def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: RankPlan | None = None,
               example_inputs: Any = None, decompose: bool = True, calibration: Any = None,
-              **options: Any) -> fx.GraphModule:
+              sensitivity: dict[str, float] | None = None, **options: Any) -> fx.GraphModule:
     """Factorize ``model`` at ``ratio`` (or as ``plan`` says) and return a new GraphModule.
 
     ``calibration`` (model inputs: a tensor, or an iterable of batches or ``(inputs, labels)`` pairs)
     makes the factorization data-aware: each layer's factors preserve its outputs on those inputs
-    (output-PCA SVD, whitened Tucker-2 with a least-squares core) instead of its weights, and the
-    allocator ranks layers by the output energy they keep. A few hundred training images (or
-    adversarial examples of them) are enough; full ranks stay exact.
+    (output-PCA SVD, whitened Tucker-2 with a least-squares core) instead of its weights; the ranks
+    are still planned from the weights' spectra, which measured better than output-energy spectra
+    (docs/robustness.md). A few hundred training images (or adversarial examples of them) are
+    enough; full ranks stay exact. ``sensitivity`` is as in
+    :func:`plan_ranks` (it only affects planning, so it cannot go with ``plan=``).
 
     ``decompose=False`` (with ``plan``) builds the factorized architecture with zero factors instead of
     decomposing the weights — for loading saved factor weights into it quickly.
@@ -368,7 +389,9 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
     gm = copy.deepcopy(source)
     if not decompose and calibration is not None:
         raise ValueError("decompose=False builds zero factors, so calibration would be ignored; drop one of them")
-    a = _analyse(gm, cfg, example_inputs, need_spectra=plan is None, calibration=calibration)
+    if plan is not None and sensitivity is not None:
+        raise ValueError("sensitivity only steers planning, and plan= fixes the ranks; pass it to plan_ranks instead")
+    a = _analyse(gm, cfg, example_inputs, need_spectra=plan is None, calibration=calibration, sensitivity=sensitivity)
     gm = a.gm  # a new GraphModule when _analyse unpacked attention
     if plan is None:
         plan = _plan(a, cfg, example_inputs)

@@ -25,7 +25,9 @@ class LayerSpec:
     call sites) the layer reads and writes on the example input; ``None`` when no example input was
     given. For a linear layer they are the number of rows it is applied to. ``in_shape``/``out_shape``
     are the tensor shapes at the first call site, and ``stride``/``padding``/``dilation`` the conv
-    settings, for cost models that rebuild the layer (e.g. to time it).
+    settings, for cost models that rebuild the layer (e.g. to time it). ``importance`` weighs the
+    layer in the allocator's objective (1.0: spectral energy alone; e.g. a measured sensitivity of
+    the adversarial loss, see :func:`cstar_fx.robust.layer_sensitivity`).
 
     Example:
         >>> spec = LayerSpec("fc", "linear", (10, 64), True, (Spectrum((1.0,)),))
@@ -45,6 +47,7 @@ class LayerSpec:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] | str = (0, 0)
     dilation: tuple[int, int] = (1, 1)
+    importance: float = 1.0
 
     @property
     def is_conv(self) -> bool:

@@ -33,7 +33,6 @@ __all__ = [
     "relative_error",
     "svd_factors_data",
     "tucker2_factors_data",
-    "data_spectra",
 ]
 
 
@@ -257,38 +256,6 @@ def tucker2_factors_data(weight: torch.Tensor, rank_out: int, rank_in: int,
     u_out = _top_eigvecs(fit @ c_zz @ fit.T, rank_out)
     core = (u_out.T @ fit).reshape(rank_out, rank_in, kh, kw)
     return reduce.T.to(weight.dtype), core.to(weight.dtype), u_out.to(weight.dtype)
-
-
-def data_spectra(weight: torch.Tensor, moment: torch.Tensor) -> tuple[Spectrum, ...]:
-    """Output-energy spectra for the allocator, the data-aware counterpart of :func:`mode_spectra`.
-
-    For a 2-D weight (``moment`` over its inputs): the eigenvalues of ``W E[x x^T] W^T``, so a kept
-    fraction is the fraction of the output energy a rank keeps. For a conv (``moment`` over its
-    unfolded patches): that spectrum for the output mode and the whitened input mode's for the input.
-
-    Example:
-        >>> w = torch.randn(8, 4, 3, 3)
-        >>> [len(s.sq) for s in data_spectra(w, torch.eye(36))]
-        [8, 4]
-    """
-    _check_weight(weight, (2, 4))
-    w = weight.detach().to(torch.float64)
-    c = _check_moment(moment, w[0].numel()).to(w.device)
-    w0 = w.reshape(w.shape[0], -1)
-
-    def spectrum(sym: torch.Tensor) -> Spectrum:
-        scale = float(sym.abs().max())
-        evals = torch.linalg.eigvalsh(sym / scale) * scale if scale > 0 else sym.new_zeros(sym.shape[0])
-        return Spectrum(tuple(evals.flip(0).clamp_min(0.0).tolist()))
-
-    out = spectrum(w0 @ c @ w0.T)
-    if w.ndim == 2:
-        return (out,)
-    c_in, taps = w.shape[1], w.shape[2] * w.shape[3]
-    root, _ = _sym_sqrt(_check_moment(_channel_moment(c, c_in, taps), c_in))
-    gram_in = _unfold(w, 1) @ _unfold(w, 1).T
-    return out, spectrum(root @ gram_in @ root)
-
 
 def svd_reconstruct(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """The low-rank weight ``second @ first``.

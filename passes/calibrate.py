@@ -105,6 +105,9 @@ def _batches(calibration: Any) -> Iterable[tuple[Any, ...]]:
 def input_moments(gm: fx.GraphModule, sites: list[LayerSite], calibration: Any) -> dict[str, torch.Tensor]:
     """``{site name: E[p p^T]}`` (float64) over the calibration inputs; sites the data never reaches are absent.
 
+    The uncentred moment, so the factors also preserve the outputs' mean (the layers that follow,
+    batch norm included, see the same mean as before).
+
     ``calibration``: a tensor of model inputs, or an iterable of batches (tensors or ``(inputs, labels)``).
     The model runs in eval mode without gradients; its weights, buffers and flags are unchanged.
     """

@@ -12,6 +12,7 @@ from .distributed import World, init_from_env, is_main_process, process_group
 from .evaluate import MissingExtraError, RobustResult, SanityReport, autoattack, evaluate
 from .finetune import RunDirError, TrainHistory, finetune, load_checkpoint, recalibrate_bn
 from .losses import LossOutput, adversarial_loss, adversarial_step
+from .sensitivity import layer_sensitivity
 
 __all__ = [
     "pgd", "fgsm",
@@ -19,7 +20,7 @@ __all__ = [
     "AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig",
     "finetune", "TrainHistory", "RunDirError", "load_checkpoint", "recalibrate_bn",
     "Admm", "AdmmRecord", "TrainHook", "auto_rho",
-    "cstar", "decompose_finetune", "calibration_batches",
+    "cstar", "decompose_finetune", "calibration_batches", "layer_sensitivity",
     "evaluate", "autoattack", "RobustResult", "SanityReport", "MissingExtraError",
     "init_from_env", "process_group", "is_main_process", "World",
 ]

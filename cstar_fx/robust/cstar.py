@@ -38,10 +38,11 @@ from .admm import Admm, auto_rho
 from .attacks import pgd
 from .config import JointConfig, TrainConfig
 from .finetune import _model_device, _private_rng, finetune, recalibrate_bn
+from .sensitivity import layer_sensitivity
 
 __all__ = ["cstar", "decompose_finetune", "calibration_batches", "model_on"]
 
-_TRACE_OPTIONS = ("leaf_modules", "concrete_args")
+_TRACE_OPTIONS = ("leaf_modules", "concrete_args", "autowrap_functions")
 _BN_BATCHES = 20
 _HANDOFF_RESIDUAL = 0.25  # relative ||W - Z|| of a layer above which the hand-off is a hard cut
 
@@ -142,14 +143,16 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
 def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg: TrainConfig | None = None,
                        *, example_inputs: Any = None, run_dir: str | os.PathLike[str] | None = None,
                        resume: bool = False, device: str | torch.device | None = None, calibrate: int = 0,
-                       **plan_options: Any) -> fx.GraphModule:
+                       sensitivity: int = 0, **plan_options: Any) -> fx.GraphModule:
     """``transform`` at ``ratio`` (no ADMM), batch-norm re-estimation, then adversarial fine-tuning with ``cfg``.
 
     Arguments as in :func:`cstar`; ``cfg`` is the fine-tune :class:`TrainConfig`, checkpointed under
     ``run_dir/finetune``. ``calibrate=N`` makes the factorization data-aware: the layers' outputs are
     preserved on the first ``N`` training images and their adversarial examples against ``model``
-    (:func:`calibration_batches`). With ``cfg.loss.distill > 0`` the fine-tune distils from ``model``
-    (a private copy, in eval mode).
+    (:func:`calibration_batches`). ``sensitivity=N`` weighs the rank allocation by each layer's
+    measured sensitivity of the adversarial loss on the first ``N`` training images
+    (:func:`~cstar_fx.robust.layer_sensitivity`). With ``cfg.loss.distill > 0`` the fine-tune distils
+    from ``model`` (used read-only, in eval mode).
 
     Example:
         >>> from cstar_fx.data import digits
@@ -161,18 +164,24 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
-        raise ValueError(f"calibrate must be a number of training images >= 0 (0: weight-based factors), got {calibrate!r}")
+    for name, value in (("calibrate", calibrate), ("sensitivity", sensitivity)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a number of training images >= 0 (0: off), got {value!r}")
     dev = torch.device(device) if device is not None else _model_device(model)
     example_inputs = _on(example_inputs, dev)
     teacher = model_on(model, dev)
     calibration = calibration_batches(teacher, train_data, calibrate, cfg, device=dev) if calibrate else None
-    gm = transform(teacher, ratio, example_inputs=example_inputs, calibration=calibration, **plan_options)
+    weights = None
+    if sensitivity:
+        weights = layer_sensitivity(teacher, train_data, cfg.loss.attack, n=sensitivity, batch_size=cfg.batch_size,
+                                    seed=cfg.seed, **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
+    gm = transform(teacher, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
+                   **plan_options)
     recalibrate_bn(gm, train_data, _BN_BATCHES, cfg.batch_size, seed=cfg.seed, device=dev)
     tuned = finetune(gm, train_data, cfg, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=teacher if cfg.loss.distill > 0 else None)
     gm.meta["cstar_training"] = {"method": "decompose_finetune", "finetune": tuned.to_dict(), "config": cfg.to_dict(),
-                                 "calibrate": calibrate}
+                                 "calibrate": calibrate, "sensitivity": weights}
     return gm
 
 
