@@ -237,6 +237,17 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    # torch.export's .module() refuses train()/eval() (instance attributes that raise): its graph fixed
+    # batch-norm and dropout behaviour at export time, so there is no mode to switch.
+    if "eval" in vars(model) or "train" in vars(model):
+        yield model
+        return
+    with eval_mode(model):
+        yield model
+
+
 def _export_dynamo(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, *, opset: int | None,
                    dynamic_batch: bool, external: bool, in_names: list[str], out_names: list[str]) -> None:
     dynamic_shapes = None
@@ -321,7 +332,7 @@ def verify_onnx(path: str | Path, model: nn.Module, example_inputs: Any, *, dtyp
         raise ValueError(f"{path.name} takes {len(in_names)} input(s) but {len(args)} example input(s) were given")
     batches = [args, _second_batch(args)] if dynamic_batch else [args]
     max_abs, scale = 0.0, 0.0
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), _eval_mode(model):
         for batch in batches:
             size = int(batch[0].shape[0]) if batch[0].dim() else 1
             try:
@@ -385,7 +396,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > _EXTERNAL_DATA_BYTES
     exporter, fallback_reason = "dynamo", None
-    with eval_mode(model):
+    with _eval_mode(model):
         try:
             _export_dynamo(model, args, path, opset=opset, dynamic_batch=dynamic_batch, external=external,
                            in_names=in_names, out_names=out_names)
@@ -416,7 +427,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
 
 
 def _run_eval(model: nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
-    with eval_mode(model):
+    with _eval_mode(model):
         return model(*args)
 
 

@@ -1,5 +1,10 @@
 """Find the conv and linear layers of a traced model, in module and functional form.
 
+The functional form covers ``F.conv2d`` / ``F.linear`` on parameters and the aten overloads that
+``torch.export.export(model, args).module()`` graphs call (``aten.conv2d``, ``aten.linear``, and
+``aten.convolution`` after ``run_decompositions()``); such a layer is named after its weight
+(``"layer1.0.conv1.weight"``).
+
 Read-only: this pass inspects a GraphModule and never changes it.
 
 Example:
@@ -22,11 +27,19 @@ import torch.nn.functional as F
 
 __all__ = ["LayerSite", "find_layers", "CONV_FNS", "LINEAR_FNS"]
 
-CONV_FNS = frozenset({F.conv2d, torch.conv2d})
-LINEAR_FNS = frozenset({F.linear, torch._C._nn.linear})
+_aten = torch.ops.aten
+# torch.export graphs (``torch.export.export(model, args).module()``) call the aten overloads on get_attr
+# parameters, with the same positional hyper-parameters as F.conv2d / F.linear; aten.convolution is what
+# they become after run_decompositions().
+CONV_FNS = frozenset({F.conv2d, torch.conv2d, _aten.conv2d.default, _aten.conv2d.padding})
+LINEAR_FNS = frozenset({F.linear, torch._C._nn.linear, _aten.linear.default})
+_CONVOLUTION_FNS = frozenset({_aten.convolution.default})
 _OTHER_CONV_FNS = {
     F.conv1d: "conv1d", F.conv3d: "conv3d", F.conv_transpose1d: "conv_transpose1d",
     F.conv_transpose2d: "conv_transpose2d", F.conv_transpose3d: "conv_transpose3d",
+    _aten.conv1d.default: "conv1d", _aten.conv1d.padding: "conv1d", _aten.conv3d.default: "conv3d",
+    _aten.conv3d.padding: "conv3d", _aten.conv_transpose1d.default: "conv_transpose1d",
+    _aten.conv_transpose2d.input: "conv_transpose2d", _aten.conv_transpose3d.input: "conv_transpose3d",
 }
 _UNSUPPORTED_MODULES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -70,6 +83,8 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
 
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
+                     "groups")
 _LINEAR_ARGS = ("input", "weight", "bias")
 
 
@@ -100,11 +115,19 @@ def _module_site(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> LayerSite
     return LayerSite(name, "linear", "module", prefix + "weight", mod.weight, mod.bias, [node])
 
 
+def _hyper(value: Any) -> Any:
+    # aten graphs carry int lists ([2, 2]); tuples compare equal across the call forms and hash.
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _function_site(gm: fx.GraphModule, node: fx.Node) -> tuple[str, LayerSite | str]:
-    is_conv = node.target in CONV_FNS
-    args = _bind(node, _CONV_ARGS if is_conv else _LINEAR_ARGS)
+    convolution = node.target in _CONVOLUTION_FNS
+    is_conv = convolution or node.target in CONV_FNS
+    args = _bind(node, _CONVOLUTION_ARGS if convolution else _CONV_ARGS if is_conv else _LINEAR_ARGS)
     w = args.get("weight")
     label = f"{node.name} ({'conv2d' if is_conv else 'linear'})"
+    if convolution and args.get("transposed"):
+        return label, "transposed convolution is not supported"
     if not (isinstance(w, fx.Node) and w.op == "get_attr"):
         return label, "weight is computed in the graph, not a parameter; cannot factorize"
     name = str(w.target)
@@ -113,9 +136,11 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> tuple[str, LayerSite | 
     if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
         return name, "bias is computed in the graph, not a parameter; cannot factorize"
     bias = _fetch(gm, str(b.target)) if b is not None else None
-    hyper = {k: args.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
+    hyper = {k: _hyper(args.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
     if any(isinstance(v, fx.Node) for v in hyper.values()):
         return name, "conv hyper-parameters are computed in the graph; cannot factorize"
+    if convolution and weight.ndim != 4:
+        return name, f"conv{weight.ndim - 2}d is not supported (only 2-D convs and linear layers are factorized)"
     if is_conv and weight.ndim != 4:
         return name, f"conv2d weight of shape {tuple(weight.shape)} is not 4-D"
     if is_conv and hyper["groups"] != 1:
@@ -187,7 +212,8 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[LayerSite], dict[str, str]]:
                 name, found = str(node.target), ("nn.MultiheadAttention keeps its packed q/k/v and output projections "
                                                  "internal; they stay dense (pass unpack_attention=True to "
                                                  "factorize them)")
-        elif node.op == "call_function" and (node.target in CONV_FNS or node.target in LINEAR_FNS):
+        elif node.op == "call_function" and (node.target in CONV_FNS or node.target in LINEAR_FNS
+                                             or node.target in _CONVOLUTION_FNS):
             name, found = _function_site(gm, node)
         elif node.op == "call_function" and node.target in _OTHER_CONV_FNS:
             name, found = node.name, f"{_OTHER_CONV_FNS[node.target]} is not supported"
