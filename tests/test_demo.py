@@ -16,11 +16,11 @@ def test_demo_runs_the_pipeline_and_prints_the_table(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert torch.get_num_threads() == threads  # the demo's thread setting does not leak
     rows = {m.group(1).strip(): m.groups()[1:] for m in re.finditer(
-        r"^(dense PGD-AT teacher|CSTAR 4x|transform \+ FT 4x)\s+([\d,]+)\s+([\d.]+)x\s+\S+ ep\s+([\d.]+)%\s+([\d.]+)%\s+(.+)$",
+        r"^(dense PGD-AT teacher|recipe 4x|transform \+ FT 4x)\s+([\d,]+)\s+([\d.]+)x\s+\S+ ep\s+([\d.]+)%\s+([\d.]+)%\s+(.+)$",
         out, re.M)}
-    assert set(rows) == {"dense PGD-AT teacher", "CSTAR 4x", "transform + FT 4x"}, out
+    assert set(rows) == {"dense PGD-AT teacher", "recipe 4x", "transform + FT 4x"}, out
     dense_params = int(rows["dense PGD-AT teacher"][0].replace(",", ""))
-    for name in ("CSTAR 4x", "transform + FT 4x"):
+    for name in ("recipe 4x", "transform + FT 4x"):
         params, ratio, clean, pgd_acc, sanity = rows[name]
         assert float(ratio) >= 4.0 and int(params.replace(",", "")) * 4 <= dense_params
         assert 0 <= float(pgd_acc) <= float(clean) <= 100

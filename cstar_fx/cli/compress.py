@@ -22,6 +22,7 @@ from typing import Any
 from . import UsageError
 from .options import config_values, explicit_dests, fraction, integer, number
 from .runfolder import RunFolder
+from ..robust.config import RECOMMENDED
 
 __all__ = ["register", "run", "parse_eps"]
 
@@ -80,6 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--round-to", type=positive, default=8,
                    help="ranks/channels are multiples of this (pruning goes finer where it cannot reach a ratio)")
     g.add_argument("--skip", nargs="*", default=[], help="layer names or globs kept dense")
+    g.add_argument("--calibrate", type=count, default=RECOMMENDED.calibrate,
+                   help="data-aware factorization on this many training images and their adversarial examples "
+                        "(cstar and decompose; 0: factors from the weights alone)")
+    g.add_argument("--distill", type=fraction(), default=RECOMMENDED.distill,
+                   help="weight of robust distillation from the teacher in every method's fine-tune, pruning "
+                        "included (0: plain adversarial fine-tune)")
     g = p.add_argument_group("training")
     g.add_argument("--teacher-epochs", type=count, default=10, help="robust teacher epochs (ignored with --checkpoint)")
     g.add_argument("--joint-epochs", type=count, default=5, help="CSTAR ADMM joint-training epochs")
@@ -87,7 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--loss", default="pgd", choices=("pgd", "trades", "fast", "clean"), help="training loss")
     g.add_argument("--lr", type=number(above=0), default=0.05, help="teacher learning rate (compression phases use lr/5)")
     g.add_argument("--batch-size", type=positive, default=128, help="training batch size")
-    g.add_argument("--rho", type=number(above=0), default=1.0, help="ADMM proximity weight")
+    g.add_argument("--rho", type=number(above=0), default=None,
+                   help="ADMM proximity weight (default: auto, from the joint learning rate; see AdmmConfig)")
     g = p.add_argument_group("attack")
     g.add_argument("--eps", type=fraction(), default=None, help="L_inf radius (default: 8/255, digits 0.1)")
     g.add_argument("--alpha", type=number(above=0, below=1, fractions=True), default=None,
@@ -145,6 +153,9 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--ratios and --methods must not repeat a value")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a folder")
+    if args.distill > 0 and args.loss == "trades":
+        raise UsageError("--distill works with --loss pgd, fast or clean (TRADES has its own KL term); "
+                         "pass --distill 0 with --loss trades")
 
 
 def _device(name: str) -> Any:
@@ -219,9 +230,9 @@ def _configs(args: argparse.Namespace, eps: float) -> dict[str, Any]:
     train_attack = AttackConfig(eps=eps, alpha=alpha, steps=args.train_steps)
     loss = LossConfig(args.loss, attack=train_attack)
     teacher = TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, loss=loss, seed=args.seed)
-    tune = teacher.replace(epochs=args.finetune_epochs, lr=args.lr / 5)
-    joint = JointConfig(joint=teacher.replace(epochs=args.joint_epochs, lr=args.lr / 5), finetune=tune,
-                        admm=AdmmConfig(rho=args.rho, rho_max=max(10.0, args.rho)))
+    tune = teacher.replace(epochs=args.finetune_epochs, lr=args.lr / 5, loss=loss.replace(distill=args.distill))
+    joint = JointConfig(joint=teacher.replace(epochs=args.joint_epochs, lr=args.lr / 5, schedule="constant"),
+                        finetune=tune, admm=AdmmConfig(rho=args.rho, rho_max=max(10.0, args.rho or 0.0)))
     return {"teacher": teacher, "tune": tune, "joint": joint,
             "eval": AttackConfig(eps=eps, alpha=alpha, steps=args.eval_steps)}
 
@@ -472,7 +483,7 @@ def _stages(args: argparse.Namespace, cfg: dict[str, Any], device: Any, train: A
                 torch.manual_seed(args.seed)  # each result depends on the options only, resumed or not
                 try:
                     gm, plan, used = _compress(method, model, train, ratio, cfg, plan_options, example, out / label,
-                                               device, granularity.get(ratio, args.round_to))
+                                               device, granularity.get(ratio, args.round_to), args.calibrate)
                 finally:
                     if folder is not None:
                         folder.record(label)
@@ -533,24 +544,29 @@ def _export(folder: RunFolder, model: Any, example: Any, label: str) -> Path:
 
 
 def _compress(method: str, model: Any, train: Any, ratio: float, cfg: dict[str, Any], plan_options: dict[str, Any],
-              example: Any, run_dir: Path, device: Any, prune_round_to: int) -> tuple[Any, Any, int | None]:
+              example: Any, run_dir: Path, device: Any, prune_round_to: int,
+              calibrate: int = 0) -> tuple[Any, Any, int | None]:
     """The compressed, fine-tuned model, its rank plan (None for pruning) and the pruning granularity used."""
     import cstar_fx
-    from cstar_fx.robust import cstar, decompose_finetune, finetune
+    from cstar_fx.robust import cstar, decompose_finetune, finetune, recalibrate_bn
+    from cstar_fx.robust.cstar import model_on
 
     ex = example.to(device)
     try:
         if method == "cstar":
-            gm = cstar(model, train, ratio, cfg["joint"], example_inputs=ex, run_dir=run_dir, device=device, **plan_options)
+            gm = cstar(model, train, ratio, cfg["joint"], example_inputs=ex, run_dir=run_dir, device=device,
+                       calibrate=calibrate, **plan_options)
             return gm, cstar_fx.get_plan(gm), None
         if method == "decompose":
             gm = decompose_finetune(model, train, ratio, cfg["tune"], example_inputs=ex, run_dir=run_dir, device=device,
-                                    **plan_options)
+                                    calibrate=calibrate, **plan_options)
             return gm, cstar_fx.get_plan(gm), None
         from cstar_fx.passes.prune import prune_to_ratio_finer
 
         pruned, used = prune_to_ratio_finer(model, ratio, ex, round_to=prune_round_to, budget=plan_options["budget"])
-        finetune(pruned, train, cfg["tune"], run_dir=run_dir / "finetune", device=device)
+        recalibrate_bn(pruned, train, 20, cfg["tune"].batch_size, seed=cfg["tune"].seed, device=device)
+        finetune(pruned, train, cfg["tune"], run_dir=run_dir / "finetune", device=device,
+                 teacher=model_on(model, device) if cfg["tune"].loss.distill > 0 else None)
         return pruned, None, used
     except cstar_fx.UnreachableBudgetError as exc:
         raise UsageError(f"{method} at {ratio:g}x: {str(exc).splitlines()[0]}") from None

@@ -1,8 +1,10 @@
 """``cstar-fx demo``: the whole pipeline on the embedded digits dataset, no arguments needed.
 
 Trains a small CNN with PGD adversarial training on scikit-learn's 8x8 digits, compresses it with
-CSTAR (ADMM joint training, factorization at the planned ranks, adversarial fine-tune) and with the
-plain transform + fine-tune, evaluates clean and PGD-20 accuracy and prints one table.
+the recommended recipe (:data:`cstar_fx.robust.RECOMMENDED`: data-aware factorization calibrated on
+clean and adversarial training images, then an adversarial fine-tune with robust distillation from
+the teacher) and with the plain transform + adversarial fine-tune, both with the same number of
+fine-tune epochs, evaluates clean and PGD-20 accuracy and prints one table.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         >>> import argparse
         >>> p = argparse.ArgumentParser(); register(p.add_subparsers())
     """
-    p = sub.add_parser("demo", help="robust-train a small CNN on digits, compress it with CSTAR, compare (no arguments needed)",
+    p = sub.add_parser("demo", help="robust-train a small CNN on digits, compress it with the recommended recipe and "
+                                    "with plain transform + fine-tune, compare (no arguments needed)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ratio", type=float, default=8.0, help="compression ratio (parameters, dense / compressed)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--epochs", type=int, default=10, help="teacher epochs; each compression phase gets half")
+    p.add_argument("--epochs", type=int, default=10, help="teacher epochs, and the fine-tune epochs of each compression")
     p.add_argument("--eps", type=float, default=DEMO_EPS, help="L_inf attack radius in [0, 1] pixel units")
     p.set_defaults(func=run)
 
@@ -62,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     import cstar_fx
     from cstar_fx.data import digits
     from cstar_fx.models import small_cnn
-    from cstar_fx.robust import (AttackConfig, JointConfig, LossConfig, TrainConfig, cstar, decompose_finetune,
-                                 evaluate, finetune)
+    from cstar_fx.robust import AttackConfig, LossConfig, TrainConfig, decompose_finetune, evaluate, finetune
+    from cstar_fx.robust.config import RECOMMENDED
 
     t_start = time.perf_counter()
     train, test = digits(seed=args.seed)
@@ -71,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     eval_attack = AttackConfig(eps=args.eps, alpha=args.eps / 8, steps=20)
     loss = LossConfig("pgd", attack=train_attack)
     teacher_cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05, loss=loss, seed=args.seed, progress=False)
-    half = max(1, args.epochs // 2)
-    tune = TrainConfig(epochs=half, batch_size=64, lr=0.01, loss=loss, seed=args.seed, progress=False)
+    tune = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.01, loss=loss, seed=args.seed, progress=False)
+    recipe = RECOMMENDED
     rows = []
     with _threads(1):
         torch.manual_seed(args.seed)
@@ -80,15 +83,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"1/4 PGD-AT teacher on digits ({len(train)} train images, eps={args.eps:g}, {args.epochs} epochs)")
         finetune(dense, train, teacher_cfg)
         rows.append(("dense PGD-AT teacher", dense, 1.0, f"{args.epochs} ep"))
-        print(f"2/4 CSTAR at {args.ratio:g}x: ADMM joint training ({half} ep) + transform + adversarial fine-tune ({half} ep)")
+        print(f"2/4 recommended recipe at {args.ratio:g}x: data-aware transform ({recipe.calibrate} calibration "
+              f"images) + adversarial fine-tune with distillation {recipe.distill:g} ({args.epochs} ep)")
         try:
-            gm = cstar(dense, train, args.ratio, JointConfig(joint=tune, finetune=tune))
+            gm = decompose_finetune(dense, train, args.ratio, tune.replace(loss=loss.replace(distill=recipe.distill)),
+                                    calibrate=min(recipe.calibrate, len(train)), round_to=1)
         except cstar_fx.UnreachableBudgetError as exc:
             raise UsageError(str(exc).replace("\n", " ")) from None
-        rows.append((f"CSTAR {args.ratio:g}x", gm, cstar_fx.get_report(gm).ratio_params, f"+{half}+{half} ep"))
-        print(f"3/4 plain transform at {args.ratio:g}x + adversarial fine-tune ({2 * half} ep)")
-        plain = decompose_finetune(dense, train, args.ratio, tune.replace(epochs=2 * half))
-        rows.append((f"transform + FT {args.ratio:g}x", plain, cstar_fx.get_report(plain).ratio_params, f"+{2 * half} ep"))
+        rows.append((f"recipe {args.ratio:g}x", gm, cstar_fx.get_report(gm).ratio_params, f"+{args.epochs} ep"))
+        print(f"3/4 plain transform at {args.ratio:g}x + adversarial fine-tune ({args.epochs} ep)")
+        plain = decompose_finetune(dense, train, args.ratio, tune, round_to=1)
+        rows.append((f"transform + FT {args.ratio:g}x", plain, cstar_fx.get_report(plain).ratio_params,
+                     f"+{args.epochs} ep"))
         print(f"4/4 evaluating clean and PGD-20 accuracy on {len(test)} test images")
         results = [evaluate(m, test, attack=eval_attack, progress=False, seed=args.seed) for _, m, _, _ in rows]
     print()

@@ -16,7 +16,8 @@ import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-__all__ = ["AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig", "NORMS", "LOSSES", "SCHEDULES"]
+__all__ = ["AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig", "Recipe", "RECOMMENDED",
+           "NORMS", "LOSSES", "SCHEDULES"]
 
 NORMS = ("linf", "l2")
 LOSSES = ("pgd", "trades", "fast", "clean")
@@ -259,3 +260,32 @@ class JointConfig(_Replace):
         for name, kind in (("joint", TrainConfig), ("finetune", TrainConfig), ("admm", AdmmConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+
+
+@dataclass(frozen=True)
+class Recipe(_Replace):
+    """The levers of a robust compression, beside the training configs.
+
+    * ``calibrate``: training images (with their adversarial examples against the teacher) on which
+      the factorization preserves each layer's outputs (0: factors from the weights alone).
+    * ``distill``: weight of robust distillation from the dense teacher in the fine-tune (0: off).
+    * ``sensitivity``: training images on which each layer's adversarial-loss sensitivity weighs the
+      rank allocation (0: spectral energy alone).
+
+    Example:
+        >>> Recipe(calibrate=256).distill
+        0.0
+    """
+
+    calibrate: int = 0
+    distill: float = 0.0
+    sensitivity: int = 0
+
+    def __post_init__(self) -> None:
+        _int(self, "calibrate", 0)
+        _number(self, "distill", low=0.0, high=1.0)
+        _int(self, "sensitivity", 0)
+
+
+RECOMMENDED = Recipe(calibrate=512, distill=0.8)
+"""The recipe the benchmark supports (docs/robustness.md, "The recommended recipe"); the CLI's defaults."""

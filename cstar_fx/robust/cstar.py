@@ -91,7 +91,7 @@ def _on(example_inputs: Any, device: torch.device) -> Any:
 
 def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg: JointConfig | None = None, *,
           example_inputs: Any = None, run_dir: str | os.PathLike[str] | None = None, resume: bool = False,
-          device: str | torch.device | None = None, **plan_options: Any) -> fx.GraphModule:
+          device: str | torch.device | None = None, calibrate: int = 0, **plan_options: Any) -> fx.GraphModule:
     """CSTAR: ADMM adversarial training towards the planned ranks, ``transform``, adversarial fine-tune.
 
     ``ratio`` and ``plan_options`` (``budget``, ``round_to``, ``skip``, ...) are those of
@@ -99,6 +99,8 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     ``budget="flops"``. ``cfg`` holds the joint-phase and fine-tune :class:`TrainConfig` and the
     :class:`AdmmConfig`. With ``run_dir`` each phase checkpoints under ``run_dir/joint`` and
     ``run_dir/finetune``; ``resume=True`` continues a killed run. The input model is not modified.
+    ``calibrate=N`` makes the hand-off data-aware (as in :func:`decompose_finetune`, on the jointly
+    trained weights); ``cfg.finetune.loss.distill > 0`` distils from ``model`` in the fine-tune.
 
     Example:
         >>> gm = cstar(teacher, train, ratio=16, cfg=JointConfig(), run_dir="runs/cstar16")  # doctest: +SKIP
@@ -109,6 +111,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     if not isinstance(cfg, JointConfig):
         raise TypeError(f"cfg must be a JointConfig (joint=TrainConfig, finetune=TrainConfig, admm=AdmmConfig), "
                         f"got {type(cfg).__name__}")
+    _check_count("calibrate", calibrate)
     dense = copy.deepcopy(model)
     dev = torch.device(device) if device is not None else _model_device(model)
     dense.to(dev)
@@ -129,14 +132,15 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
         warnings.warn(f"ADMM hand-off: layer {last.worst_layer!r} is still {last.worst:.0%} away from its low-rank "
                       f"projection (global {last.relative:.0%}), so transform will cut it hard; give the joint phase "
                       f"more epochs or a larger AdmmConfig(rho=...)", stacklevel=2)
-    gm = transform(dense, plan=admm.plan, example_inputs=example_inputs,
+    calibration = calibration_batches(dense, train_data, calibrate, cfg.finetune, device=dev) if calibrate else None
+    gm = transform(dense, plan=admm.plan, example_inputs=example_inputs, calibration=calibration,
                    **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
     recalibrate_bn(gm, train_data, _BN_BATCHES, cfg.finetune.batch_size, seed=cfg.finetune.seed, device=dev)
     tuned = finetune(gm, train_data, cfg.finetune, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=model_on(model, dev) if cfg.finetune.loss.distill > 0 else None)
     gm.meta["cstar_training"] = {"method": "cstar", "joint": joint.to_dict(), "finetune": tuned.to_dict(),
                                  "admm": [r.to_dict() for r in admm.history],
-                                 "config": cfg.replace(admm=admm_cfg).to_dict()}
+                                 "config": cfg.replace(admm=admm_cfg).to_dict(), "calibrate": calibrate}
     return gm
 
 
@@ -164,9 +168,8 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    for name, value in (("calibrate", calibrate), ("sensitivity", sensitivity)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a number of training images >= 0 (0: off), got {value!r}")
+    _check_count("calibrate", calibrate)
+    _check_count("sensitivity", sensitivity)
     dev = torch.device(device) if device is not None else _model_device(model)
     example_inputs = _on(example_inputs, dev)
     teacher = model_on(model, dev)
@@ -183,6 +186,11 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     gm.meta["cstar_training"] = {"method": "decompose_finetune", "finetune": tuned.to_dict(), "config": cfg.to_dict(),
                                  "calibrate": calibrate, "sensitivity": weights}
     return gm
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a number of training images >= 0 (0: off), got {value!r}")
 
 
 def model_on(model: nn.Module, device: torch.device) -> nn.Module:
