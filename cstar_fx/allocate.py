@@ -221,11 +221,17 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
                 max_ratio=dense_total / spent)
     if spent > budget * (1 + 1e-12):
         best = dense_total / spent
+        # Rounded down, so the ratio suggested is itself reachable (2.846 -> 2.84, never 2.85).
+        digits = 2
+        while math.floor(best * 10 ** digits) / 10 ** digits <= 1 and digits < 6:
+            digits += 1
+        safe = math.floor(best * 10 ** digits) / 10 ** digits
+        ask = (f"Ask for ratio <= {safe:.{digits}f}, or lower round_to/min_rank." if safe > 1 else
+               "No ratio above 1 is reachable: lower round_to/min_rank.")
         raise UnreachableBudgetError(
             f"ratio {ratio:g} is unreachable: the smallest ranks allowed (round_to={round_to}, min_rank={min_rank}) "
             f"and the layers that stay dense already cost {spent:.4g} of a {budget:.4g} budget; the reachable "
-            f"maximum is {best:.3f}x. Ask for ratio <= {best:.2f}, lower round_to/min_rank, or factorize more layers "
-            f"(remove them from skip).", max_ratio=best)
+            f"maximum is {best:.4f}x. " + ask, max_ratio=best)
 
     heap: list[tuple[float, int, str, int, int]] = []
     counter = 0

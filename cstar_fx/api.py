@@ -13,14 +13,14 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .allocate import Cap, _energy, allocate, max_ranks, scheme_for
+from .allocate import Cap, UnreachableBudgetError, _energy, allocate, max_ranks, scheme_for
 from .config import CstarConfig, resolve_config
 from .costs import CostModel, FlopCost, LayerSpec, ParamCost, cost_model_for
 from .decompose import mode_spectra
 from .passes.attention import unpack_attention
 from .passes.calibrate import input_moments
-from .passes.discover import LayerSite, find_layers
-from .passes.factorize import factorize
+from .passes.discover import LayerSite, find_layers, reads_metadata_only
+from .passes.factorize import factorize, factors_path
 from .passes.shapes import as_tuple, eval_mode, record_shapes
 from .passes.trace import trace
 from .plan import LayerPlan, RankPlan
@@ -107,6 +107,35 @@ def _skip_reason(name: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
+def _hidden_layers(gm: fx.GraphModule, known: dict[str, str]) -> dict[str, str]:
+    """Conv/linear layers inside modules the graph calls opaquely (leaves): listed, so the plan and report
+    account for every layer and advice can name the leaf that hides them."""
+    hidden: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        leaf = str(node.target)
+        mod = gm.get_submodule(leaf)
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) or leaf in known:
+            continue
+        for sub, child in mod.named_modules():
+            name = f"{leaf}.{sub}" if sub else leaf
+            if sub and isinstance(child, (nn.Conv2d, nn.Linear)) and name not in known and name not in hidden:
+                hidden[name] = (f"hidden inside {leaf!r} ({type(mod).__name__}), which is called as a leaf "
+                                f"(leaf_modules=, a registered or timm leaf), so it is not factorized; drop that "
+                                f"module from the leaves to factorize it")
+    return hidden
+
+
+def _check_skip(skip: tuple[str, ...], names: list[str]) -> None:
+    unmatched = [pat for pat in skip if not any(_skip_reason(n, (pat,)) for n in names)]
+    if unmatched:
+        shown = ", ".join(repr(n) for n in names[:8]) + (" ..." if len(names) > 8 else "")
+        raise ValueError(f"skip pattern(s) {unmatched} match no layer of this model, so they would skip nothing; "
+                         f"the layers are named {shown or 'nothing'} (a wrapped model's names carry its prefix, "
+                         f"e.g. 'model.conv1' or '*conv1')")
+
+
 def _check_devices(model: nn.Module) -> None:
     """Factorizing needs real values on one device: reject meta tensors and models split across devices."""
     where: dict[torch.device, str] = {}
@@ -148,6 +177,11 @@ def _analyse(model: nn.Module, cfg: CstarConfig, example_inputs: Any, need_spect
                autowrap_functions=cfg.autowrap_functions)
     _check_devices(gm)
     sites, unsupported = find_layers(gm)
+    for site in [s for s in sites if s.weight.numel() == 0]:
+        unsupported[site.name] = f"weight of shape {site.weight_shape} has no entries (a zero-width layer); kept dense"
+        sites.remove(site)
+    unsupported.update(_hidden_layers(gm, unsupported))
+    _check_skip(cfg.skip, [s.name for s in sites] + list(unsupported))
     shapes = record_shapes(gm, example_inputs, {n for s in sites for n in s.nodes}) if example_inputs is not None else {}
     eligible = [s for s in sites if not _skip_reason(s.name, cfg.skip)]
     importance = _check_sensitivity(sensitivity, sites)
@@ -233,6 +267,17 @@ def _budget_cost(cfg: CstarConfig, example_inputs: Any) -> CostModel:
     return cost_model_for(cfg.budget)
 
 
+def _more_layers_advice(a: _Analysis) -> str:
+    """Where more factorizable layers could come from, for this model (not a generic list)."""
+    ways = []
+    if a.skipped:
+        ways.append(f"remove {sorted(a.skipped)[:5]} from skip=")
+    leaves = sorted({why.split("'")[1] for why in a.unsupported.values() if why.startswith("hidden inside")})
+    if leaves:
+        ways.append(f"stop calling {leaves[:5]} as leaves, which hides the layers inside them")
+    return (" To factorize more layers: " + "; or ".join(ways) + ".") if ways else ""
+
+
 def _plan(a: _Analysis, cfg: CstarConfig, example_inputs: Any, latency_ms: float | None = None) -> RankPlan:
     eligible = [a.specs[s.name] for s in a.sites if s.name not in a.skipped]
     if not eligible:
@@ -259,8 +304,11 @@ def _plan(a: _Analysis, cfg: CstarConfig, example_inputs: Any, latency_ms: float
         params = ParamCost()
         fixed_params = a.dense_params - sum(params(s, "dense", ()) for s in eligible)
         caps = (Cap(params, fixed_params, a.dense_params / cfg.param_ratio),)
-    alloc = allocate(eligible, cost, ratio=ratio, fixed_cost=fixed, round_to=cfg.round_to,
-                     min_rank=cfg.min_rank, conv_scheme=cfg.conv_scheme, caps=caps)
+    try:
+        alloc = allocate(eligible, cost, ratio=ratio, fixed_cost=fixed, round_to=cfg.round_to,
+                         min_rank=cfg.min_rank, conv_scheme=cfg.conv_scheme, caps=caps)
+    except UnreachableBudgetError as exc:
+        raise UnreachableBudgetError(str(exc) + _more_layers_advice(a), max_ratio=exc.max_ratio) from None
     reasons = dict(a.skipped)
     for name, (scheme, _) in alloc.choices.items():
         if scheme == "dense":
@@ -293,6 +341,10 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
     """
     if target_speedup is not None and latency_ms is not None:
         raise ValueError("pass either target_speedup or latency_ms, not both")
+    if (target_speedup is not None or latency_ms is not None) and budget != "latency":
+        given = "target_speedup" if target_speedup is not None else "latency_ms"
+        raise ValueError(f"{given}= is a latency target, but budget={budget!r}: pass budget='latency' and "
+                         f"target=cstar_fx.latency.LatencyTarget(...) as well, or ask for a {budget} ratio with ratio=")
     if target_speedup is not None:
         ratio = target_speedup
     if latency_ms is not None:
@@ -349,6 +401,10 @@ def _check_plan(plan: RankPlan, a: _Analysis) -> None:
                                 + "\nMake the plan from this model: plan_ranks(model, ...).")
 
 
+_PLANNING_OPTIONS = frozenset({"budget", "round_to", "min_rank", "skip", "cost_model", "target",
+                                "param_ratio"})
+
+
 def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: RankPlan | None = None,
               example_inputs: Any = None, decompose: bool = True, calibration: Any = None,
               sensitivity: dict[str, float] | None = None, **options: Any) -> fx.GraphModule:
@@ -383,7 +439,16 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
     if plan is None:
         cfg = resolve_config(8 if ratio is None else ratio, options)
     else:  # the plan fixes the ranks; options are still validated so a misspelt one is not silently ignored
+        if isinstance(ratio, CstarConfig) or (ratio is not None and not (type(ratio) is int and ratio == 8)):
+            # 8 is the signature's default, which callers forwarding their own default pass along
+            raise ValueError(f"transform(model, {ratio!r}, plan=...): the plan fixes every rank, so the ratio would "
+                             f"be ignored; drop the ratio, or drop plan= to plan at that ratio")
         cfg = resolve_config(2.0, options)
+        planning = sorted(set(options) & _PLANNING_OPTIONS)
+        if planning:
+            raise ValueError(f"option(s) {planning} only steer planning, and plan= fixes the ranks, so they would be "
+                             f"ignored; drop them, or edit the plan (plan.with_layer(name, scheme='dense') keeps "
+                             f"a layer dense)")
     source = trace(model, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args,
                    autowrap_functions=cfg.autowrap_functions)
     gm = copy.deepcopy(source)
@@ -398,6 +463,7 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
     else:
         _check_plan(plan, a)
     choices = {name: (lp.scheme, lp.ranks) for name, lp in plan.factorized.items()}
+    _retarget_metadata_reads(gm, [s for s in a.sites if s.name in choices])
     factorize(gm, a.sites, choices, decompose, a.moments)
     report = build_report(gm, a.sites, plan, dense_params=a.dense_params, params=_count_params(gm), with_errors=decompose,
                           dense_flops=a.dense_flops,
@@ -405,6 +471,16 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
     gm.meta["cstar_plan"] = plan
     gm.meta["cstar_report"] = report
     return gm
+
+
+def _retarget_metadata_reads(gm: fx.GraphModule, sites: list[LayerSite]) -> None:
+    """Point a ``self.fc.weight.dtype`` read of a layer about to be factorized at its future ``expand`` factor's
+    weight (same dtype and device): the dense weight it names will no longer exist."""
+    for site in sites:
+        for node in gm.graph.nodes:
+            if (node.op == "get_attr" and str(node.target) == site.param and node.users
+                    and all(reads_metadata_only(u) for u in node.users)):
+                node.target = f"{factors_path(site)}.expand.weight"
 
 
 def get_plan(gm: fx.GraphModule) -> RankPlan:

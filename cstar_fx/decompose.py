@@ -91,10 +91,25 @@ def _left_eig(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The Gram matrix is much cheaper to decompose than ``mat`` itself when ``mat`` is wide, which is
     the common case for conv unfoldings; its small eigenvalues lose relative precision, which the
-    energy fractions and the leading factors used here do not need.
+    energy fractions and the leading factors used here do not need. ``mat`` is scaled to a largest
+    entry of 1 first, so weights of any finite magnitude neither overflow nor underflow the Gram
+    matrix (the squared values come back in float64, rescaled); where ``eigh`` still fails to
+    converge, the SVD of ``mat`` answers instead.
     """
-    evals, evecs = torch.linalg.eigh(mat @ mat.T)
-    return evals.flip(0).clamp_min(0.0), evecs.flip(1)
+    scale = float(mat.abs().max()) if mat.numel() else 0.0
+    if scale == 0.0:
+        eye = torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
+        return torch.zeros(mat.shape[0], dtype=torch.float64, device=mat.device), eye
+    unit = mat / scale
+    try:
+        evals, evecs = torch.linalg.eigh(unit @ unit.T)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+    except torch.linalg.LinAlgError:
+        u, sv, _ = torch.linalg.svd(unit, full_matrices=True)
+        evals = torch.zeros(mat.shape[0], dtype=unit.dtype, device=unit.device)
+        evals[: sv.numel()] = sv.square()
+        evecs = u
+    return evals.double().clamp_min(0.0) * scale ** 2, evecs
 
 
 def _leading_left(mat: torch.Tensor, rank: int) -> torch.Tensor:
@@ -105,8 +120,9 @@ def _leading_left(mat: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _squared_singular_values(mat: torch.Tensor) -> torch.Tensor:
+    """Squared singular values, largest first, in float64 (scale-free: see :func:`_left_eig`)."""
     small = mat if mat.shape[0] <= mat.shape[1] else mat.T
-    return torch.linalg.eigvalsh(small @ small.T).flip(0).clamp_min(0.0)
+    return _left_eig(small)[0]
 
 
 def mode_spectra(weight: torch.Tensor) -> tuple[Spectrum, ...]:
@@ -119,6 +135,8 @@ def mode_spectra(weight: torch.Tensor) -> tuple[Spectrum, ...]:
         (8, 4)
     """
     _check_weight(weight, (2, 4))
+    if weight.numel() == 0:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} has no entries (a zero-width layer); nothing to factorize")
     w = weight.detach().to(_work_dtype(weight))
     modes = (0,) if w.ndim == 2 else (0, 1)
     return tuple(Spectrum(tuple(_squared_singular_values(_unfold(w, m)).tolist())) for m in modes)
@@ -152,7 +170,9 @@ def _balanced(proj: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, to
     The product ``basis @ proj`` is unchanged; balancing only evens the two factors' scales for
     fine-tuning (norms guarded so rank-deficient weights work).
     """
-    norms = torch.linalg.vector_norm(proj, dim=1)
+    big = float(proj.abs().max()) if proj.numel() else 0.0
+    # Norms of the unit-scaled rows: the squares of 1e20-sized entries would overflow float32.
+    norms = torch.linalg.vector_norm(proj / big, dim=1) * big if big > 0 else torch.linalg.vector_norm(proj, dim=1)
     root = norms.clamp_min(float(norms.max()) * 1e-12 if norms.numel() else 0.0).clamp_min(1e-30).sqrt()
     return proj / root[:, None], basis * root[None, :]
 

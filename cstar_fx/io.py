@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,6 @@ import torch.nn as nn
 
 from . import __version__
 from .api import PlanMismatchError, get_plan, get_report, transform
-from .fileutil import atomic_path
 from .passes.attention import ExplicitAttention
 from .plan import LayerPlan, RankPlan
 from .report import TransformReport
@@ -104,6 +104,15 @@ def _check_factors(gm: fx.GraphModule, plan: RankPlan) -> None:
         if (inner != lp.ranks or expand.shape[0] != lp.weight_shape[0] or reduce.shape[1] != lp.weight_shape[1]):
             problems.append(f"layer {lp.name!r}: factor shapes {tuple(reduce.shape)} / {tuple(expand.shape)} do not "
                             f"match the plan's ranks {lp.ranks}")
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    for lp in plan.layers.values():
+        if lp.factorized:
+            continue
+        weight = params.get(lp.param)
+        if weight is None:
+            problems.append(f"dense layer {lp.name!r}: no weight {lp.param!r} in the model")
+        elif tuple(weight.shape) != lp.weight_shape:
+            problems.append(f"dense layer {lp.name!r}: weight shape {tuple(weight.shape)}, the plan says {lp.weight_shape}")
     if problems:
         raise ValueError("the model was changed after cstar_fx.transform (e.g. pruned), so its rank plan no longer "
                          "describes it and load() could not rebuild it:\n  " + "\n  ".join(problems[:10])
@@ -168,6 +177,9 @@ def save(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
         raise TypeError(f"save expects the GraphModule returned by cstar_fx.transform, got {type(gm).__name__}")
     plan = get_plan(gm)
     report = get_report(gm)
+    if not isinstance(plan, RankPlan) or not isinstance(report, TransformReport):
+        raise ValueError("the model's attached rank plan or report is not a cstar_fx RankPlan/TransformReport; "
+                         "save the GraphModule that cstar_fx.transform returned")
     path = _as_path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; pass a file path such as {str(path / 'model.safetensors')!r}")
@@ -181,11 +193,65 @@ def save(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
                                    "unpack_attention": _unpacked_attention(gm, plan)}),
             "cstar_fx_version": __version__,
             "torch_version": torch.__version__}
+    _parse_header(path, meta)  # what load() will read back must parse: a file that saves, loads
     meta["sha256"] = _digest(meta, tensors)
     st = _safetensors()
-    with atomic_path(path) as tmp:
+    # A short temporary name: the destination's own name may already be at the file system's limit.
+    fd, name = tempfile.mkstemp(prefix=".cstar-fx-save.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(name)
+    try:
         st.torch.save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(directory)
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parse_header(path: Path, meta: dict[str, str]) -> tuple[RankPlan, dict[str, Any], TransformReport]:
+    """The plan, rebuild options and report from a file's header; :class:`CheckpointError` naming the entry
+    that is wrong (a file with a valid checksum can still have been written by something else)."""
+    where = f"{str(path)!r} has a bad header entry"
+    try:
+        plan = RankPlan.from_json(meta["plan"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{where} 'plan': {exc}") from exc
+    try:
+        options = json.loads(meta["options"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{where} 'options': not JSON ({exc})") from exc
+    if (not isinstance(options, dict) or not isinstance(options.get("leaf_modules"), list)
+            or not all(isinstance(n, str) for n in options["leaf_modules"])
+            or not isinstance(options.get("unpack_attention"), bool)):
+        raise CheckpointError(f"{where} 'options': expected {{\"leaf_modules\": [names], \"unpack_attention\": "
+                              f"true/false}}, got {meta['options'][:200]!r}")
+    try:
+        data = json.loads(meta["report"])
+        fields = {f.name for f in dataclasses.fields(TransformReport)}
+        report = TransformReport(**{k: v for k, v in data.items() if k in fields})
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{where} 'report': not a transform report ({type(exc).__name__}: {exc})") from exc
+    for key in ("dense_params", "params"):
+        value = getattr(report, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{where} 'report': {key} must be an int, got {value!r}")
+    return plan, options, report
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -255,8 +321,11 @@ def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> f
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
     meta, tensors = _read(path)
-    plan = RankPlan.from_json(meta["plan"])
-    saved = json.loads(meta["options"])
+    plan, saved, report = _parse_header(path, meta)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{str(path)!r}: tensor {name!r} contains NaN or Inf (save refuses to write "
+                                  f"such a file, so it was written by something else); restore it from a backup")
     options = {"leaf_modules": tuple(_escape(n) for n in saved["leaf_modules"]),
                "unpack_attention": saved["unpack_attention"], **options}
     try:
@@ -265,8 +334,29 @@ def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> f
         raise PlanMismatchError(f"{str(path)!r} was saved from a different architecture than model=: {exc}\n"
                                 f"(A model transformed twice loads with model=transform(original, plan=first_plan).)"
                                 ) from exc
-    _check_state(path, gm.state_dict(), tensors)
+    expected = gm.state_dict()
+    _check_layout(path, plan, expected, tensors)
+    _check_state(path, expected, tensors)
     gm.load_state_dict(tensors, strict=True)
-    fields = {f.name for f in dataclasses.fields(TransformReport)}
-    gm.meta["cstar_report"] = TransformReport(**{k: v for k, v in json.loads(meta["report"]).items() if k in fields})
+    gm.meta["cstar_report"] = report
     return gm
+
+
+def _check_layout(path: Path, plan: RankPlan, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+                  ) -> None:
+    """The factor weights must have the shapes the file's own plan gives them, and float tensors must be floats:
+    otherwise the file contradicts itself (a wrong layout), whatever model is passed."""
+    prefixes = tuple(_factor_path(lp) + "." for lp in plan.factorized.values())
+    problems = []
+    for name, t in tensors.items():
+        want = expected.get(name)
+        if want is None:
+            continue
+        if name.startswith(prefixes) and t.shape != want.shape:
+            problems.append(f"{name!r} has shape {tuple(t.shape)}, its plan gives {tuple(want.shape)}")
+        elif want.is_floating_point() != t.is_floating_point():
+            problems.append(f"{name!r} has dtype {t.dtype}, the model expects {want.dtype}")
+    if problems:
+        raise CheckpointError(f"{str(path)!r} has the wrong layout for its own rank plan:\n  "
+                              + "\n  ".join(problems[:10]) + "\nIt was not written by cstar_fx.save; save the model "
+                              "again from the GraphModule that transform returned")

@@ -11,6 +11,12 @@ __all__ = ["LayerPlan", "RankPlan", "Ratios", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "cstar-fx/rank-plan/1"
 _N_RANKS = {"dense": 0, "svd": 1, "tucker2": 2}
+_NUMBER = (int, float)
+_LAYER_TYPES: dict[str, Any] = {"name": str, "kind": str, "param": str, "scheme": str, "dense_params": int,
+                                "params": int, "dense_flops": (*_NUMBER, type(None)), "flops": (*_NUMBER, type(None)),
+                                "energy": _NUMBER, "reason": str, "dense_cost": (*_NUMBER, type(None)),
+                                "cost": (*_NUMBER, type(None))}
+_TYPE_WORDS = {str: "a string", int: "an int", _NUMBER: "a number", (*_NUMBER, type(None)): "a number or null"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,20 @@ class LayerPlan:
     dense_cost: float | None = None
     cost: float | None = None
 
+    def __post_init__(self) -> None:
+        # Normalise what callers pass (a list of ranks, numpy ints) to what to_dict/from_dict round-trip,
+        # so an edited plan saves and loads like a computed one; a dense layer has no ranks.
+        for key in ("weight_shape", "ranks"):
+            value = getattr(self, key)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise TypeError(f"layer {self.name!r}: {key} must be a tuple of ints, got {value!r}")
+            items = tuple(value)
+            if any(isinstance(x, bool) or not hasattr(x, "__index__") for x in items):
+                raise TypeError(f"layer {self.name!r}: {key} must be a tuple of ints, got {value!r}")
+            object.__setattr__(self, key, tuple(int(x) for x in items))
+        if self.scheme == "dense" and self.ranks:
+            object.__setattr__(self, "ranks", ())
+
     @property
     def factorized(self) -> bool:
         """True when the layer is replaced by factors."""
@@ -67,6 +87,9 @@ class LayerPlan:
             if not isinstance(d[key], list) or any(isinstance(x, bool) or not isinstance(x, int) for x in d[key]):
                 raise ValueError(f"layer {d.get('name')!r}: {key} must be a list of ints, got {d[key]!r}")
             d[key] = tuple(d[key])
+        for key, types in _LAYER_TYPES.items():
+            if key in d and (isinstance(d[key], bool) or not isinstance(d[key], types)):
+                raise ValueError(f"layer {d.get('name')!r}: {key} must be {_TYPE_WORDS[types]}, got {d[key]!r}")
         lp = cls(**d)
         if lp.kind not in ("conv", "linear") or _N_RANKS.get(lp.scheme) != len(lp.ranks) or min(lp.ranks, default=1) < 1:
             raise ValueError(f"layer {lp.name!r}: kind {lp.kind!r}, scheme {lp.scheme!r}, ranks {lp.ranks} is not a "
@@ -144,6 +167,8 @@ class RankPlan(Ratios):
     def with_layer(self, name: str, **changes: Any) -> "RankPlan":
         """A copy with one layer's entry changed (e.g. ``ranks=(16, 16)``); totals are not recomputed.
 
+        Ranks may be given as a list; ``scheme="dense"`` drops the ranks (a dense layer has none).
+
         Example:
             >>> import torch.nn as nn, cstar_fx
             >>> plan = cstar_fx.plan_ranks(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), ratio=2)
@@ -152,6 +177,8 @@ class RankPlan(Ratios):
         """
         if name not in self.layers:
             raise KeyError(f"no layer {name!r} in the plan; layers are {sorted(self.layers)}")
+        if "name" in changes and changes["name"] != name:
+            raise ValueError(f"with_layer cannot rename layer {name!r}; the layer names come from the model")
         layers = dict(self.layers)
         layers[name] = replace(layers[name], **changes)
         return replace(self, layers=layers)
@@ -190,6 +217,17 @@ class RankPlan(Ratios):
 
     @classmethod
     def _from_checked_dict(cls, d: dict[str, Any]) -> "RankPlan":
+        if not isinstance(d["layers"], list) or not all(isinstance(x, dict) for x in d["layers"]):
+            raise ValueError("layers must be a list of layer-plan objects")
+        for key in ("target_ratio", "dense_flops", "flops", "dense_cost", "cost"):
+            value = d.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{key} must be a number or null, got {value!r}")
+        for key in ("unsupported", "options"):
+            if not isinstance(d.get(key, {}), dict):
+                raise ValueError(f"{key} must be an object, got {d[key]!r}")
+        if not isinstance(d.get("budget", "params"), str):
+            raise ValueError(f"budget must be a string, got {d['budget']!r}")
         layers = {lp.name: lp for lp in (LayerPlan.from_dict(x) for x in d["layers"])}
         return cls(layers=layers, target_ratio=d.get("target_ratio"), budget=d.get("budget", "params"),
                    dense_params=int(d.get("dense_params", 0)), params=int(d.get("params", 0)),

@@ -17,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -297,6 +300,17 @@ def _ort_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+_ORT_FLOATS = {"tensor(double)": torch.float64, "tensor(float16)": torch.float16, "tensor(float)": torch.float32}
+
+
+def _feed(a: torch.Tensor, ort_type: str) -> np.ndarray:
+    """An input as the array the ONNX graph declares (a float64 model exports float64 inputs)."""
+    a = a.detach().cpu()
+    if a.is_floating_point():
+        a = a.to(_ORT_FLOATS.get(ort_type, torch.float32))
+    return a.numpy()
+
+
 def _second_batch(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The example inputs with one more sample (the first repeated), to exercise the dynamic batch axis."""
     return tuple(torch.cat([a, a[:1]]) for a in args)
@@ -328,6 +342,7 @@ def verify_onnx(path: str | Path, model: nn.Module, example_inputs: Any, *, dtyp
     args = _tensor_inputs(example_inputs)
     session = _ort_session(path)
     in_names = [i.name for i in session.get_inputs()]
+    in_types = [i.type for i in session.get_inputs()]
     if len(in_names) != len(args):
         raise ValueError(f"{path.name} takes {len(in_names)} input(s) but {len(args)} example input(s) were given")
     batches = [args, _second_batch(args)] if dynamic_batch else [args]
@@ -343,8 +358,7 @@ def verify_onnx(path: str | Path, model: nn.Module, example_inputs: Any, *, dtyp
                 raise ExampleInputError(f"the model cannot run in PyTorch at batch size {size}: "
                                         f"{type(exc).__name__}: {exc}.{hint}") from exc
             ref = [t.detach().float().cpu().numpy() for t in _flatten(out)]
-            feeds = {name: (a.detach().cpu().float() if a.is_floating_point() else a.detach().cpu()).numpy()
-                     for name, a in zip(in_names, batch)}
+            feeds = {name: _feed(a, kind) for name, a, kind in zip(in_names, batch, in_types)}
             try:
                 got = session.run(None, feeds)
             except Exception as exc:  # onnxruntime's own error types; the file is unusable at this batch size
@@ -387,9 +401,29 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     if dtype == "float16":
         require("onnxconverter_common")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a directory; pass a file path such as {str(path / 'model.onnx')!r}")
     if path.suffix != ".onnx":
         raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"{str(path.parent)!r} is a file, not a directory; pass a path inside a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written and checked in a private folder beside path, then moved into place: a failed or
+    # mismatching export never replaces a good file at path.
+    work = Path(tempfile.mkdtemp(prefix=".cstar-fx-export.", dir=path.parent))
+    try:
+        result = _export_checked(model, args, work / path.name, onnx, opset=opset, dynamic_batch=dynamic_batch,
+                                 dtype=dtype, atol=atol, rtol=rtol, verify=verify)
+        for produced in sorted(work.iterdir()):  # the model and its external data file, same relative names
+            os.replace(produced, path.parent / produced.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return OnnxExport(path, result.exporter, result.dtype, result.opset, result.verification, result.fallback_reason)
+
+
+def _export_checked(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, onnx: ModuleType, *,
+                    opset: int | None, dynamic_batch: bool, dtype: str, atol: float | None, rtol: float | None,
+                    verify: bool) -> OnnxExport:
     with torch.no_grad():
         n_out = len(_flatten(_run_eval(model, args)))
     in_names, out_names = _names("input", len(args)), _names("output", n_out)
@@ -420,6 +454,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     onnx.checker.check_model(str(path))
     opset_used = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                        if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset_used != opset:
+        raise ValueError(f"opset={opset} was asked for, but torch.onnx wrote opset {opset_used} ({exporter} exporter; "
+                         f"the dynamo exporter writes opset >= 18); pass opset=None or opset={opset_used}, or convert "
+                         f"the file with onnx.version_converter")
     check = None
     if verify:
         check = verify_onnx(path, model, args, dtype=dtype, atol=atol, rtol=rtol, dynamic_batch=dynamic_batch)

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LayerSite", "find_layers", "CONV_FNS", "LINEAR_FNS"]
+__all__ = ["LayerSite", "find_layers", "reads_metadata_only", "CONV_FNS", "LINEAR_FNS"]
 
 _aten = torch.ops.aten
 # torch.export graphs (``torch.export.export(model, args).module()``) call the aten overloads on get_attr
@@ -170,8 +170,35 @@ def _readers(gm: fx.GraphModule) -> dict[int, set[fx.Node]]:
         elif node.op == "get_attr":
             value = _fetch(gm, str(node.target))
             if isinstance(value, torch.Tensor):
-                readers.setdefault(id(value), set()).update(node.users)
+                readers.setdefault(id(value), set()).update(u for u in node.users if not reads_metadata_only(u))
     return readers
+
+
+_METADATA_ATTRS = frozenset({"dtype", "device", "is_cuda"})
+_METADATA_METHODS = frozenset({"is_floating_point", "is_complex", "get_device"})
+
+
+def reads_metadata_only(node: fx.Node) -> bool:
+    """True for a node that reads only a tensor's dtype or device (``self.fc.weight.dtype``), which any factor
+    weight of the same layer answers alike: such a read does not share the weight.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from cstar_fx.passes.trace import trace
+        >>> class M(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return self.fc(x.to(self.fc.weight.dtype))
+        >>> [reads_metadata_only(n) for n in trace(M()).graph.nodes if n.op == "call_function"][:1]
+        [True]
+    """
+    import builtins
+
+    if node.op == "call_function" and node.target is builtins.getattr and len(node.args) == 2:
+        return node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
 def _drop_shared(gm: fx.GraphModule, sites: dict[str, LayerSite], unsupported: dict[str, str]) -> None:

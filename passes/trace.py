@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import os
 import sys
@@ -24,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["TraceError", "register_leaf", "registered_leaves", "timm_notrace", "trace", "CstarTracer"]
+__all__ = ["TraceError", "register_leaf", "registered_leaves", "timm_notrace", "trace", "CstarTracer", "check_hooks"]
 
 _LEAF_TYPES: set[type[nn.Module]] = set()
 M = TypeVar("M", bound=type)
@@ -118,6 +119,17 @@ class CstarTracer(fx.Tracer):
         self._leaf_names = tuple(x for x in leaves if isinstance(x, str))
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type)) + timm_modules
         self.cstar_stack: list[tuple[str, str]] = []
+        self.cstar_no_grad: list[tuple[str, str]] = []
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        # fx does not record grad mode: an op traced while it is off came from a no_grad region in forward().
+        if kind.startswith("call") and not torch.is_grad_enabled():
+            # a leaf module's own call node is made inside call_module: the region belongs to its caller
+            stack = self.cstar_stack[:-1] if kind == "call_module" else self.cstar_stack
+            self.cstar_no_grad.append((node.name, stack[-1][0] if stack else ""))
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, tuple(_LEAF_TYPES) + self._leaf_types):
@@ -184,6 +196,74 @@ def _unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
+_LEGACY_FIX = {
+    "SpectralNorm": "the legacy torch.nn.utils.spectral_norm hook: torch.fx would freeze today's normalised weight. "
+                    "Fix: torch.nn.utils.remove_spectral_norm(module) first (or use "
+                    "torch.nn.utils.parametrizations.spectral_norm, whose layers are kept dense)",
+    "WeightNorm": "the legacy torch.nn.utils.weight_norm hook: torch.fx would freeze today's weight g * v / |v|. "
+                  "Fix: torch.nn.utils.remove_weight_norm(module) first (or use "
+                  "torch.nn.utils.parametrizations.weight_norm, whose layers are kept dense)",
+    "BasePruningMethod": "a torch.nn.utils.prune mask (weight_orig + a forward pre-hook): torch.fx would freeze "
+                         "today's masked weight and drop the mask. Fix: torch.nn.utils.prune.remove(module, 'weight') "
+                         "first, to make the pruning permanent",
+}
+
+
+def _legacy_kind(hook: Any) -> str | None:
+    for cls in type(hook).__mro__:
+        if cls.__name__ in _LEGACY_FIX and cls.__module__.startswith("torch.nn.utils"):
+            return cls.__name__
+    return None
+
+
+def check_hooks(model: nn.Module) -> None:
+    """Refuse a model whose modules carry hooks: torch.fx calls ``forward`` directly, so forward and
+    backward hooks (and the hook-based legacy ``spectral_norm``/``weight_norm`` and ``torch.nn.utils.prune``
+    masks) would be dropped from the traced model without a word. Raises :class:`TraceError` naming the
+    module and the fix.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = m[0].register_forward_hook(lambda mod, inp, out: out * 2)
+        >>> check_hooks(m)
+        Traceback (most recent call last):
+        ...
+        cstar_fx.passes.trace.TraceError: module '0' (Linear) has a forward hook (<lambda>) ...
+    """
+    for name, m in model.named_modules():
+        where = f"module {name!r} ({type(m).__name__})" if name else f"the top-level module ({type(m).__name__})"
+        for hook in m._forward_pre_hooks.values():
+            kind = _legacy_kind(hook)
+            if kind:
+                raise TraceError(f"{where} uses {_LEGACY_FIX[kind]}.")
+        for attr, what in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+                           ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook")):
+            hooks = getattr(m, attr, {})
+            if hooks:
+                fn = next(iter(hooks.values()))
+                label = getattr(fn, "__qualname__", type(fn).__name__)
+                raise TraceError(f"{where} has a {what} ({label}), which torch.fx does not trace: the transformed "
+                                 f"model would silently run without it. Fix: remove it (handle.remove()) before "
+                                 f"transform and register it on the returned model, or move what it does into "
+                                 f"forward().")
+
+
+def _private_copy(model: nn.Module) -> nn.Module | None:
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # modules holding non-copyable objects; fall back to tracing the model itself
+        return None
+
+
+def _leaf_fix(owner: str, what: str) -> str:
+    # The root cannot be a leaf of itself: leaf_modules=("",) would do nothing.
+    if owner:
+        return (f"mark module {owner!r} a leaf so it runs as it is (transform(..., leaf_modules=({owner!r},)); "
+                f"layers inside a leaf are not factorized), or {what}")
+    return f"{what}, or move it into a submodule and mark that submodule a leaf (leaf_modules=('name',))"
+
+
 def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
           concrete_args: dict[str, Any] | None = None,
           autowrap_functions: Iterable[Callable[..., Any]] = ()) -> fx.GraphModule:
@@ -195,6 +275,12 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     wrapper is traced through to the module it compiles. Raises :class:`TraceError` naming the
     module (and function) fx failed in and what to do about it.
 
+    ``model`` is never changed: fx runs ``forward`` on a private copy, so buffer updates and attribute
+    caches written while tracing stay there. Behaviour fx cannot record is refused with a
+    :class:`TraceError` that names the fix rather than silently dropped: hooks (see :func:`check_hooks`),
+    buffers updated in place by ``forward`` (``self.calls.add_(1)``) and ``torch.no_grad()`` regions
+    in ``forward``; mark the module that does it a leaf (``leaf_modules=``) to keep it as it is.
+
     Example:
         >>> import torch.nn as nn
         >>> [n.op for n in trace(nn.Linear(3, 2)).graph.nodes]  # the root is traced into: F.linear on parameters
@@ -203,16 +289,42 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     if isinstance(model, nn.Module):
         model = _unwrap_compiled(model)
     if isinstance(model, fx.GraphModule):
+        check_hooks(model)
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module or torch.fx.GraphModule, got {type(model).__name__}")
+    check_hooks(model)
+    root = _private_copy(model)
+    before = dict(model.named_buffers())
+    saved = None
+    if root is None:
+        root = model
+        saved = {k: b.detach().clone() for k, b in before.items()}
     tracer = CstarTracer(leaf_modules, autowrap_functions)
     try:
-        with torch.no_grad():
-            graph = tracer.trace(model, concrete_args=concrete_args)
+        with torch.enable_grad():  # so that a no_grad region inside forward() can be seen
+            graph = tracer.trace(root, concrete_args=concrete_args)
     except TraceError:
         raise
     except Exception as exc:
         raise _explain(tracer.cstar_stack or [("", type(model).__name__)], exc) from exc
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for k, b in before.items():
+                    b.copy_(saved[k])
+    reference = saved if saved is not None else before
+    for k, b in root.named_buffers():
+        ref = reference.get(k)
+        if ref is not None and not ref.is_meta and not b.is_meta and (ref.shape != b.shape or not torch.equal(ref, b)):
+            raise TraceError(f"forward() changes the buffer {k!r} in place (e.g. self.{k.rpartition('.')[2]}.add_(1)); "
+                             f"torch.fx cannot record that, so the transformed model would never update it. Fix: "
+                             + _leaf_fix(k.rpartition(".")[0], "update the buffer outside forward()") + ".")
+    if tracer.cstar_no_grad:
+        node, owner = tracer.cstar_no_grad[0]
+        where = f"module {owner!r}" if owner else "the top-level module"
+        raise TraceError(f"forward() of {where} runs {node!r} (and {len(tracer.cstar_no_grad) - 1} more op(s)) under "
+                         f"torch.no_grad(); torch.fx does not record grad mode, so the transformed model would compute "
+                         f"gradients there. Fix: " + _leaf_fix(owner, "move the no_grad region out of forward()") + ".")
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    return fx.GraphModule(root, graph, name)

@@ -18,8 +18,9 @@ Example:
 from __future__ import annotations
 
 import math
-
+import numbers
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,12 +29,33 @@ import torch.nn.functional as F
 from ..passes.shapes import eval_mode
 from .config import NORMS
 
-__all__ = ["pgd", "fgsm", "project_delta", "LossFn"]
+__all__ = ["pgd", "fgsm", "project_delta", "as_logits", "LossFn"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits, y) -> per-example loss`` (shape ``(batch,)``) that an attack maximises."""
 
 _TINY = 1e-12
+
+
+def as_logits(out: Any) -> torch.Tensor:
+    """The model output as a logits tensor, or a ``TypeError`` that says how to make it one.
+
+    Example:
+        >>> as_logits(torch.zeros(2, 3)).shape
+        torch.Size([2, 3])
+        >>> as_logits({"logits": torch.zeros(2, 3)})
+        Traceback (most recent call last):
+        ...
+        TypeError: the model returns a dict with keys ['logits'], not a tensor of logits; wrap it so forward returns the logits ...
+    """
+    if isinstance(out, torch.Tensor):
+        if out.ndim != 2:
+            raise TypeError(f"the model returns a tensor of shape {tuple(out.shape)}; attacks and evaluation need "
+                            f"(batch, classes) logits")
+        return out
+    what = f"a dict with keys {sorted(map(str, out))[:5]}" if isinstance(out, dict) else f"a {type(out).__name__}"
+    raise TypeError(f"the model returns {what}, not a tensor of logits; wrap it so forward returns the logits "
+                    f"(e.g. a module whose forward returns model(x)['logits'])")
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -84,12 +106,22 @@ def _check(x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: in
         raise TypeError("x must be a floating-point tensor of inputs in [0, 1]")
     if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
         raise ValueError(f"y must be a tensor with one label per input ({x.shape[0]}), got {getattr(y, 'shape', y)}")
+    if y.ndim != 1:
+        raise ValueError(f"y must be a 1-D tensor of class indices, shape ({x.shape[0]},), got shape {tuple(y.shape)}; "
+                         f"pass y.view(-1)")
+    for name, value in (("steps", steps), ("restarts", restarts)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     if not (math.isfinite(eps) and math.isfinite(alpha) and eps >= 0 and alpha >= 0):
         raise ValueError(f"eps and alpha must be finite numbers >= 0, got eps={eps:g}, alpha={alpha:g}")
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or (y.numel() and int(y.min()) < 0):
         raise ValueError("y must hold integer class indices >= 0 (e.g. torch.long labels)")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or Inf; inputs must be images in [0, 1]")
+    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        raise ValueError(f"x must hold images in [0, 1] (the attack clips to that box and measures eps in pixels), "
+                         f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]; pass unnormalised images and "
+                         f"put the normalisation inside the model, e.g. nn.Sequential(Normalize(mean, std), model)")
     if steps < 0 or restarts < 1:
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
 
@@ -99,12 +131,12 @@ def _attack_once(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     delta = _random_start(x, eps, norm) if random_start else torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss = loss_fn(model(x + delta), y)
+        loss = loss_fn(as_logits(model(x + delta)), y)
         (grad,) = torch.autograd.grad(loss.sum(), delta)
         delta = project_delta(delta.detach() + _step(grad, alpha, norm), x, eps, norm)
     x_adv = (x + delta.detach()).clamp(0.0, 1.0)
     with torch.no_grad():
-        logits = model(x_adv)
+        logits = as_logits(model(x_adv))
         return x_adv, loss_fn(logits, y).float(), logits.argmax(1) != y
 
 
@@ -127,10 +159,20 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         >>> bool((torch.linalg.vector_norm((adv - x).flatten(1), dim=1) <= 0.5 + 1e-5).all())
         True
     """
+    for name, value in (("eps", eps), ("alpha", alpha)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
     eps = float(eps)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {steps!r}")
     alpha = 2.5 * eps / max(steps, 1) if alpha is None else float(alpha)
     _check(x, y, eps, alpha, steps, norm, restarts)
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None and weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x is {x.dtype} but the model's weights are {weight.dtype}; pass x.to({weight.dtype}) "
+                        f"(or convert the model)")
     x = x.detach()
+    y = y.long()
     if steps == 0 and not random_start:
         return x.clone()
     loss_fn = loss_fn or _ce

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..data import TensorData, as_loader
 from ..passes.shapes import eval_mode
 from . import distributed as D
-from .attacks import fgsm, pgd, project_delta
+from .attacks import as_logits, fgsm, pgd, project_delta
 from .config import AttackConfig
 from .finetune import _model_device, _private_rng
 
@@ -194,7 +194,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     if x.shape[0] == 0:  # an empty shard of a distributed evaluation
         return torch.zeros(0, dtype=torch.bool, device=x.device)
     with torch.no_grad(), eval_mode(model):
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+        return torch.cat([as_logits(model(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]
                           for i in range(0, x.shape[0], batch_size)])
 
 
@@ -211,7 +211,7 @@ def _pgd_acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor, a: AttackConfig
 def _zero_grad_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with eval_mode(model), torch.enable_grad():
         x = x.clone().requires_grad_(True)
-        loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+        loss = F.cross_entropy(as_logits(model(x)).float(), y.long(), reduction="sum")
         (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
     if grad is None:
         return 1.0
@@ -303,6 +303,12 @@ def evaluate(model: nn.Module, data: Any, attacks: Sequence[str] = ("pgd",), *, 
     attack = AttackConfig(steps=20) if attack is None else attack
     if not isinstance(attack, AttackConfig):
         raise TypeError(f"attack must be an AttackConfig, got {type(attack).__name__}")
+    for name, value, allow_none in (("n", n, True), ("autoattack_n", autoattack_n, True),
+                                    ("batch_size", batch_size, False), ("sanity_n", sanity_n, False)):
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
     if isinstance(attacks, str):
         attacks = (attacks,)
     unknown = [a for a in attacks if a not in ATTACKS]
@@ -321,6 +327,12 @@ def evaluate(model: nn.Module, data: Any, attacks: Sequence[str] = ("pgd",), *, 
     t0 = time.perf_counter()
     x, y = _collect(data, n, batch_size, dev)
     total = x.shape[0]
+    if total == 0:
+        raise ValueError("the evaluation data is empty (0 examples); pass data with at least one example")
+    if y.ndim != 1 or y.is_floating_point():
+        raise ValueError(f"labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)} {y.dtype}; "
+                         f"pass y.view(-1).long()")
+    y = y.long()
     xs, ys = _shard(x, w), _shard(y, w)
     amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and dev.type == "cuda")
     from tqdm.auto import tqdm

@@ -110,6 +110,16 @@ def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str | torch.d
     return ckpt
 
 
+def _size(data: Any) -> int | None:
+    """Number of examples in ``data`` when it says so cheaply (a TensorData or an (x, y) pair), else None."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return int(data[0].shape[0]) if data[0].dim() else None
+    try:
+        return len(data) if hasattr(data, "tensors") else None
+    except TypeError:
+        return None
+
+
 def _lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Any:
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -234,7 +244,11 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     if w.active:
         _distributed_loader(loader, w, train_data)
     if steps_per_epoch == 0:
-        raise ValueError(f"no full training batch: {cfg.batch_size=} is larger than the dataset; lower batch_size")
+        size = _size(train_data)
+        if size == 0:
+            raise ValueError("the training data is empty (0 examples); pass data with at least one batch")
+        raise ValueError(f"no full training batch: {cfg.batch_size=} is larger than the dataset"
+                         + (f" ({size} examples)" if size else "") + "; lower batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov)
@@ -247,7 +261,16 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
         if diffs:
             raise ValueError(f"the checkpoint in {path.parent} was written with another config ({'; '.join(diffs)}); "
                              "resume with the same TrainConfig, or start a new run_dir")
-        model.load_state_dict(ckpt["model"])
+        mine = model.state_dict()
+        theirs = ckpt["model"]
+        clash = ([f"{k!r} {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in mine.items()
+                  if k in theirs and hasattr(theirs[k], "shape") and theirs[k].shape != v.shape]
+                 + [f"{k!r} missing" for k in mine if k not in theirs] + [f"{k!r} unexpected" for k in theirs if k not in mine])
+        if clash:
+            raise ValueError(f"the checkpoint in {path.parent} was written by a different model ({'; '.join(clash[:3])}"
+                             f"{' ...' if len(clash) > 3 else ''}); resume with the model that wrote it, or start a new "
+                             f"run_dir")
+        model.load_state_dict(theirs)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if hook is not None:
