@@ -1,4 +1,5 @@
-"""ONNX export with numeric verification, and onnxruntime benchmarks. Installed as ``cstar_fx.export``.
+"""ONNX export with numeric verification, int8 quantization, and onnxruntime benchmarks. Installed as
+``cstar_fx.export``.
 
 Importing this package needs neither onnx nor onnxruntime; the functions import them when called
 and otherwise raise ``ImportError`` naming the extra to install (``pip install "cstar-fx[onnx]"``).
@@ -26,12 +27,18 @@ from .onnx import (
     to_onnx,
     verify_onnx,
 )
+from .quantize import Int8Export, OnnxEvaluation, evaluate_onnx, pgd_examples, quantize_int8
 
 __all__ = [
     "to_onnx",
     "export_onnx",
     "verify_onnx",
     "benchmark",
+    "quantize_int8",
+    "evaluate_onnx",
+    "pgd_examples",
+    "Int8Export",
+    "OnnxEvaluation",
     "BenchResult",
     "BenchRow",
     "OnnxExport",

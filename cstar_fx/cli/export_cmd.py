@@ -1,4 +1,5 @@
-"""``cstar-fx export``: build a torchvision model (optionally compressed), export it to ONNX and verify it."""
+"""``cstar-fx export``: build a torchvision model (optionally compressed), export it to ONNX and verify it;
+``--int8 --calib-data FILE`` then quantizes the verified float model (onnxruntime static QDQ)."""
 
 from __future__ import annotations
 
@@ -145,7 +146,57 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: 1e-4 fp32, 1e-2 fp16)")
     p.add_argument("--rtol", type=float, default=None,
                    help="tolerance relative to max |output| (default: 1e-4 fp32, 1e-2 fp16)")
+    q = p.add_argument_group("int8 (onnxruntime static QDQ quantization of the exported float model)")
+    q.add_argument("--int8", action="store_true",
+                   help="write an int8 model to --out; the verified float model goes beside it as <out>.fp32.onnx")
+    q.add_argument("--calib-data", type=Path, default=None,
+                   help="calibration images: .npy or .pt tensor N x 3 x H x W (float in [0, 1] or uint8), "
+                        "training images of the model's input size")
+    q.add_argument("--calib-samples", type=integer(at_least=1), default=256,
+                   help="number of calibration images used (the first ones of --calib-data)")
+    q.add_argument("--min-agreement", type=number(at_least=0), default=None,
+                   help="exit 1 when int8 and float predict the same class on less than this fraction of "
+                        "the calibration images")
     p.set_defaults(func=run)
+
+
+def _load_images(path: Path) -> Any:
+    """Calibration images from a .npy or .pt file (a tensor, or a dict holding one under "x"/"images")."""
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"--calib-data: no file at {path}")
+    try:
+        if path.suffix == ".npy":
+            data = np.load(path, allow_pickle=False)
+        elif path.suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(data, dict):
+                data = next((data[k] for k in ("x", "images") if k in data), data)
+        else:
+            raise UsageError(f"--calib-data {path}: expected a .npy or .pt file of images N x 3 x H x W")
+    except UsageError:
+        raise
+    except Exception as exc:  # any unreadable file: numpy and torch raise many types
+        raise UsageError(f"--calib-data {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, (np.ndarray, torch.Tensor)) or data.ndim != 4:
+        raise UsageError(f"--calib-data {path}: expected one tensor of images N x 3 x H x W, "
+                         f"got {getattr(data, 'shape', type(data).__name__)}")
+    return data
+
+
+def _check_int8_args(args: argparse.Namespace) -> None:
+    if not args.int8:
+        if args.calib_data is not None or args.min_agreement is not None:
+            raise UsageError("--calib-data and --min-agreement go with --int8; add --int8 or drop them")
+        return
+    if args.dtype != "float32":
+        raise UsageError("--int8 quantizes the float32 export; drop --dtype float16")
+    if args.calib_data is None:
+        raise UsageError("--int8 needs --calib-data FILE (a .npy or .pt tensor of a few hundred training images)")
+    if args.min_agreement is not None and args.min_agreement > 1:
+        raise UsageError(f"--min-agreement is a fraction in [0, 1], got {args.min_agreement:g}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,9 +207,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     if args.out.suffix != ".onnx":
         raise UsageError(f"--out must end in .onnx, got {args.out}")
+    _check_int8_args(args)
+    images = _load_images(args.calib_data) if args.int8 else None
+    float_out = args.out.with_name(args.out.stem + ".fp32.onnx") if args.int8 else args.out
     built = build_models(args, batch=args.batch)
     try:
-        result = export_onnx(built.final, built.example, args.out, opset=args.opset,
+        result = export_onnx(built.final, built.example, float_out, opset=args.opset,
                              dynamic_batch=not args.static_batch, dtype=args.dtype, atol=args.atol, rtol=args.rtol)
     except ImportError as exc:
         raise UsageError(str(exc)) from None
@@ -170,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     except OnnxExportError as exc:
         print(f"export FAILED: {exc}")
         return 1
-    size = sum(f.stat().st_size for f in (args.out, args.out.with_name(args.out.name + ".data")) if f.exists())
+    size = sum(f.stat().st_size for f in (float_out, float_out.with_name(float_out.name + ".data")) if f.exists())
     if built.report is not None:
         print(f"compressed {args.model}: {built.report.ratio_params:.2f}x fewer params"
               + (f", {built.report.ratio_flops:.2f}x fewer FLOPs" if built.report.ratio_flops else ""))
@@ -178,4 +232,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} ({size / 2**20:.1f} MiB, {result.dtype}, opset {result.opset}, "
           f"{result.exporter} exporter{note})")
     print(result.verification)
+    if args.int8:
+        return _int8(args, float_out, images)
+    return 0
+
+
+def _int8(args: argparse.Namespace, float_out: Path, images: Any) -> int:
+    from cstar_fx.export import OnnxExportError, quantize_int8
+
+    try:
+        q = quantize_int8(float_out, images, args.out, num_calibration=args.calib_samples,
+                          min_agreement=args.min_agreement)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--calib-data {args.calib_data}: {exc}") from None
+    except AssertionError as exc:
+        print(f"int8 check FAILED: {exc}")
+        return 1
+    except OnnxExportError as exc:
+        print(f"int8 quantization FAILED: {exc}")
+        return 1
+    print(f"wrote {q.path} (int8)")
+    print(q)
     return 0
