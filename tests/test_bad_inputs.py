@@ -17,10 +17,12 @@ import numpy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune
 
 import cstar_fx
 import cstar_fx.export
 import cstar_fx.io
+import cstar_fx.passes.trace
 import cstar_fx.robust
 from cstar_fx import CstarConfig, RankPlan, get_plan, get_report, load, plan_ranks, save, transform
 from cstar_fx.export import export_onnx
@@ -89,6 +91,87 @@ def _pruned(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+class _Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.fc(x)
+
+
+class _NoGrad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.a(x)
+        return self.b(x)
+
+
+class _Leafy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = nn.Sequential(nn.Linear(64, 256))
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blk(x))
+
+
+class _ReadsDtype(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fc(x.to(self.fc.weight.dtype)))
+
+
+class _ZeroWidth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 0), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.b(x), self.a(x)
+
+
+class _DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+def _scaled(model: nn.Module, factor: float) -> nn.Module:
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.mul_(factor)
+    return out
+
+
+def _crafted(saved: Path, target: Path, change: Any) -> Path:
+    """A copy of ``saved`` changed by ``change(meta, tensors)`` and given a valid checksum again: what a writer
+    other than cstar_fx.save could produce, which the checksum (corruption, not tampering) cannot catch."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    change(meta, tensors)
+    meta["sha256"] = cstar_fx.io._digest(meta, tensors)
+    save_file(tensors, str(target), metadata=meta)
+    return target
+
+
 @pytest.fixture(scope="module")
 def names(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The objects the docs table refers to (described under "Names used in the table")."""
@@ -111,6 +194,21 @@ def names(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     save_file({"0.weight": torch.zeros(2)}, str(tmp / "plain.safetensors"))
     plan_dict = json.loads(plan.to_json())
+    crafted = tmp_path_factory.mktemp("crafted")
+    bad_header = _crafted(saved, crafted / "header.safetensors", lambda meta, t: meta.update(options="{"))
+    nan_weights = _crafted(saved, crafted / "nan.safetensors", lambda meta, t: t["0.reduce.weight"].view(-1).__setitem__(
+        0, float("nan")))
+    bad_layout = _crafted(saved, crafted / "layout.safetensors", lambda meta, t: t.update(
+        {"0.reduce.weight": t["0.reduce.weight"][:-1].clone()}))
+    hooked, legacy_pruned, legacy_norm = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    hooked[0].register_forward_hook(lambda mod, inp, out: out * 2)
+    torch.nn.utils.prune.l1_unstructured(legacy_pruned[0], "weight", 0.5)
+    torch.nn.utils.spectral_norm(legacy_norm[0])
+    dense_pruned_gm = transform(model, plan=plan.with_layer("2", scheme="dense"))
+    dense_pruned_gm.get_submodule("").__setattr__("2", nn.Linear(64, 9))
+    other_run = tmp_path_factory.mktemp("other_run")
+    finetune(nn.Sequential(nn.Flatten(), nn.Linear(16, 5)), (torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 3])),
+             TrainConfig(epochs=1, batch_size=4, progress=False), run_dir=other_run)
 
     def plan_json_with(**fields: Any) -> str:
         d = copy.deepcopy(plan_dict)
@@ -135,11 +233,16 @@ def names(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pgd=pgd, fgsm=fgsm, evaluate=evaluate, finetune=finetune, AttackConfig=AttackConfig, TrainConfig=TrainConfig,
         export_onnx=export_onnx, prune_to_ratio=prune_to_ratio, tiny=nn.Sequential(nn.Flatten(), nn.Linear(16, 10)),
         images=torch.rand(4, 1, 4, 4), labels=torch.tensor([0, 1, 2, 3]),
+        hooked=hooked, legacy_pruned=legacy_pruned, legacy_norm=legacy_norm, counting=_Counting(),
+        no_grad_model=_NoGrad(), leafy=_Leafy(), reads_dtype=_ReadsDtype(), huge_model=_scaled(model, 1e20),
+        tiny_weights=_scaled(model, 1e-22), zero_width=_ZeroWidth(), dense_pruned_gm=dense_pruned_gm,
+        dict_out=_DictOut(), other_run=other_run, bad_header=bad_header, nan_weights=nan_weights,
+        bad_layout=bad_layout,
     )
 
 
 def _error_class(name: str) -> type[BaseException]:
-    for where in (cstar_fx, cstar_fx.io, cstar_fx.robust, cstar_fx.export, builtins):
+    for where in (cstar_fx, cstar_fx.io, cstar_fx.robust, cstar_fx.export, cstar_fx.passes.trace, builtins):
         if isinstance(getattr(where, name, None), type):
             return getattr(where, name)
     raise AssertionError(f"unknown error class {name!r} in docs/errors.md")

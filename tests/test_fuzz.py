@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 
 import cstar_fx
+import cstar_fx.io
 from cstar_fx import RankPlan
 from cstar_fx.allocate import max_ranks, rank_grid
 from cstar_fx.costs import LayerSpec, ParamCost
@@ -164,3 +165,125 @@ def test_ratio_meets_budget_or_raises_documented_error(spec: NetSpec, ratio: flo
         with torch.no_grad():
             assert _close(again(x), out, 1e-9)
         _roundtrip(gm, spec, x)
+
+
+# Issue 13: hostile values for the public API. A call either succeeds or raises a documented error whose
+# message names the argument; never an internal exception, never a changed input model.
+_BAD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True),
+                        st.text(max_size=4), st.lists(st.integers(-2, 70), max_size=3),
+                        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_INTERNAL = (KeyError, AttributeError, ZeroDivisionError, IndexError)
+
+
+def _documented(exc: BaseException, argument: str) -> None:
+    assert not isinstance(exc, _INTERNAL), f"internal {type(exc).__name__}: {exc}"
+    assert isinstance(exc, (ValueError, TypeError, cstar_fx.TraceError)), f"{type(exc).__name__}: {exc}"
+    if type(exc) is RuntimeError or (isinstance(exc, RuntimeError) and not isinstance(exc, cstar_fx.TraceError)):
+        raise AssertionError(f"raw RuntimeError: {exc}")
+    # CstarConfig words param_ratio's error as "ratio must be ..." (cstar_fx/config.py, shared with ratio)
+    named = argument in str(exc) or (argument == "param_ratio" and "ratio" in str(exc))
+    assert named or isinstance(exc, cstar_fx.UnreachableBudgetError), (argument, str(exc))
+
+
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+_API_EXAMPLES = min(EXAMPLES, 25)
+
+
+@settings(max_examples=_API_EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(argument=st.sampled_from(["ratio", "round_to", "min_rank", "skip", "conv_scheme", "budget", "param_ratio"]),
+       value=_BAD_VALUES, verb=st.sampled_from(["transform", "plan_ranks"]))
+def test_api_bad_values_get_documented_errors(argument: str, value: object, verb: str) -> None:
+    model = _small_model()
+    before = copy.deepcopy(model.state_dict())
+    kwargs = {argument: value} if argument != "ratio" else {}
+    ratio = value if argument == "ratio" else 1.5
+    try:
+        getattr(cstar_fx, verb)(model, ratio, **kwargs)
+    except Exception as exc:  # noqa: BLE001 (the property is about which exceptions escape)
+        _documented(exc, argument if argument != "ratio" else "ratio")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@settings(max_examples=_API_EXAMPLES, deadline=None, derandomize=SEED is None, database=None)
+@given(field=st.sampled_from(["ranks", "weight_shape", "scheme", "kind", "name", "energy", "params", "layers",
+                              "target_ratio", "options", "format"]), value=_BAD_VALUES)
+def test_plan_json_bad_fields_are_value_errors(field: str, value: object) -> None:
+    import json
+
+    plan = cstar_fx.plan_ranks(_small_model(), 1.5, round_to=4)
+    data = json.loads(plan.to_json())
+    if field in data:
+        data[field] = value
+    else:
+        data["layers"][0][field] = value
+    try:
+        parsed = RankPlan.from_json(json.dumps(data))
+    except ValueError as exc:
+        assert not isinstance(exc, _INTERNAL)
+        return
+    parsed.table()  # whatever parses can be shown
+
+
+@settings(max_examples=_API_EXAMPLES, deadline=None, derandomize=SEED is None, database=None)
+@given(argument=st.sampled_from(["eps", "alpha", "steps", "restarts", "norm", "x", "y"]), value=_BAD_VALUES)
+def test_attack_bad_values_get_documented_errors(argument: str, value: object) -> None:
+    from cstar_fx.robust import pgd
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    before = copy.deepcopy(model.state_dict())
+    kwargs: dict[str, object] = dict(eps=0.1, steps=2)
+    x, y = torch.rand(2, 1, 2, 2), torch.tensor([0, 1])
+    if argument == "x":
+        x = value
+    elif argument == "y":
+        y = value
+    else:
+        kwargs[argument] = value
+    try:
+        pgd(model, x, y, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        _documented(exc, argument)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@settings(max_examples=_API_EXAMPLES, deadline=None, derandomize=SEED is None, database=None)
+@given(argument=st.sampled_from(["n", "batch_size", "sanity_n"]), value=_BAD_VALUES)
+def test_evaluate_bad_values_get_documented_errors(argument: str, value: object) -> None:
+    from cstar_fx.robust import AttackConfig, evaluate
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    data = (torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]))
+    try:
+        evaluate(model, data, attack=AttackConfig(eps=0.1, steps=1), sanity=False, progress=False, **{argument: value})
+    except Exception as exc:  # noqa: BLE001
+        _documented(exc, argument)
+
+
+@settings(max_examples=_API_EXAMPLES, deadline=None, derandomize=SEED is None, database=None)
+@given(flip=st.integers(0, 10_000), entry=st.sampled_from(["plan", "report", "options"]), value=_BAD_VALUES)
+def test_save_load_crafted_files_are_checkpoint_errors(flip: int, entry: str, value: object) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _small_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(cstar_fx.transform(model, 1.5, round_to=4), os.path.join(tmp, "m.safetensors"))
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+        meta[entry] = json.dumps(value) if flip % 2 else str(value)
+        meta["sha256"] = cstar_fx.io._digest(meta, tensors)
+        save_file(tensors, str(path), metadata=meta)
+        try:
+            load(path, model=model)
+        except cstar_fx.io.CheckpointError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise AssertionError(f"{type(exc).__name__} instead of CheckpointError: {exc}") from exc

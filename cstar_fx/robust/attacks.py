@@ -160,7 +160,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         True
     """
     for name, value in (("eps", eps), ("alpha", alpha)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        if (value is not None or name == "eps") and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{name} must be a number, got {value!r}")
     eps = float(eps)
     if isinstance(steps, bool) or not isinstance(steps, int):
