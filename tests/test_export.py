@@ -294,7 +294,8 @@ def test_cli_export_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["export", "--ratio", "0.5", "--out", str(tmp_path / "m.onnx")]) == 2
     assert main(["export", "--plan", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "unknown model 'nope'" in err and "--ratio must be > 1" in err and "no file at" in err
+    assert "unknown model 'nope'" in err and "no file at" in err
+    assert "--ratio" in err and "> 1" in err
 
 
 class FixedBatch(nn.Module):

@@ -19,30 +19,10 @@ from torchvision.models.vision_transformer import VisionTransformer
 import cstar_fx
 from cstar_fx import RankPlan
 from cstar_fx.passes.discover import find_layers
-from cstar_fx.passes.trace import TraceError
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from cstar_fx.export import export_onnx  # noqa: E402
-
-
-def _trace_refuses_exported_modules() -> bool:
-    from cstar_fx.passes.trace import check_hooks
-
-    try:
-        check_hooks(torch.export.export(nn.Linear(2, 2), (torch.rand(1, 2),)).module())
-    except TraceError:
-        return True
-    return False
-
-
-# passes/trace.py's check_hooks refuses torch.export's own forward hooks (input checks that the graph's
-# _guards_fn repeats; transform's private deepcopy drops them anyway). Until it exempts them, every
-# transform/plan_ranks call on an exported module raises TraceError; these tests then xfail, and run as
-# ordinary tests as soon as trace.py accepts exported modules.
-needs_exported_modules = pytest.mark.xfail(
-    _trace_refuses_exported_modules(), strict=True, raises=TraceError,
-    reason="passes/trace.py check_hooks refuses torch.export's own forward hooks")
 
 
 def _small_vit() -> nn.Module:
@@ -68,7 +48,6 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
-@needs_exported_modules
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_exported_model_exact_budget_and_onnx(name: str, tmp_path: Path) -> None:
     model = MODELS[name]().double().eval()
@@ -99,7 +78,6 @@ def test_exported_model_exact_budget_and_onnx(name: str, tmp_path: Path) -> None
     assert result.verification.passed
 
 
-@needs_exported_modules
 def test_sites_are_named_after_their_weights_and_depthwise_stays_dense() -> None:
     gm = _export(torchvision.models.mobilenet_v2(num_classes=10), torch.rand(2, 3, 32, 32))
     sites, unsupported = find_layers(gm)
@@ -136,7 +114,6 @@ class _Odd(nn.Module):
         return self.grouped(self.same(z))
 
 
-@needs_exported_modules
 def test_unsupported_aten_convs_are_reported_and_same_padding_is_exact() -> None:
     model = _Odd().double().eval()
     x = torch.rand(2, 4, 5, 5, dtype=torch.float64)
@@ -151,7 +128,6 @@ def test_unsupported_aten_convs_are_reported_and_same_padding_is_exact() -> None
         assert _max_err(full(x), model(x)) < 1e-9
 
 
-@needs_exported_modules
 def test_decomposed_graph_convolution_is_found() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3)).double().eval()
     x = torch.rand(2, 3, 12, 12, dtype=torch.float64)
