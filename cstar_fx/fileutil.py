@@ -38,7 +38,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A short name of its own: the destination's name may already be at the file system's length limit.
+    fd, name = tempfile.mkstemp(prefix=".cstar-fx.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch.nn as nn
 
 from . import __version__
 from .api import PlanMismatchError, get_plan, get_report, transform
+from .fileutil import atomic_path
 from .passes.attention import ExplicitAttention
 from .plan import LayerPlan, RankPlan
 from .report import TransformReport
@@ -196,32 +196,9 @@ def save(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
     _parse_header(path, meta)  # what load() will read back must parse: a file that saves, loads
     meta["sha256"] = _digest(meta, tensors)
     st = _safetensors()
-    # A short temporary name: the destination's own name may already be at the file system's limit.
-    fd, name = tempfile.mkstemp(prefix=".cstar-fx-save.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(path) as tmp:
         st.torch.save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(directory)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _parse_header(path: Path, meta: dict[str, str]) -> tuple[RankPlan, dict[str, Any], TransformReport]:
