@@ -287,3 +287,38 @@ def test_save_load_crafted_files_are_checkpoint_errors(flip: int, entry: str, va
             pass
         except Exception as exc:  # noqa: BLE001
             raise AssertionError(f"{type(exc).__name__} instead of CheckpointError: {exc}") from exc
+
+
+def _valued_options() -> list[tuple[str, str]]:
+    from cstar_fx.cli import build_parser
+
+    out = []
+    for command, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.nargs != 0 and action.dest not in ("help", "config"):
+                out.append((command, action.option_strings[-1]))
+    return sorted(out)
+
+
+VALUED = _valued_options()
+
+
+@fuzz
+@given(option=st.sampled_from(VALUED),
+       value=st.one_of(st.text(max_size=12), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                       st.integers(-10**6, 10**6).map(str), st.sampled_from(["nan", "-inf", "1e309", "0", "-1", "8/0",
+                                                                            "1/0", "", "--", "None"])))
+def test_cli_parsers_reject_bad_values_with_one_line_naming_the_option(option: tuple[str, str], value: str) -> None:
+    """Every sub-command option, any text: parsed, or a one-line UsageError that names the option."""
+    from cstar_fx.cli import UsageError, build_parser
+
+    command, flag = option
+    try:
+        build_parser().parse_args([command, f"{flag}={value}"])
+    except UsageError as exc:
+        message = str(exc)
+        assert "\n" not in message.strip(), message
+        assert flag in message, message
+        event("refused")
+    else:
+        event("parsed")
