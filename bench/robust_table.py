@@ -204,7 +204,7 @@ class Bench:
         from cstar_fx.passes.prune import prune_to_ratio
 
         pruned = prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1)
-        recalibrate_bn(pruned, self.train, 20, self.prof.batch_size, seed=self.seed)
+        recalibrate_bn(pruned, self.train, batch_size=self.prof.batch_size, seed=self.seed)
         finetune(pruned, self.train, self.ft_distill if distill else self.ft, run_dir=self._cell(ratio) / "run",
                  resume=True, teacher=self.teacher if distill else None)
         return pruned, self._compute(self.prof.ft_epochs, distill)
@@ -215,7 +215,7 @@ class Bench:
     def uniform_ft(self, ratio: float) -> tuple[nn.Module, dict]:
         plan = uniform_plan(self.teacher, ratio)
         gm = cstar_fx.transform(self.teacher, plan=plan)
-        recalibrate_bn(gm, self.train, 20, self.prof.batch_size, seed=self.seed)
+        recalibrate_bn(gm, self.train, batch_size=self.prof.batch_size, seed=self.seed)
         finetune(gm, self.train, self.ft, run_dir=self._cell(ratio) / "run", resume=True)
         return gm, self._compute(self.prof.ft_epochs, False)
 

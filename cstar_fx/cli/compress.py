@@ -564,7 +564,7 @@ def _compress(method: str, model: Any, train: Any, ratio: float, cfg: dict[str, 
         from cstar_fx.passes.prune import prune_to_ratio_finer
 
         pruned, used = prune_to_ratio_finer(model, ratio, ex, round_to=prune_round_to, budget=plan_options["budget"])
-        recalibrate_bn(pruned, train, 20, cfg["tune"].batch_size, seed=cfg["tune"].seed, device=device)
+        recalibrate_bn(pruned, train, batch_size=cfg["tune"].batch_size, seed=cfg["tune"].seed, device=device)
         finetune(pruned, train, cfg["tune"], run_dir=run_dir / "finetune", device=device,
                  teacher=model_on(model, device) if cfg["tune"].loss.distill > 0 else None)
         return pruned, None, used

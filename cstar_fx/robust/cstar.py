@@ -43,7 +43,6 @@ from .sensitivity import layer_sensitivity
 __all__ = ["cstar", "decompose_finetune", "calibration_batches", "model_on"]
 
 _TRACE_OPTIONS = ("leaf_modules", "concrete_args", "autowrap_functions")
-_BN_BATCHES = 20
 _HANDOFF_RESIDUAL = 0.25  # relative ||W - Z|| of a layer above which the hand-off is a hard cut
 
 
@@ -135,7 +134,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     calibration = calibration_batches(dense, train_data, calibrate, cfg.finetune, device=dev) if calibrate else None
     gm = transform(dense, plan=admm.plan, example_inputs=example_inputs, calibration=calibration,
                    **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
-    recalibrate_bn(gm, train_data, _BN_BATCHES, cfg.finetune.batch_size, seed=cfg.finetune.seed, device=dev)
+    recalibrate_bn(gm, train_data, batch_size=cfg.finetune.batch_size, seed=cfg.finetune.seed, device=dev)
     tuned = finetune(gm, train_data, cfg.finetune, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=model_on(model, dev) if cfg.finetune.loss.distill > 0 else None)
     gm.meta["cstar_training"] = {"method": "cstar", "joint": joint.to_dict(), "finetune": tuned.to_dict(),
@@ -180,7 +179,7 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
                                     seed=cfg.seed, **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
     gm = transform(teacher, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
                    **plan_options)
-    recalibrate_bn(gm, train_data, _BN_BATCHES, cfg.batch_size, seed=cfg.seed, device=dev)
+    recalibrate_bn(gm, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
     tuned = finetune(gm, train_data, cfg, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=teacher if cfg.loss.distill > 0 else None)
     gm.meta["cstar_training"] = {"method": "decompose_finetune", "finetune": tuned.to_dict(), "config": cfg.to_dict(),
