@@ -94,7 +94,7 @@ PROFILES = {
 }
 
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
-           "uniform_ft", "cstar", "sens_distill")
+           "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -106,6 +106,8 @@ LABELS = {
     "uniform_ft": "uniform ranks + FT",
     "cstar": "CSTAR (ADMM joint + FT)",
     "sens_distill": "data-aware + sensitivity-weighted ranks + distill FT",
+    "flops_ft": "transform, FLOP-budget plan at equal params + FT",
+    "hybrid_ft": "prune sqrt(r) + data-aware low rank + FT",
 }
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill")
 
@@ -179,11 +181,12 @@ class Bench:
         self.teacher.eval()
 
     # -- the methods: each returns (compressed model, compute record) --------------------------------------
-    def transform_ft(self, ratio: float, distill: bool = False, calibrate: int = 0,
-                     sensitivity: int = 0) -> tuple[nn.Module, dict]:
+    def transform_ft(self, ratio: float, distill: bool = False, calibrate: int = 0, sensitivity: int = 0,
+                     model: nn.Module | None = None, **plan_options: Any) -> tuple[nn.Module, dict]:
         cfg = self.ft_distill if distill else self.ft
-        gm = decompose_finetune(self.teacher, self.train, ratio, cfg, run_dir=self._cell(ratio) / "run", resume=True,
-                                calibrate=calibrate, sensitivity=sensitivity, round_to=1)
+        gm = decompose_finetune(self.teacher if model is None else model, self.train, ratio, cfg,
+                                run_dir=self._cell(ratio) / "run", resume=True, calibrate=calibrate,
+                                sensitivity=sensitivity, round_to=1, **plan_options)
         # calibration: one attack per image; sensitivity: an attack and one more forward/backward per image
         passes = calibrate * (self.prof.train_steps + 1) + sensitivity * (self.prof.train_steps + 2)
         return gm, self._compute(self.prof.ft_epochs, distill, calib_passes=passes)
@@ -199,6 +202,20 @@ class Bench:
 
     def data_distill(self, ratio: float) -> tuple[nn.Module, dict]:
         return self.transform_ft(ratio, distill=True, calibrate=self.prof.calibrate)
+
+    def flops_ft(self, ratio: float) -> tuple[nn.Module, dict]:
+        """A FLOP-budget plan at the same parameter count as the others (its FLOP ratio bisected to hit ``ratio``)."""
+        flops = flops_ratio_at_params(self.teacher, ratio, self.example)
+        return self.transform_ft(flops, budget="flops", example_inputs=self.example)
+
+    def hybrid_ft(self, ratio: float) -> tuple[nn.Module, dict]:
+        """Prune sqrt(ratio) of the parameters (channels: FLOPs fall as fast), then data-aware low rank for the rest."""
+        from cstar_fx.passes.prune import prune_to_ratio
+
+        pruned = prune_to_ratio(self.teacher, ratio ** 0.5, self.example, importance="l2", round_to=1)
+        recalibrate_bn(pruned, self.train, batch_size=self.prof.batch_size, seed=self.seed)
+        rest = sum(p.numel() for p in pruned.parameters()) * ratio / self.dense_params
+        return self.transform_ft(rest, calibrate=self.prof.calibrate, model=pruned)
 
     def prune_ft(self, ratio: float, distill: bool = False) -> tuple[nn.Module, dict]:
         from cstar_fx.passes.prune import prune_to_ratio
@@ -321,6 +338,18 @@ class Bench:
     @property
     def dense_flops(self) -> float:
         return cstar_fx.count_flops(self.teacher, self.example)
+
+
+def flops_ratio_at_params(model: nn.Module, ratio: float, example: torch.Tensor) -> float:
+    """The FLOP ratio whose ``budget="flops"`` plan is ``ratio`` times smaller in parameters (bisection in log space)."""
+    lo, hi = 1.0, ratio
+    while cstar_fx.plan_ranks(model, hi, budget="flops", example_inputs=example, round_to=1).ratio_params < ratio:
+        lo, hi = hi, hi * 2
+    for _ in range(30):
+        mid = (lo * hi) ** 0.5
+        got = cstar_fx.plan_ranks(model, mid, budget="flops", example_inputs=example, round_to=1).ratio_params
+        lo, hi = (mid, hi) if got < ratio else (lo, mid)
+    return hi
 
 
 def uniform_plan(model: nn.Module, ratio: float) -> cstar_fx.RankPlan:
