@@ -11,6 +11,7 @@ the factorized layers (the spectral proxy for accuracy before fine-tuning).
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import cstar_fx
 from cstar_fx.latency import LatencyCost, LatencyTarget, predict, validate
 from cstar_fx.models import cifar_resnet18
+from cstar_fx.schemes import conv_scheme_names
 from _common import OUT, write
 
 
@@ -31,7 +33,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--param-ratio", type=float, default=8.0)
     p.add_argument("--speedups", type=float, nargs="+", default=[2.0, 2.5, 3.0, 4.0, 6.0, 8.0])
-    p.add_argument("--conv-scheme", default="auto", choices=("tucker2", "svd", "auto"))
+    p.add_argument("--conv-scheme", default="auto", choices=conv_scheme_names())
     p.add_argument("--table", type=Path, default=OUT / "latency_table.json")
     args = p.parse_args()
 
@@ -57,8 +59,8 @@ def main() -> None:
         dense_pred, pred = predict(plan, model, x, cost)
         gm.meta["cstar_plan"] = plan if plan.budget == "latency" else _as_latency(plan, dense_pred, pred)
         check = validate(model, gm, x, target)
-        schemes = [lp.scheme for lp in plan.factorized.values()]
-        rows.append({"plan": label, "tucker2/svd": f"{schemes.count('tucker2')}/{schemes.count('svd')}",
+        schemes = collections.Counter(lp.scheme for lp in plan.factorized.values())
+        rows.append({"plan": label, "schemes": ", ".join(f"{n} {k}" for k, n in sorted(schemes.items())),
                      "params_ratio": plan.ratio_params, "flops_ratio": plan.ratio_flops,
                      "mean_energy": statistics.fmean(lp.energy for lp in plan.factorized.values()),
                      "pred_ms": check.predicted, "meas_ms": check.measured, "meas_dense_ms": check.measured_dense,

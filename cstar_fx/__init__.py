@@ -9,17 +9,20 @@ Example:
     ...
 """
 
-__version__ = "0.1.0"
-
+from . import latency  # noqa: F401  (registers budget="latency" with the cost models)
 from .allocate import UnreachableBudgetError
-from .api import NoEligibleLayerError, PlanMismatchError, count_flops, get_plan, get_report, plan_ranks, transform
+from .analysis import count_flops
+from .api import get_plan, get_report, plan_ranks, transform
 from .config import CstarConfig
 from .costs import CostModel, FlopCost, LayerSpec, ParamCost
+from .errors import CstarError, NoEligibleLayerError, PlanMismatchError
 from .io import CheckpointError, load, save
+from .pass_objects import CstarPass, PassCheckError, PrunePass
 from .passes.shapes import ExampleInputError
 from .passes.trace import TraceError, register_leaf
 from .plan import LayerPlan, RankPlan
 from .report import TransformReport
+from .version import __version__
 
 __all__ = [
     "__version__",
@@ -39,10 +42,14 @@ __all__ = [
     "ParamCost",
     "FlopCost",
     "LayerSpec",
+    "CstarError",
     "TraceError",
     "ExampleInputError",
     "PlanMismatchError",
     "NoEligibleLayerError",
     "UnreachableBudgetError",
     "CheckpointError",
+    "CstarPass",
+    "PrunePass",
+    "PassCheckError",
 ]

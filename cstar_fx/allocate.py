@@ -1,8 +1,9 @@
 """The global rank allocator: one budget for the whole network, ranks chosen greedily across layers.
 
 Criterion (documented in docs/concepts.md): every layer ``l`` keeps a fraction ``k_l`` of its
-spectral energy, ``k_l = sum_{i<=r} s_i^2 / ||W_l||_F^2`` for SVD and, for Tucker-2, the product of
-the two channel modes' kept fractions ``k_0(r_out) * k_1(r_in)``. The allocator maximises
+spectral energy, as its scheme computes it (:meth:`cstar_fx.schemes.Scheme.energy`): ``sum_{i<=r} s_i^2 /
+||W_l||_F^2`` for SVD and spatial SVD and, for Tucker-2, the product of the two channel modes' kept fractions
+``k_0(r_out) * k_1(r_in)``. The allocator maximises
 ``sum_l log k_l`` -- the product of the kept energies, a proxy for how per-layer errors compound
 through depth (each term weighted by the layer's ``importance``, 1 unless a measured sensitivity
 is given). Relative energies put layers of every size on the same scale, and the logarithm
@@ -13,22 +14,25 @@ from the smallest ranks on the ``round_to`` grid, it repeatedly buys the rank st
 error reduction per unit of cost until the budget is spent, which is the greedy solution of this
 knapsack (exact when steps are small and spectra decay). A layer whose factorized form would cost at
 least as much as its dense form is kept dense, and the step that reaches that point becomes "go
-dense". The allocator is pure: it reads :class:`LayerSpec` objects and a cost model, nothing else.
+dense". The allocator is pure: it reads :class:`LayerSpec` objects, a cost model and the scheme registry.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
 
 from .costs import CostModel, LayerSpec
+from .errors import CstarError
+from .schemes import AUTO, DEFAULT_CONV, DENSE, Scheme, candidates, get
 
 __all__ = ["Allocation", "Cap", "UnreachableBudgetError", "rank_grid", "max_ranks", "allocate", "min_cost"]
 
 
-class UnreachableBudgetError(ValueError):
+class UnreachableBudgetError(CstarError, ValueError):
     """The requested ratio cannot be met; ``max_ratio`` is the most the allocator can reach.
 
     Example:
@@ -63,17 +67,16 @@ class Allocation:
         return self.dense_cost / self.total_cost if self.total_cost > 0 else math.inf
 
 
-def scheme_for(layer: LayerSpec, conv_scheme: str = "tucker2") -> str:
-    """``"svd"`` for linear layers and 1x1 convs, ``conv_scheme`` (default Tucker-2) for kxk convs;
-    ``"auto"`` starts kxk convs as Tucker-2 (the allocator may then switch them to SVD).
+def scheme_for(layer: LayerSpec, conv_scheme: str = DEFAULT_CONV) -> str:
+    """The scheme the allocator starts ``layer`` in (:func:`cstar_fx.schemes.candidates`): SVD for linear
+    layers and 1x1 convs, ``conv_scheme`` for kxk convs; ``"auto"`` starts them as Tucker-2 (the allocator may
+    then switch them to another kxk scheme).
 
     Example:
         >>> scheme_for(LayerSpec("c", "conv", (8, 4, 3, 3), False, ()))
         'tucker2'
     """
-    if not layer.is_conv or layer.kernel_area == 1:
-        return "svd"
-    return "tucker2" if conv_scheme == "auto" else conv_scheme
+    return candidates(layer, conv_scheme)[0].name
 
 
 def max_ranks(layer: LayerSpec, scheme: str) -> tuple[int, ...]:
@@ -83,11 +86,7 @@ def max_ranks(layer: LayerSpec, scheme: str) -> tuple[int, ...]:
         >>> max_ranks(LayerSpec("c", "conv", (8, 4, 3, 3), False, ()), "tucker2")
         (8, 4)
     """
-    out, inp = layer.weight_shape[:2]
-    area = layer.kernel_area
-    if scheme == "svd":
-        return (min(out, inp * area),)
-    return (min(out, inp * area), min(inp, out * area))
+    return get(scheme).max_ranks(layer)
 
 
 def rank_grid(full: int, round_to: int, min_rank: int) -> list[int]:
@@ -101,18 +100,9 @@ def rank_grid(full: int, round_to: int, min_rank: int) -> list[int]:
     return [r for r in range(round_to, full, round_to) if r >= min_rank] + [full]
 
 
-def _energy(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
-    """Kept energy estimate: the kept fraction for SVD (exact); for Tucker-2 the product of the two
-    channel modes' kept fractions."""
-    kept = 1.0
-    for spec, r in zip(layer.spectra, ranks):
-        kept *= spec.kept_energy(r)
-    return kept
-
-
 def _score(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
     """The allocator's objective for one layer: its importance times the log of the kept energy (0 when dense)."""
-    return layer.importance * math.log(max(_energy(layer, scheme, ranks), 1e-300))
+    return layer.importance * math.log(max(get(scheme).energy(layer, ranks), 1e-300))
 
 
 @dataclass
@@ -130,7 +120,7 @@ class _State:
 
 
 def min_cost(layers: list[LayerSpec], cost: CostModel, *, round_to: int, min_rank: int,
-             conv_scheme: str = "tucker2") -> float:
+             conv_scheme: str = DEFAULT_CONV) -> float:
     """The smallest total cost the allocator can reach for these layers (each at its cheapest form).
 
     Example:
@@ -140,9 +130,9 @@ def min_cost(layers: list[LayerSpec], cost: CostModel, *, round_to: int, min_ran
     """
     total = 0.0
     for layer in layers:
-        scheme = scheme_for(layer, conv_scheme)
-        lowest = tuple(rank_grid(f, round_to, min_rank)[0] for f in max_ranks(layer, scheme))
-        total += min(cost(layer, "dense", ()), cost(layer, scheme, lowest))
+        lowest = [(s.name, tuple(rank_grid(f, round_to, min_rank)[0] for f in s.max_ranks(layer)))
+                  for s in candidates(layer, conv_scheme)]
+        total += min(cost(layer, DENSE, ()), *(cost(layer, name, ranks) for name, ranks in lowest))
     return total
 
 
@@ -175,13 +165,16 @@ def _checked(cost: CostModel) -> CostModel:
 
 
 def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_cost: float = 0.0,
-             round_to: int = 8, min_rank: int = 1, conv_scheme: str = "tucker2", caps: tuple[Cap, ...] = ()) -> Allocation:
+             round_to: int = 8, min_rank: int = 1, conv_scheme: str = DEFAULT_CONV,
+             caps: tuple[Cap, ...] = ()) -> Allocation:
     """Choose a scheme and ranks per layer so that the whole network's cost is ``dense / ratio``.
 
     ``fixed_cost`` is what the rest of the network costs (layers kept dense by rule, norms, ...).
     ``caps`` are further budgets (e.g. a parameter cap under a latency budget) no step may break.
-    Raises :class:`UnreachableBudgetError` with the reachable maximum when even the smallest ranks
-    exceed the budget.
+    ``conv_scheme="auto"`` runs the greedy once from each kxk scheme (every kxk conv in that form), refines each
+    run by moving single layers to another kxk scheme where that keeps more energy within the budget, and keeps
+    the run with the highest objective. Raises :class:`UnreachableBudgetError` with the reachable maximum when
+    even the smallest ranks exceed the budget.
 
     Example:
         >>> import torch
@@ -195,13 +188,50 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
     if not math.isfinite(ratio) or ratio <= 1:
         raise ValueError(f"ratio must be a finite number > 1, got {ratio!r}")
     cost = _checked(cost)
+    # "auto": the greedy from each kxk scheme in turn, each refined by the one-swap search. With caps, each start
+    # also runs at several prices of the caps (0: a cap only stops steps that would break it; 1: every budget
+    # counts as the share of it a step uses): which price keeps the most energy depends on how tight the cap is.
+    starts = _auto_starts(layers) if conv_scheme == AUTO else [conv_scheme]
+    best: tuple[float, Allocation] | None = None
+    unreachable: UnreachableBudgetError | None = None
+    for start in starts:
+        for price in _CAP_PRICES if caps else (0.0,):
+            try:
+                alloc = _greedy(layers, cost, ratio, fixed_cost, round_to, min_rank, start, caps, price,
+                                swap=conv_scheme == AUTO)
+            except UnreachableBudgetError as exc:
+                unreachable = exc if unreachable is None or exc.max_ratio > unreachable.max_ratio else unreachable
+                continue
+            objective = sum(_score(layer, *alloc.choices[layer.name]) for layer in layers)
+            if best is None or objective > best[0]:
+                best = (objective, alloc)
+    if best is None:
+        raise unreachable  # type: ignore[misc]
+    return best[1]
+
+
+def _auto_starts(layers: list[LayerSpec]) -> list[str]:
+    """The kxk schemes ``"auto"`` starts the greedy from (Tucker-2 first): those every layer has the spectra for."""
+    order: dict[str, Scheme] = {}
+    for layer in layers:
+        order.update((s.name, s) for s in candidates(layer, AUTO) if s.name not in order)
+    return [n for n, s in order.items() if all(s.has_spectra(layer) for layer in layers if s.applies(layer))]
+
+
+_CAP_PRICES = (0.0, 0.25, 1.0, 4.0)
+
+
+def _greedy(layers: list[LayerSpec], cost: CostModel, ratio: float, fixed_cost: float, round_to: int, min_rank: int,
+            conv_scheme: str, caps: tuple[Cap, ...], cap_price: float, swap: bool) -> Allocation:
+    """The greedy with kxk convs in ``conv_scheme``, each cap's share weighted by ``cap_price`` in a step's price;
+    ``swap``: then the one-swap search over the other kxk schemes."""
     states: dict[str, _State] = {}
     dense_total = fixed_cost
     spent = fixed_cost
     for layer in layers:
         scheme = scheme_for(layer, conv_scheme)
         grids = [rank_grid(f, round_to, min_rank) for f in max_ranks(layer, scheme)]
-        st = _State(layer, scheme, grids, [0] * len(grids), cost(layer, "dense", ()))
+        st = _State(layer, scheme, grids, [0] * len(grids), cost(layer, DENSE, ()))
         dense_total += st.dense_cost
         if cost(layer, scheme, st.ranks()) >= st.dense_cost:
             st.dense = True
@@ -210,7 +240,7 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
     budget = dense_total / ratio
 
     def form(st: _State) -> tuple[str, tuple[int, ...]]:
-        return ("dense", ()) if st.dense else (st.scheme, st.ranks())
+        return (DENSE, ()) if st.dense else (st.scheme, st.ranks())
 
     cap_spent = [cap.fixed + sum(cap.cost(st.layer, *form(st)) for st in states.values()) for cap in caps]
     for cap, used in zip(caps, cap_spent):
@@ -250,13 +280,13 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
             ranks = tuple(g[i] for g, i in zip(st.grids, idx))
             new_cost = cost(st.layer, st.scheme, ranks)
             if new_cost >= st.dense_cost:
-                gain, delta, after = -now_score, st.dense_cost - now_cost, ("dense", ())
+                gain, delta, after = -now_score, st.dense_cost - now_cost, (DENSE, ())
             else:
                 gain, delta, after = _score(st.layer, st.scheme, ranks) - now_score, new_cost - now_cost, (st.scheme, ranks)
-            # With caps, every budget counts, each as the fraction of it a step uses: the step that buys the most
-            # energy per share of all budgets wins (the usual greedy for several knapsack constraints).
-            weighted = delta / budget + sum((cap.cost(st.layer, *after) - cap.cost(st.layer, st.scheme, st.ranks()))
-                                            / cap.limit for cap in caps)
+            # The step that buys the most energy per share of the budget (and of the caps, at their price) wins:
+            # the usual greedy for several knapsack constraints.
+            weighted = delta / budget + cap_price * sum(
+                (cap.cost(st.layer, *after) - cap.cost(st.layer, st.scheme, st.ranks())) / cap.limit for cap in caps)
             priority = math.inf if weighted <= 0 else gain / weighted
             counter += 1
             heapq.heappush(heap, (-priority, counter, st.layer.name, mode, st.version))
@@ -277,7 +307,7 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
         delta = (st.dense_cost if go_dense else new_cost) - now_cost
         if spent + delta > budget:
             continue  # this mode cannot grow any more within the budget; other layers still may
-        after = ("dense", ()) if go_dense else (st.scheme, ranks)
+        after = (DENSE, ()) if go_dense else (st.scheme, ranks)
         cap_delta = [cap.cost(st.layer, *after) - cap.cost(st.layer, *form(st)) for cap in caps]
         if any(used + d > cap.limit for cap, used, d in zip(caps, cap_spent, cap_delta)):
             continue
@@ -289,39 +319,48 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
         else:
             st.idx = idx
             push(st)
-    choices = {name: ("dense", ()) if st.dense else (st.scheme, st.ranks()) for name, st in states.items()}
-    if conv_scheme == "auto":
-        spent = _prefer_svd_where_better(choices, states, cost, budget - spent, caps, cap_spent, round_to, min_rank) + spent
+    choices = {name: form(st) for name, st in states.items()}
+    if swap:
+        spent += _prefer_better_scheme(choices, states, cost, budget - spent, caps, cap_spent, round_to, min_rank)
     return Allocation(choices, total_cost=spent, budget=budget, dense_cost=dense_total)
 
 
-def _prefer_svd_where_better(choices: dict[str, tuple[str, tuple[int, ...]]], states: dict[str, "_State"],
-                             cost: CostModel, slack: float, caps: tuple[Cap, ...], cap_spent: list[float],
-                             round_to: int, min_rank: int) -> float:
-    """``conv_scheme="auto"``: after the Tucker-2 greedy, move each factorized kxk conv to SVD when some SVD
-    rank keeps more energy for no more than its cost plus the unspent budget (a one-swap local search:
-    the budget stays met). Returns the change in total cost; edits ``choices`` in place."""
+def _prefer_better_scheme(choices: dict[str, tuple[str, tuple[int, ...]]], states: dict[str, "_State"],
+                          cost: CostModel, slack: float, caps: tuple[Cap, ...], cap_spent: list[float],
+                          round_to: int, min_rank: int) -> float:
+    """``conv_scheme="auto"``: after a greedy, move each factorized kxk conv to the other kxk scheme and ranks that
+    keep the most energy, when that is more than it keeps now, for no more than its cost plus the unspent budget
+    and within the caps (a one-swap local search: the budget stays met). Returns the change in total cost; edits
+    ``choices`` in place."""
     change = 0.0
     for name, (scheme, ranks) in list(choices.items()):
         layer = states[name].layer
-        if scheme != "tucker2":
+        if scheme == DENSE:
             continue
         now_cost, now_score = cost(layer, scheme, ranks), _score(layer, scheme, ranks)
         now_caps = [cap.cost(layer, scheme, ranks) for cap in caps]
         best = None
-        for r in rank_grid(max_ranks(layer, "svd")[0], round_to, min_rank):
-            c = cost(layer, "svd", (r,))
-            if c - now_cost > slack - change:
-                break
-            deltas = [cap.cost(layer, "svd", (r,)) - old for cap, old in zip(caps, now_caps)]
-            if any(used + d > cap.limit for cap, used, d in zip(caps, cap_spent, deltas)):
-                break
-            score = _score(layer, "svd", (r,))
-            if score > now_score and (best is None or score > best[0]):
-                best = (score, r, c, deltas)
+        for other in candidates(layer, AUTO):
+            if other.name == scheme or not other.has_spectra(layer):
+                continue
+            for option in _rank_options(other, layer, round_to, min_rank):
+                c = cost(layer, other.name, option)
+                if c - now_cost > slack - change:
+                    continue
+                deltas = [cap.cost(layer, other.name, option) - old for cap, old in zip(caps, now_caps)]
+                if any(used + d > cap.limit for cap, used, d in zip(caps, cap_spent, deltas)):
+                    continue
+                score = _score(layer, other.name, option)
+                if score > now_score and (best is None or score > best[0]):
+                    best = (score, (other.name, option), c, deltas)
         if best is not None:
-            _, r, c, deltas = best
-            choices[name] = ("svd", (r,))
+            _, choice, c, deltas = best
+            choices[name] = choice
             change += c - now_cost
             cap_spent[:] = [used + d for used, d in zip(cap_spent, deltas)]
     return change
+
+
+def _rank_options(scheme: Scheme, layer: LayerSpec, round_to: int, min_rank: int) -> list[tuple[int, ...]]:
+    """Every rank combination on the grid of each of the scheme's modes."""
+    return list(itertools.product(*(rank_grid(f, round_to, min_rank) for f in scheme.max_ranks(layer))))

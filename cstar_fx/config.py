@@ -1,4 +1,7 @@
-"""Frozen, validated configuration for planning and transforming."""
+"""Frozen, validated configuration for planning and transforming: :class:`CstarConfig` is one flat set of options,
+made of what is traced (:class:`~cstar_fx.analysis.TraceConfig`, :attr:`CstarConfig.trace`) and what the plan
+must fit (:class:`Budget`, :meth:`CstarConfig.make_budget`), plus how ranks are rounded and which conv scheme
+is used."""
 
 from __future__ import annotations
 
@@ -8,15 +11,20 @@ from dataclasses import dataclass, field, fields, replace
 from collections.abc import Callable
 from typing import Any
 
-from .costs import CostModel
+from .analysis import TraceConfig
+from .costs import CostModel, as_cost_model, budget_names, caps_params, cost_model_for
+from .schemes import DEFAULT_CONV, conv_scheme_names
 
-__all__ = ["CstarConfig", "resolve_config"]
-
-_BUDGETS = ("params", "flops", "latency")
-_CONV_SCHEMES = ("tucker2", "svd", "auto")
+__all__ = ["CstarConfig", "Budget", "resolve_config", "resolve_options", "check_ratio"]
 
 
-def _check_ratio(ratio: Any) -> float:
+def check_ratio(ratio: Any) -> float:
+    """``ratio`` as a float, if it is a finite number > 1 (a dense / compressed ratio); else a clear error.
+
+    Example:
+        >>> check_ratio(8)
+        8.0
+    """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
         raise TypeError(f"ratio must be a number > 1 (e.g. ratio=8 for 8x fewer parameters), got {ratio!r}")
     ratio = float(ratio)
@@ -30,12 +38,15 @@ class CstarConfig:
     """How to plan ranks: target ratio, what the budget counts, rank granularity, what to skip.
 
     * ``ratio``: dense cost / compressed cost for the whole model (8 = 8x smaller).
-    * ``budget``: ``"params"`` (default) or ``"flops"`` (needs ``example_inputs``).
+    * ``budget``: what the ratio counts, a name registered with :func:`cstar_fx.costs.register_budget`:
+      ``"params"`` (default), ``"flops"`` (needs ``example_inputs``), ``"both"`` (at least ``ratio`` fewer FLOPs
+      *and* parameters; needs ``example_inputs``) or ``"latency"`` (measured on ``target``).
     * ``round_to``: ranks are multiples of this (hardware-friendly), or a mode's full rank.
     * ``min_rank``: no factor narrower than this (rounded up to ``round_to``).
     * ``skip``: layer names or glob patterns kept dense (e.g. ``("conv1", "fc")``).
-    * ``conv_scheme``: ``"tucker2"`` (default), ``"svd"``, or ``"auto"`` (per layer, whichever keeps more
-      energy for the cost: Tucker-2 first, then a layer moves to SVD when that is better within the budget).
+    * ``conv_scheme``: ``"tucker2"`` (default), ``"svd"``, ``"spatial_svd"`` (any scheme registered for kxk
+      convs, :func:`cstar_fx.schemes.conv_scheme_names`), or ``"auto"`` (per layer, whichever keeps more energy
+      for the cost: Tucker-2 first, then a layer moves to another kxk scheme when that is better within the budget).
     * ``leaf_modules``: module names/patterns/types fx should not trace into.
     * ``concrete_args``: forward() arguments to fix while tracing (for control flow on them).
     * ``autowrap_functions``: module-level functions fx should call opaquely rather than trace into
@@ -60,7 +71,7 @@ class CstarConfig:
     round_to: int = 8
     min_rank: int = 1
     skip: tuple[str, ...] = ()
-    conv_scheme: str = "tucker2"
+    conv_scheme: str = DEFAULT_CONV
     leaf_modules: tuple[Any, ...] = ()
     concrete_args: dict[str, Any] | None = field(default=None, compare=False)
     cost_model: CostModel | None = field(default=None, compare=False)
@@ -70,56 +81,111 @@ class CstarConfig:
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ratio", _check_ratio(self.ratio))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio))
         if self.param_ratio is not None:
-            object.__setattr__(self, "param_ratio", _check_ratio(self.param_ratio))
-        if self.cost_model is None and self.budget not in _BUDGETS:
-            raise ValueError(f"budget must be one of {_BUDGETS} (or pass cost_model=...), got {self.budget!r}")
+            object.__setattr__(self, "param_ratio", check_ratio(self.param_ratio))
+        if self.cost_model is None and self.budget not in budget_names():
+            raise ValueError(f"budget must be one of {budget_names()} (or pass cost_model=...), got {self.budget!r}")
         for name in ("round_to", "min_rank"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.conv_scheme not in _CONV_SCHEMES:
-            raise ValueError(f"conv_scheme must be one of {_CONV_SCHEMES}, got {self.conv_scheme!r}")
-        for name in ("skip", "leaf_modules"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                v = (v,)
-            if not isinstance(v, (tuple, list)):
-                raise TypeError(f"{name} must be a tuple of names/patterns, got {type(v).__name__}")
-            object.__setattr__(self, name, tuple(v))
-        if any(not isinstance(s, str) for s in self.skip):
-            raise TypeError(f"skip entries must be layer names or glob patterns (str), got {self.skip!r}")
-        if any(not isinstance(x, (str, type)) for x in self.leaf_modules):
-            raise TypeError(f"leaf_modules entries must be module names/glob patterns (str) or nn.Module classes, "
-                            f"got {self.leaf_modules!r}")
-        if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
-            raise TypeError(f"concrete_args must be a dict of forward() argument name -> value, "
-                            f"got {type(self.concrete_args).__name__}")
-        funcs = self.autowrap_functions
-        funcs = (funcs,) if callable(funcs) else funcs
-        if not isinstance(funcs, (tuple, list)) or any(not callable(f) or isinstance(f, type) for f in funcs):
-            raise TypeError(f"autowrap_functions entries must be functions fx should call opaquely, e.g. "
-                            f"autowrap_functions=(my_helper,), got {self.autowrap_functions!r}")
-        object.__setattr__(self, "autowrap_functions", tuple(funcs))
-        if not isinstance(self.unpack_attention, bool):
-            raise TypeError(f"unpack_attention must be True or False, got {self.unpack_attention!r}")
-        if self.cost_model is not None and not callable(self.cost_model):
-            raise TypeError("cost_model must be callable as cost(layer, scheme, ranks) -> float")
+        if self.conv_scheme not in conv_scheme_names():
+            raise ValueError(f"conv_scheme must be one of {conv_scheme_names()}, got {self.conv_scheme!r}")
+        trace = self.trace  # validates the traced half
+        for f in fields(TraceConfig):
+            object.__setattr__(self, f.name, getattr(trace, f.name))
+        if self.cost_model is not None:
+            as_cost_model(self.cost_model)  # validates it
 
     @property
     def budget_name(self) -> str:
         """The budget's name as reported in plans (the cost model's name when one is given)."""
         if self.cost_model is not None:
-            return getattr(self.cost_model, "name", "custom")
+            return as_cost_model(self.cost_model).name
         return self.budget
+
+    @property
+    def trace(self) -> TraceConfig:
+        """What is traced: ``leaf_modules``, ``concrete_args``, ``autowrap_functions``, ``unpack_attention``, ``skip``.
+
+        Example:
+            >>> CstarConfig(skip="fc").trace.skip
+            ('fc',)
+        """
+        return TraceConfig(**{f.name: getattr(self, f.name) for f in fields(TraceConfig)})
+
+    def make_budget(self, limit: float | None = None) -> "Budget":
+        """The budget a plan must fit: ``cost_model`` (or the one ``budget`` names, built for ``target``) with
+        ``ratio``, or with the absolute ``limit`` on the compressed cost instead when one is given.
+
+        Example:
+            >>> b = CstarConfig(ratio=4, budget="flops").make_budget()
+            >>> b.cost.name, b.ratio_for(100.0)
+            ('flops', 4.0)
+        """
+        cost = as_cost_model(self.cost_model) if self.cost_model is not None else cost_model_for(self.budget, self.target)
+        param_ratio = self.param_ratio
+        if self.cost_model is None and caps_params(self.budget):
+            if limit is not None:
+                raise ValueError(f"budget={self.budget!r} holds a ratio in FLOPs and parameters; it takes no limit")
+            param_ratio = max(param_ratio or self.ratio, self.ratio)
+        return Budget(cost, None if limit is not None else self.ratio, limit, param_ratio)
 
     def replace(self, **changes: Any) -> "CstarConfig":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a plan must fit: a cost model and either a ``ratio`` (dense / compressed cost of the whole model)
+    or a ``limit`` on the compressed cost in the cost model's unit (e.g. milliseconds for latency), plus an
+    optional ``param_ratio`` the parameters must reach as well.
+
+    Example:
+        >>> from cstar_fx.costs import ParamCost
+        >>> Budget(ParamCost(), limit=25.0).ratio_for(100.0)
+        4.0
+    """
+
+    cost: CostModel
+    ratio: float | None = None
+    limit: float | None = None
+    param_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.limit is None):
+            raise ValueError("a budget has either a ratio or a limit on the compressed cost, not both or neither")
+        if self.ratio is not None:
+            object.__setattr__(self, "ratio", check_ratio(self.ratio))
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, numbers.Real)
+                                       or not 0 < self.limit < math.inf):
+            raise ValueError(f"the limit must be a positive finite number (in the cost model's unit), got {self.limit!r}")
+
+    def ratio_for(self, total: float) -> float:
+        """The ratio to plan at, for a dense model whose whole cost is ``total``.
+
+        Example:
+            >>> from cstar_fx.costs import ParamCost
+            >>> Budget(ParamCost(), ratio=8).ratio_for(100.0)
+            8.0
+        """
+        if self.limit is None:
+            return self.ratio
+        if total <= self.limit:
+            raise ValueError(f"the target {self.cost.name} {self.limit:g} is not below the dense model's {total:.4g}; "
+                             f"ask for less")
+        return total / self.limit
+
+
 _FIELDS = {f.name for f in fields(CstarConfig)}
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    unknown = set(options) - _FIELDS
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options are {sorted(_FIELDS - {'ratio'})}")
 
 
 def resolve_config(ratio: Any, options: dict[str, Any]) -> CstarConfig:
@@ -129,9 +195,19 @@ def resolve_config(ratio: Any, options: dict[str, Any]) -> CstarConfig:
         >>> resolve_config(4, {"skip": ("fc",)}).skip
         ('fc',)
     """
-    unknown = set(options) - _FIELDS
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options are {sorted(_FIELDS - {'ratio'})}")
+    _check_options(options)
     if isinstance(ratio, CstarConfig):
         return ratio.replace(**options) if options else ratio
     return CstarConfig(ratio=ratio, **options)
+
+
+def resolve_options(options: dict[str, Any]) -> CstarConfig:
+    """A :class:`CstarConfig` from keyword options alone, for a plan that fixes the ranks: what is traced and the
+    conv scheme are read from it, its ratio never is.
+
+    Example:
+        >>> resolve_options({"skip": "fc"}).trace.skip
+        ('fc',)
+    """
+    _check_options(options)
+    return CstarConfig(**options)

@@ -1,85 +1,87 @@
 """Cost models for the global rank allocator: what one layer costs, dense or factorized.
 
-A cost model is any callable ``cost(layer, scheme, ranks) -> float``; ``scheme`` is ``"dense"``
-(``ranks == ()``), ``"svd"`` (one rank) or ``"tucker2"`` (``(rank_out, rank_in)``). The allocator only
-compares sums of these numbers, so any additive cost works: parameters, FLOPs, or measured latency.
+A cost model is any callable ``cost(layer, scheme, ranks) -> float``; ``scheme`` is the name of a registered
+scheme (:mod:`cstar_fx.schemes`: ``"dense"`` with ``ranks == ()``, ``"svd"``, ``"tucker2"``, ``"spatial_svd"``,
+...) and ``ranks`` as many ranks as it takes. The allocator only compares sums of these numbers, so any additive
+cost works: parameters, FLOPs, or measured latency. A :class:`CostModel` may also price the whole dense model
+(:meth:`CostModel.total`), and a budget name (``budget="flops"``) stands for the cost model registered under it
+(:func:`register_budget`; :mod:`cstar_fx.latency` registers ``"latency"``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from .decompose import Spectrum
+from .analysis import Analysis
+from .schemes import LayerSpec, get
 
-__all__ = ["LayerSpec", "CostModel", "ParamCost", "FlopCost", "cost_model_for"]
-
-Scheme = Literal["dense", "svd", "tucker2"]
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What the allocator knows of one factorizable layer.
-
-    ``in_positions``/``out_positions`` are the number of spatial positions (times batch, summed over
-    call sites) the layer reads and writes on the example input; ``None`` when no example input was
-    given. For a linear layer they are the number of rows it is applied to. ``in_shape``/``out_shape``
-    are the tensor shapes at the first call site, and ``stride``/``padding``/``dilation`` the conv
-    settings, for cost models that rebuild the layer (e.g. to time it). ``importance`` weighs the
-    layer in the allocator's objective (1.0: spectral energy alone; e.g. a measured sensitivity of
-    the adversarial loss, see :func:`cstar_fx.robust.layer_sensitivity`).
-
-    Example:
-        >>> spec = LayerSpec("fc", "linear", (10, 64), True, (Spectrum((1.0,)),))
-        >>> spec.is_conv
-        False
-    """
-
-    name: str
-    kind: Literal["conv", "linear"]
-    weight_shape: tuple[int, ...]
-    has_bias: bool
-    spectra: tuple[Spectrum, ...]
-    in_positions: int | None = None
-    out_positions: int | None = None
-    in_shape: tuple[int, ...] | None = None
-    out_shape: tuple[int, ...] | None = None
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] | str = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    importance: float = 1.0
-
-    @property
-    def is_conv(self) -> bool:
-        """True for a conv weight ``(C_out, C_in, kh, kw)``."""
-        return self.kind == "conv"
-
-    @property
-    def kernel_area(self) -> int:
-        """``kh * kw`` for a conv, 1 for a linear layer."""
-        return self.weight_shape[2] * self.weight_shape[3] if self.is_conv else 1
+__all__ = ["LayerSpec", "CostModel", "CallableCost", "ParamCost", "FlopCost", "as_cost_model", "cost_model_for",
+           "register_budget", "budget_names", "caps_params"]
 
 
+@runtime_checkable
 class CostModel(Protocol):
-    """The allocator's cost interface (parameters, FLOPs, latency, ...).
+    """The budget's cost interface (parameters, FLOPs, latency, ...).
+
+    ``cost(layer, scheme, ranks)`` is what one layer costs in a form; ``total(analysis)`` what the whole
+    dense model costs (``None``: no whole-model measure, so the budget covers the eligible layers only);
+    ``flush()`` keeps what the model measured once a plan is made (nothing, unless it measures). Subclass
+    it to inherit both defaults; a plain callable ``cost(layer, scheme, ranks)`` is adapted by
+    :func:`as_cost_model`.
 
     Example:
         >>> cost: CostModel = ParamCost()
-        >>> cost.name
-        'params'
+        >>> cost.name, isinstance(cost, CostModel)
+        ('params', True)
     """
 
     name: str
 
-    def __call__(self, layer: LayerSpec, scheme: Scheme, ranks: tuple[int, ...]) -> float: ...
+    def __call__(self, layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float: ...
 
+    def total(self, analysis: Analysis) -> float | None:
+        """The dense model's whole cost, layers that are not factorized included; ``None`` if unknown."""
+        return None
 
-def _bias(layer: LayerSpec) -> int:
-    return layer.weight_shape[0] if layer.has_bias else 0
+    def flush(self) -> None:
+        """Keep what was measured (e.g. write a table), so that the next plan measures nothing."""
 
 
 @dataclass(frozen=True)
-class ParamCost:
+class CallableCost(CostModel):
+    """A plain ``cost(layer, scheme, ranks)`` callable as a :class:`CostModel`: no whole-model total, nothing to
+    flush. ``name`` is the callable's own ``name`` attribute, if it has one.
+
+    Example:
+        >>> as_cost_model(lambda layer, scheme, ranks: 1.0).name
+        'custom'
+    """
+
+    fn: Callable[[LayerSpec, str, tuple[int, ...]], float]
+    name: str = "custom"
+
+    def __call__(self, layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
+        return self.fn(layer, scheme, ranks)
+
+
+def as_cost_model(cost: Any) -> CostModel:
+    """``cost`` itself when it is a :class:`CostModel`, a :class:`CallableCost` around any other callable.
+
+    Example:
+        >>> as_cost_model(ParamCost()) == ParamCost()
+        True
+    """
+    if isinstance(cost, CostModel):
+        return cost
+    if not callable(cost):
+        raise TypeError("cost_model must be callable as cost(layer, scheme, ranks) -> float")
+    return CallableCost(cost, getattr(cost, "name", "custom"))
+
+
+@dataclass(frozen=True)
+class ParamCost(CostModel):
     """Cost = number of parameters (weights and bias) of the layer's dense or factorized form.
 
     Example:
@@ -90,20 +92,15 @@ class ParamCost:
 
     name: str = "params"
 
-    def __call__(self, layer: LayerSpec, scheme: Scheme, ranks: tuple[int, ...]) -> float:
-        out, inp = layer.weight_shape[:2]
-        area = layer.kernel_area
-        if scheme == "dense":
-            return float(out * inp * area + _bias(layer))
-        if scheme == "svd":
-            (r,) = ranks
-            return float(r * inp * area + out * r + _bias(layer))
-        r_out, r_in = ranks
-        return float(inp * r_in + r_out * r_in * area + out * r_out + _bias(layer))
+    def __call__(self, layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
+        return get(scheme).params(layer, ranks)
+
+    def total(self, analysis: Analysis) -> float:
+        return float(analysis.dense_params)
 
 
 @dataclass(frozen=True)
-class FlopCost:
+class FlopCost(CostModel):
     """Cost = floating-point operations on the example input (2 per multiply-add, bias not counted),
     the convention of :class:`torch.utils.flop_counter.FlopCounterMode`.
 
@@ -115,30 +112,66 @@ class FlopCost:
 
     name: str = "flops"
 
-    def __call__(self, layer: LayerSpec, scheme: Scheme, ranks: tuple[int, ...]) -> float:
-        if layer.in_positions is None or layer.out_positions is None:
-            raise ValueError(f"layer {layer.name!r} has no shape information; pass example_inputs for a FLOP budget")
-        out, inp = layer.weight_shape[:2]
-        area = layer.kernel_area
-        p_in, p_out = layer.in_positions, layer.out_positions
-        if scheme == "dense":
-            return 2.0 * out * inp * area * p_out
-        if scheme == "svd":
-            (r,) = ranks
-            return 2.0 * (r * inp * area + out * r) * p_out
-        r_out, r_in = ranks
-        return 2.0 * (inp * r_in * p_in + r_out * r_in * area * p_out + out * r_out * p_out)
+    def __call__(self, layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
+        return get(scheme).flops(layer, ranks)
+
+    def total(self, analysis: Analysis) -> float | None:
+        analysis.require_shapes(f"budget={self.name!r}")
+        return analysis.dense_flops
 
 
-def cost_model_for(budget: str) -> CostModel:
-    """The built-in cost model for a budget name (``"params"`` or ``"flops"``).
+_BUDGETS: dict[str, Callable[[Any], CostModel]] = {}
+_CAPS_PARAMS: set[str] = set()
+
+
+def register_budget(name: str, factory: Callable[[Any], CostModel], *, params_too: bool = False) -> None:
+    """Make ``budget=name`` mean the cost model ``factory(target)`` builds (``target``: the config's ``target``);
+    ``params_too``: the ratio must be reached in parameters as well (a parameter cap at the same ratio).
+
+    Example:
+        >>> "latency" in budget_names()
+        True
+    """
+    if name in _BUDGETS:
+        raise ValueError(f"a budget named {name!r} is already registered; choose another name")
+    _BUDGETS[name] = factory
+    if params_too:
+        _CAPS_PARAMS.add(name)
+
+
+def caps_params(budget: str) -> bool:
+    """Whether budget ``budget`` also holds the parameters to its ratio (``"both"``).
+
+    Example:
+        >>> caps_params("both"), caps_params("flops")
+        (True, False)
+    """
+    return budget in _CAPS_PARAMS
+
+
+def budget_names() -> tuple[str, ...]:
+    """The registered budget names, in registration order.
+
+    Example:
+        >>> budget_names()[:2]
+        ('params', 'flops')
+    """
+    return tuple(_BUDGETS)
+
+
+def cost_model_for(budget: str, target: Any = None) -> CostModel:
+    """The cost model a budget name stands for (``target`` configures a measured one, e.g. latency).
 
     Example:
         >>> cost_model_for("flops").name
         'flops'
     """
-    if budget == "params":
-        return ParamCost()
-    if budget == "flops":
-        return FlopCost()
-    raise ValueError(f"budget must be 'params' or 'flops' (or pass cost_model=...), got {budget!r}")
+    if budget not in _BUDGETS:
+        raise ValueError(f"budget must be one of {budget_names()} (or pass cost_model=...), got {budget!r}")
+    return _BUDGETS[budget](target)
+
+
+register_budget("params", lambda target: ParamCost())
+register_budget("flops", lambda target: FlopCost())
+# "8x" in FLOPs and in parameters at once: measured the better robust plan at equal parameters (docs/concepts.md)
+register_budget("both", lambda target: FlopCost(name="both"), params_too=True)

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileutil import atomic_path
+from .extras import require
+from .fileutil import atomic_save
 
 __all__ = [
     "TensorData", "TensorLoader", "DeviceLoader", "as_loader", "digits", "cifar10", "cifar10_jpeg",
@@ -346,15 +347,11 @@ def digits(test_size: float = 0.25, seed: int = 0) -> tuple[TensorData, TensorDa
         >>> len(train), len(test), train.input_shape
         (1347, 450, (1, 8, 8))
     """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError:  # pragma: no cover - scikit-learn is in the data extra
-        raise ImportError("the digits dataset needs scikit-learn: pip install 'cstar-fx[data]'") from None
-    bunch = load_digits()
+    datasets, model_selection = require("sklearn.datasets", "sklearn.model_selection", purpose="the digits dataset")
+    bunch = datasets.load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
-    i_train, i_test = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=bunch.target)
+    i_train, i_test = model_selection.train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=bunch.target)
     classes = tuple(str(c) for c in range(10))
     return (TensorData(x[i_train], y[i_train], classes=classes), TensorData(x[i_test], y[i_test], classes=classes))
 
@@ -388,11 +385,10 @@ def cifar10(root: str | os.PathLike[str], *, download: bool = False, augment: bo
 
 
 def _decode_chunk(paths: list[str]) -> np.ndarray:
-    from PIL import Image
-
+    (image,) = require("PIL.Image", purpose="reading image files")
     out = []
     for p in paths:
-        with Image.open(p) as img:
+        with image.open(p) as img:
             out.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
     return np.stack(out) if out else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
@@ -410,20 +406,6 @@ def _list_folder(root: Path, per_class: int | None) -> tuple[list[str], list[int
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) found under {root}/<class>/")
     return paths, labels, classes
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``: readers (and a
-    process killed mid-write) see the old file or the new one, never half of one.
-
-    Example:
-        >>> import tempfile
-        >>> target = Path(tempfile.mkdtemp()) / "x.pt"
-        >>> atomic_save({"a": torch.zeros(1)}, target); target.is_file()
-        True
-    """
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _load_cached(path: Path | None, augment: str | None) -> TensorData | None:

@@ -7,8 +7,11 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path"]
+import torch
+
+__all__ = ["atomic_path", "atomic_save"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -50,3 +53,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``: readers (and a
+    process killed mid-write) see the old file or the new one, never half of one.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "x.pt"
+        >>> atomic_save({"a": torch.zeros(1)}, target); target.is_file()
+        True
+    """
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -34,22 +34,27 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import __version__
-from .api import PlanMismatchError, get_plan, get_report, transform
+from .analysis import TraceConfig
+from .api import transform
+from .errors import CstarError, PlanMismatchError
+from .extras import require
 from .fileutil import atomic_path
 from .passes.attention import ExplicitAttention
-from .plan import LayerPlan, RankPlan
-from .report import TransformReport
+from .plan import RankPlan, get_plan
+from .report import TransformReport, get_report
+from .schemes import get
+from .version import __version__
 
 __all__ = ["save", "load", "CheckpointError", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "cstar-fx/model/1"
 _FORMAT_FAMILY = "cstar-fx/model/"
 _REQUIRED_KEYS = ("format", "plan", "report", "options", "sha256")
-_TRACE_OPTIONS = ("leaf_modules", "concrete_args", "unpack_attention", "autowrap_functions")
+# What load passes on to transform: how to trace the model again (skip only steers planning; the plan is saved).
+_TRACE_OPTIONS = tuple(f.name for f in dataclasses.fields(TraceConfig) if f.name != "skip")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CstarError, ValueError):
     """A model file is truncated, corrupted, or was not written by :func:`save`.
 
     Example:
@@ -59,11 +64,7 @@ class CheckpointError(ValueError):
 
 
 def _safetensors() -> Any:
-    try:
-        import safetensors
-        import safetensors.torch
-    except ImportError as exc:
-        raise ImportError("cstar_fx.save/load need the safetensors package: pip install safetensors") from exc
+    safetensors, _ = require("safetensors", "safetensors.torch", purpose="cstar_fx.save/load")
     return safetensors
 
 
@@ -85,25 +86,18 @@ def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _factor_path(lp: LayerPlan) -> str:
-    # module form keeps the layer's own path; the F.conv2d/F.linear form lives at "<weight>_factors"
-    return lp.name if lp.param != lp.name else f"{lp.param}_factors"
-
-
 def _check_factors(gm: fx.GraphModule, plan: RankPlan) -> None:
     """The factor shapes must still be the plan's ranks, or the file could not be rebuilt from the plan."""
     problems = []
     for lp in plan.factorized.values():
         try:
-            seq = gm.get_submodule(_factor_path(lp))
-            reduce, expand = seq.reduce.weight, seq.expand.weight
-            inner = tuple(seq.core.weight.shape[:2]) if lp.scheme == "tucker2" else (reduce.shape[0],)
-        except AttributeError:
-            problems.append(f"layer {lp.name!r}: no factor modules at {_factor_path(lp)!r}")
+            shape, ranks, _ = get(lp.scheme).read_back(gm.get_submodule(lp.factor_path), lp.weight_shape[2:])
+        except (AttributeError, IndexError):
+            problems.append(f"layer {lp.name!r}: no factor modules at {lp.factor_path!r}")
             continue
-        if (inner != lp.ranks or expand.shape[0] != lp.weight_shape[0] or reduce.shape[1] != lp.weight_shape[1]):
-            problems.append(f"layer {lp.name!r}: factor shapes {tuple(reduce.shape)} / {tuple(expand.shape)} do not "
-                            f"match the plan's ranks {lp.ranks}")
+        if ranks != lp.ranks or shape[:2] != lp.weight_shape[:2]:
+            problems.append(f"layer {lp.name!r}: its factors make a weight of shape {shape} at ranks {ranks}, the "
+                            f"plan one of shape {lp.weight_shape} at ranks {lp.ranks}")
     params = dict(gm.named_parameters(remove_duplicate=False))
     for lp in plan.layers.values():
         if lp.factorized:
@@ -121,7 +115,7 @@ def _check_factors(gm: fx.GraphModule, plan: RankPlan) -> None:
 
 def _leaf_names(gm: fx.GraphModule, plan: RankPlan) -> list[str]:
     """Modules the graph calls opaquely, minus the factor layers transform created: traced again as leaves."""
-    factor_paths = {_factor_path(lp) for lp in plan.factorized.values()}
+    factor_paths = {lp.factor_path for lp in plan.factorized.values()}
     names = []
     for node in gm.graph.nodes:
         target = str(node.target)
@@ -303,8 +297,16 @@ def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> f
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{str(path)!r}: tensor {name!r} contains NaN or Inf (save refuses to write "
                                   f"such a file, so it was written by something else); restore it from a backup")
+    user_leaves = "leaf_modules" in options
     options = {"leaf_modules": tuple(_escape(n) for n in saved["leaf_modules"]),
                "unpack_attention": saved["unpack_attention"], **options}
+    modules = dict(model.named_modules())
+    missing = [n for n in saved["leaf_modules"] if n not in modules]
+    # leaves recorded from the model it was saved from (there, submodules; unpacked attention makes its own)
+    if missing and not options["unpack_attention"] and not user_leaves:
+        raise PlanMismatchError(f"{str(path)!r} was saved from a different architecture than model=: its modules "
+                                f"{missing[:4]} are not in model=\n(A model transformed twice loads with "
+                                f"model=transform(original, plan=first_plan).)")
     try:
         gm = transform(model, plan=plan, decompose=False, **options)  # every factor weight is loaded below
     except PlanMismatchError as exc:
@@ -323,7 +325,7 @@ def _check_layout(path: Path, plan: RankPlan, expected: dict[str, torch.Tensor],
                   ) -> None:
     """The factor weights must have the shapes the file's own plan gives them, and float tensors must be floats:
     otherwise the file contradicts itself (a wrong layout), whatever model is passed."""
-    prefixes = tuple(_factor_path(lp) + "." for lp in plan.factorized.values())
+    prefixes = tuple(lp.factor_path + "." for lp in plan.factorized.values())
     problems = []
     for name, t in tensors.items():
         want = expected.get(name)

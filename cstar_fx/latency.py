@@ -1,10 +1,10 @@
 """A measured-latency cost model for the global allocator.
 
-A layer's cost is the latency of the primitive ops its dense or factorized form runs — one conv or
-linear op when dense, two (SVD) or three (Tucker-2) when factorized — timed on a target (onnxruntime
-with a provider, or PyTorch on a device) at the user's batch size and input resolution. Each op is
-timed once and cached in a JSON table keyed by machine, target and op shape, so a second plan costs
-nothing. Channel counts between two points of a fine ladder (…, 64, 96, 128, 192, 256, …) are
+A layer's cost is the latency of the primitive ops its dense or factorized form runs, as its scheme lists
+them — one conv or linear op when dense, two (SVD, spatial SVD) or three (Tucker-2) when factorized — timed
+on a target (onnxruntime with a provider, or PyTorch on a device) at the user's batch size and input
+resolution. Each op is timed once and cached in a JSON table keyed by machine, target and op shape, so a
+second plan costs nothing. Channel counts between two points of a fine ladder (…, 64, 96, 128, 192, 256, …) are
 interpolated bilinearly from the four bracketing measurements: latency is smooth and monotone in
 channel count at that spacing, while measuring every rank pair of every layer would take minutes.
 Pass ``interpolate=False`` to time every op exactly.
@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import copy
 import json
 import os
 import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +35,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .costs import LayerSpec
-from .passes.shapes import as_tuple
+from .analysis import Analysis, TraceConfig, analyse
+from .costs import CostModel, register_budget
+from .extras import require
+from .schemes import DENSE, LayerSpec, Op, get
 from .fileutil import atomic_path
+from .plan import RankPlan, get_plan
 from .sysinfo import cpu_name
+from .timing import OrtRunner, median_ms, ort_session
+from .torchutil import as_tuple
 
 __all__ = ["LatencyTarget", "Op", "chain_ops", "LatencyTable", "LatencyCost", "LatencyCheck", "measure_model",
            "validate", "predict", "TABLE_FORMAT"]
@@ -89,50 +94,8 @@ def _machine(target: LatencyTarget) -> str:
     return f"{cpu_name()} x{os.cpu_count()}"
 
 
-@dataclass(frozen=True)
-class Op:
-    """One primitive op to time: a 2-D conv or a linear layer, with its per-sample input geometry.
-
-    Example:
-        >>> Op("conv", 16, 32, (3, 3), hw=(8, 8)).key()
-        'conv 16->32 k3x3 s1x1 p0x0 d1x1 hw8x8 bias0'
-    """
-
-    kind: str
-    c_in: int
-    c_out: int
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] | str = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    hw: tuple[int, ...] = ()
-    bias: bool = False
-
-    def key(self) -> str:
-        """A stable text key for the cache."""
-        if self.kind == "linear":
-            return f"linear {self.c_in}->{self.c_out} rows{'x'.join(map(str, self.hw)) or 1} bias{int(self.bias)}"
-        pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
-        return (f"conv {self.c_in}->{self.c_out} k{self.kernel[0]}x{self.kernel[1]} s{self.stride[0]}x{self.stride[1]} "
-                f"p{pad} d{self.dilation[0]}x{self.dilation[1]} hw{self.hw[0]}x{self.hw[1]} bias{int(self.bias)}")
-
-    def with_channels(self, c_in: int, c_out: int) -> "Op":
-        """The same op with other channel counts."""
-        return Op(self.kind, c_in, c_out, self.kernel, self.stride, self.padding, self.dilation, self.hw, self.bias)
-
-    def module(self) -> nn.Module:
-        """A randomly initialised module that runs this op."""
-        if self.kind == "linear":
-            return nn.Linear(self.c_in, self.c_out, bias=self.bias)
-        return nn.Conv2d(self.c_in, self.c_out, self.kernel, self.stride, self.padding, self.dilation, bias=self.bias)
-
-    def input(self, batch: int) -> torch.Tensor:
-        """A random input of the op's shape at a batch size."""
-        return torch.randn(batch, self.c_in, *self.hw) if self.kind == "conv" else torch.randn(batch, *self.hw, self.c_in)
-
-
 def chain_ops(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> list[Op]:
-    """The ops a layer runs in a scheme (the same structure the rewrite pass builds).
+    """The ops a layer runs in a scheme (the same structure the rewrite pass builds; the scheme says which).
 
     Example:
         >>> spec = LayerSpec("c", "conv", (64, 32, 3, 3), True, (), in_shape=(1, 32, 8, 8), out_shape=(1, 64, 8, 8),
@@ -140,28 +103,7 @@ def chain_ops(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> list[Op]
         >>> [(o.c_in, o.c_out, o.kernel) for o in chain_ops(spec, "tucker2", (16, 8))]
         [(32, 8, (1, 1)), (8, 16, (3, 3)), (16, 64, (1, 1))]
     """
-    if layer.in_shape is None or layer.out_shape is None:
-        raise ValueError(f"layer {layer.name!r} has no shape information; pass example_inputs for a latency budget")
-    out, inp = layer.weight_shape[:2]
-    bias = layer.has_bias
-    if layer.kind == "linear":
-        rows = tuple(layer.in_shape[1:-1])
-        lin = Op("linear", inp, out, hw=rows, bias=bias)
-        if scheme == "dense":
-            return [lin]
-        (r,) = ranks
-        return [Op("linear", inp, r, hw=rows), Op("linear", r, out, hw=rows, bias=bias)]
-    kernel = (layer.weight_shape[2], layer.weight_shape[3])
-    hw_in, hw_out = tuple(layer.in_shape[-2:]), tuple(layer.out_shape[-2:])
-    conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-    if scheme == "dense":
-        return [Op("conv", inp, out, kernel, hw=hw_in, bias=bias, **conv)]
-    if scheme == "svd":
-        (r,) = ranks
-        return [Op("conv", inp, r, kernel, hw=hw_in, **conv), Op("conv", r, out, hw=hw_out, bias=bias)]
-    r_out, r_in = ranks
-    return [Op("conv", inp, r_in, hw=hw_in), Op("conv", r_in, r_out, kernel, hw=hw_in, **conv),
-            Op("conv", r_out, out, hw=hw_out, bias=bias)]
+    return get(scheme).latency_ops(layer, ranks)
 
 
 class LatencyTable:
@@ -202,30 +144,9 @@ class LatencyTable:
             tmp.write_text(text)
 
 
-def _median_ms(run: Any, target: LatencyTarget, sync: Any = None) -> float:
-    for _ in range(target.warmup):
-        run()
-    times = []
-    for _ in range(target.iters):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        run()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _ort_runner(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> Any:
-    """An onnxruntime session for ``module`` and a closure that runs it with input and output bound
-    once (IOBinding), so that timing sees the kernels, not per-call copies of the tensors."""
-    try:
-        import io
-
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ImportError('the onnxruntime latency backend needs onnxruntime: pip install "cstar-fx[onnx]"') from exc
+    """A runner of ``module`` in onnxruntime on the target, with input and output bound once (IOBinding)."""
+    (ort,) = require("onnxruntime", purpose="the onnxruntime latency backend")
     buf = io.BytesIO()
     module = module.eval()
     if target.dtype == "float16":
@@ -234,50 +155,28 @@ def _ort_runner(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> An
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # Spin-waiting intra-op threads of sessions not being timed steal cores from the one that is.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if target.threads is not None:
-        opts.intra_op_num_threads = target.threads
-    if "CUDA" in target.provider and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
-    providers = list(dict.fromkeys([target.provider, "CPUExecutionProvider"]))
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=providers)
+    sess = ort_session(ort, buf.getvalue(), target.provider, threads=target.threads)
     if sess.get_providers()[0] != target.provider:
         raise RuntimeError(f"{target.provider} is not usable here (session runs on {sess.get_providers()[0]}); "
                            f"measure on a machine with it or use provider='CPUExecutionProvider'")
-    device, sync = ("cuda", True) if "CUDA" in target.provider else ("cpu", False)
-    feed = x.numpy()
-    y = sess.run(None, {"x": feed})[0]
-    binding = sess.io_binding()
-    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(feed, device, 0))
-    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y, device, 0))
-
-    def run() -> None:
-        if sync:
-            binding.synchronize_inputs()
-        sess.run_with_iobinding(binding)
-        if sync:
-            binding.synchronize_outputs()
-
-    return run
+    return OrtRunner(ort, sess, {"x": x.numpy()}, x.shape[0], "cuda" if "CUDA" in target.provider else "cpu")
 
 
 def _time(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> float:
     if target.backend == "onnxruntime":
-        return _median_ms(_ort_runner(module, x, target), target)
+        return median_ms(_ort_runner(module, x, target), target.warmup, target.iters)
     dev = torch.device(target.device)
     dtype = torch.float16 if target.dtype == "float16" else torch.float32
     module = module.to(dev, dtype).eval()
     x = x.to(dev, dtype)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else None
     threads = torch.get_num_threads()
     if target.threads is not None:
         torch.set_num_threads(target.threads)
     try:
         with torch.no_grad():
-            return _median_ms(lambda: module(x), target, sync)
+            if dev.type == "cuda":
+                return median_ms(lambda: (module(x), torch.cuda.synchronize()), target.warmup, target.iters)
+            return median_ms(lambda: module(x), target.warmup, target.iters)
     finally:
         torch.set_num_threads(threads)
 
@@ -291,7 +190,7 @@ def _bracket(v: int) -> tuple[int, int]:
     return _LADDER[i - 1], _LADDER[i]
 
 
-class LatencyCost:
+class LatencyCost(CostModel):
     """Cost model: measured latency (ms) of a layer's dense or factorized form on a target.
 
     ``table`` (or ``path``) caches measurements across runs. The per-call overhead of the runtime
@@ -361,6 +260,20 @@ class LatencyCost:
             self.measured += 1
         return hit
 
+    def total(self, analysis: Analysis) -> float:
+        """The dense model's end-to-end latency (ms), at least the sum of its eligible layers' latencies."""
+        analysis.require_shapes(f"budget={self.name!r}")
+        layers = sum(self(spec, DENSE, ()) for spec in analysis.eligible)
+        # The cost outside the layers (total - layers) must not be negative: a whole run can fuse ops timed one by one.
+        return max(self.model_cost(analysis.gm, analysis.example_inputs), layers)
+
+    def flush(self) -> None:
+        """Save the table (if it has a path), so that the next plan on this target measures nothing."""
+        self.table.save()
+
+
+register_budget("latency", LatencyCost)
+
 
 def measure_model(model: nn.Module, example_inputs: Any, target: LatencyTarget) -> float:
     """Median end-to-end latency (ms) of ``model`` on ``target``; the example's batch is resized.
@@ -418,8 +331,6 @@ def validate(model: nn.Module, gm: nn.Module, example_inputs: Any, target: Laten
     Example:
         >>> # gm = cstar_fx.transform(model, plan=latency_plan); validate(model, gm, x, target).error
     """
-    from .api import get_plan
-
     plan = get_plan(gm)
     if plan.budget != "latency" or plan.cost is None or plan.dense_cost is None:
         raise ValueError("the model was not planned with budget='latency'; nothing to validate")
@@ -430,22 +341,18 @@ def validate(model: nn.Module, gm: nn.Module, example_inputs: Any, target: Laten
     return LatencyCheck(plan.dense_cost, plan.cost, statistics.median(dense), statistics.median(compressed))
 
 
-def predict(plan: Any, model: nn.Module, example_inputs: Any, cost: LatencyCost) -> tuple[float, float]:
+def predict(plan: RankPlan, model: nn.Module, example_inputs: Any, cost: LatencyCost) -> tuple[float, float]:
     """``(dense, compressed)`` latency (ms) that ``cost`` predicts for any plan of ``model`` — e.g. to
     compare a parameter-budget plan with a latency-budget one on the same table.
 
     Example:
         >>> # dense_ms, plan_ms = predict(cstar_fx.plan_ranks(model, 8), model, x, LatencyCost(target))
     """
-    from .api import _analyse
-    from .config import CstarConfig
-
-    a = _analyse(model, CstarConfig(), example_inputs, need_spectra=False)
-    layer_dense = sum(cost(a.specs[s.name], "dense", ()) for s in a.sites)
-    total = max(cost.model_cost(a.gm, example_inputs), layer_dense)
+    a = analyse(model, TraceConfig(), example_inputs, need_spectra=False)
+    total = cost.total(a)
     compressed = total
     for name, lp in plan.factorized.items():
         spec = a.specs[name]
-        compressed += cost(spec, lp.scheme, lp.ranks) - cost(spec, "dense", ())
-    cost.table.save()
+        compressed += cost(spec, lp.scheme, lp.ranks) - cost(spec, DENSE, ())
+    cost.flush()
     return total, compressed

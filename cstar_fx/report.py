@@ -12,7 +12,7 @@ from .passes.discover import LayerSite
 from .passes.factorize import dense_weight, factors_path
 from .plan import RankPlan, Ratios
 
-__all__ = ["TransformReport", "build_report"]
+__all__ = ["TransformReport", "build_report", "get_report"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,18 @@ def build_report(gm: fx.GraphModule, sites: list[LayerSite], plan: RankPlan, *, 
         approx = dense_weight(gm.get_submodule(factors_path(site)))
         errors[site.name] = relative_error(approx, site.weight.detach())
     return TransformReport(dense_params, params, dense_flops, flops, factorized, errors, dense, dict(plan.unsupported))
+
+
+def get_report(gm: fx.GraphModule) -> TransformReport:
+    """The transform report (achieved ratios, factorized and dense layers with reasons).
+
+    Example:
+        >>> import cstar_fx, torch.nn as nn
+        >>> gm = cstar_fx.transform(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), ratio=2)
+        >>> get_report(gm).ratio_params >= 2
+        True
+    """
+    try:
+        return gm.meta["cstar_report"]
+    except (AttributeError, KeyError):
+        raise ValueError("this module was not produced by cstar_fx.transform (no report attached)") from None

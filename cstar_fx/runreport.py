@@ -6,9 +6,13 @@ The results schema (``format: cstar-fx/run/1``)::
      "dense": {"params": int, "flops": float|null, "clean": float, "pgd": float|null, "autoattack": float|null},
      "runs": [{"method": "cstar"|"decompose"|"prune", "ratio": float, "params": int, "ratio_params": float,
                "ratio_flops": float|null, "clean": float, "pgd": float|null, "autoattack": float|null,
-               "sanity_ok": bool|null, "plan": str|null, "onnx": str|null, "ranks": {layer: [dense, kept]}}],
+               "sanity_ok": bool|null, "plan": str|null, "onnx": str|null, "ranks": {layer: [dense, kept]},
+               "round_to": int (pruning only), "int8": {...} (with --int8)}],
      "bench": [{"model": str, "provider": str, "batch": int, "median_ms": float, "speedup": float|null}],
      "timings": {stage: seconds}}
+
+``"int8"`` (dense and each run, with ``--int8``): ``{"onnx", "agreement", "max_abs", "clean", "pgd", "noise", "n",
+"size_ratio", "pgd_label"}``, the int8 file evaluated through onnxruntime (see :class:`cstar_fx.pipeline.Int8Result`).
 
 Example:
     >>> validate_results({"format": RESULTS_FORMAT, "config": {}, "dense": {"params": 1, "clean": 0.9},
@@ -21,9 +25,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .extras import require
+
 __all__ = ["RESULTS_FORMAT", "validate_results", "write_report", "plot_all"]
 
 RESULTS_FORMAT = "cstar-fx/run/1"
+_PLOTS = "the run report's plots"
 _RUN_KEYS = {"method": str, "ratio": (int, float), "params": int, "ratio_params": (int, float), "clean": (int, float)}
 
 
@@ -92,6 +99,13 @@ def write_report(results: dict[str, Any], run_dir: Path, plots: list[Path]) -> P
         lines.append(f"| {r['method']} | {r['ratio']:g}x | {r['params']:,} | {_ratio(r['ratio_params'])} | "
                      f"{_ratio(r.get('ratio_flops'))} | {_pct(r['clean'])} | {_pct(r.get('pgd'))} | "
                      f"{_pct(r.get('autoattack'))} | {sanity} |")
+    quantized = [("dense", d.get("int8"))] + [(f"{r['method']} {r['ratio']:g}x", r.get("int8")) for r in results["runs"]]
+    if any(q for _, q in quantized):
+        lines += ["", "## int8 (onnxruntime static QDQ, per-channel weights)", "",
+                  "| model | clean % | PGD % (transferred from float) | noise % | same class as float | size ratio |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} int8 | {_pct(q['clean'])} | {_pct(q.get('pgd'))} | {_pct(q.get('noise'))} | "
+                  f"{_pct(q['agreement'])}% of {q['n']} | {_ratio(q['size_ratio'])} |" for name, q in quantized if q]
     if results["bench"]:
         lines += ["", "## Latency (onnxruntime)", "", "| model | provider | batch | median ms | speedup |",
                   "|---|---|---|---|---|"]
@@ -121,10 +135,9 @@ def plot_all(results: dict[str, Any], out_dir: Path) -> list[Path]:
         >>> [p.name for p in plot_all(res, Path(tempfile.mkdtemp()))]
         ['latency_vs_batch.png']
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    (matplotlib,) = require("matplotlib", purpose=_PLOTS)
+    matplotlib.use("Agg")  # before pyplot is imported: no display needed
+    (plt,) = require("matplotlib.pyplot", purpose=_PLOTS)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -178,7 +191,7 @@ def plot_all(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    (plt,) = require("matplotlib.pyplot", purpose=_PLOTS)
 
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -27,7 +27,7 @@ from .onnx import (
     to_onnx,
     verify_onnx,
 )
-from .quantize import Int8Export, OnnxEvaluation, evaluate_onnx, pgd_examples, quantize_int8
+from .quantize import Int8AgreementError, Int8Export, OnnxEvaluation, evaluate_onnx, pgd_examples, quantize_int8
 
 __all__ = [
     "to_onnx",
@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_onnx",
     "pgd_examples",
     "Int8Export",
+    "Int8AgreementError",
     "OnnxEvaluation",
     "BenchResult",
     "BenchRow",

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch.nn as nn
 
 from cstar_fx.sysinfo import cpu_name
+from cstar_fx.timing import NP_TYPES, OrtRunner, ort_session, time_interleaved
 
 from .onnx import require, to_onnx
 
@@ -36,8 +36,6 @@ __all__ = ["benchmark", "BenchResult", "BenchRow", "CUDA", "CPU"]
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-_GPU_PROVIDERS = (CUDA, "TensorrtExecutionProvider")
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 @dataclass(frozen=True)
@@ -194,7 +192,7 @@ def _feeds(session: Any, batch: int, input_shapes: Mapping[str, Sequence[int]] |
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in session.get_inputs():
-        if inp.type not in _NP_TYPES:
+        if inp.type not in NP_TYPES:
             raise ValueError(f"model {name!r}: input {inp.name!r} has type {inp.type}; benchmark feeds random "
                              f"floats only")
         dims = list(inp.shape)
@@ -208,114 +206,8 @@ def _feeds(session: Any, batch: int, input_shapes: Mapping[str, Sequence[int]] |
         if dims and isinstance(dims[0], int) and dims[0] != batch:
             raise ValueError(f"model {name!r} has a fixed batch size {dims[0]}; export it with dynamic_batch=True "
                              f"or ask for batch_sizes=({dims[0]},)")
-        feeds[inp.name] = rng.random([batch, *rest], dtype=np.float32).astype(_NP_TYPES[inp.type])
+        feeds[inp.name] = rng.random([batch, *rest], dtype=np.float32).astype(NP_TYPES[inp.type])
     return feeds
-
-
-def _output_shapes(session: Any, batch: int) -> list[tuple[int, ...]] | None:
-    """Output shapes from the graph's metadata, the batch symbol resolved; ``None`` if any dim is unknown."""
-    batch_syms = {i.shape[0] for i in session.get_inputs() if i.shape and not isinstance(i.shape[0], int)}
-    shapes = []
-    for out in session.get_outputs():
-        dims = []
-        for k, d in enumerate(out.shape):
-            if isinstance(d, int):
-                dims.append(d)
-            elif k == 0 and d in batch_syms:
-                dims.append(batch)
-            else:
-                return None
-        shapes.append(tuple(dims))
-    return shapes
-
-
-class _Runner:
-    """One session with its inputs in place; ``__call__`` runs one inference and waits for it.
-
-    With ``device`` ("cuda", or "cpu" to exercise the same path without a GPU) inputs and outputs are
-    bound once on that device (IOBinding), at fixed addresses as CUDA graphs require.
-    """
-
-    def __init__(self, ort: Any, session: Any, feeds: dict[str, np.ndarray], batch: int, device: str | None,
-                 cuda_graph: bool) -> None:
-        self.session = session
-        self.out_names = [o.name for o in session.get_outputs()]
-        self.feeds = feeds
-        self.binding = None
-        if device is None:
-            return
-        binding = session.io_binding()
-        # Keep the OrtValues referenced: the binding holds raw device pointers.
-        self.device_inputs = {n: ort.OrtValue.ortvalue_from_numpy(a, device, 0) for n, a in feeds.items()}
-        for n, v in self.device_inputs.items():
-            binding.bind_ortvalue_input(n, v)
-        shapes = _output_shapes(session, batch)
-        if shapes is None and cuda_graph:
-            raise RuntimeError("CUDA graphs need outputs of known shape; export with dynamic_batch=True "
-                               "and no other symbolic output dims")
-        self.device_outputs = {}
-        for out, shape in zip(session.get_outputs(), shapes or [None] * len(self.out_names)):
-            if shape is None:
-                binding.bind_output(out.name, device, 0)
-            else:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), _NP_TYPES.get(out.type, np.float32),
-                                                                  device, 0)
-                self.device_outputs[out.name] = value
-                binding.bind_ortvalue_output(out.name, value)
-        self.binding = binding
-
-    def __call__(self) -> None:
-        if self.binding is None:
-            self.session.run(self.out_names, self.feeds)
-        else:
-            self.session.run_with_iobinding(self.binding)
-            self.binding.synchronize_outputs()
-
-    def outputs(self) -> list[np.ndarray]:
-        """The latest outputs, copied to the host (for checks, not timed)."""
-        if self.binding is None:
-            return self.session.run(self.out_names, self.feeds)
-        return self.binding.copy_outputs_to_cpu()
-
-
-def _session(ort: Any, path: Path, provider: str, cuda_graph: bool, threads: int | None,
-             spinning: bool = False) -> Any:
-    options = ort.SessionOptions()
-    # Idle sessions' spinning pool threads would steal cores from the session being timed.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    provider_options: dict[str, str] = {}
-    if provider == CUDA:
-        provider_options["device_id"] = "0"
-        if cuda_graph:
-            provider_options["enable_cuda_graph"] = "1"
-    return ort.InferenceSession(str(path), options, providers=[(provider, provider_options)])
-
-
-def _measure(runners: dict[str, _Runner], warmup: int, iters: int, bar: Any) -> dict[str, list[float]]:
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-        bar.update(warmup)
-    rounds = max(1, min(5, iters // 5))
-    per_round = [iters // rounds + (1 if k < iters % rounds else 0) for k in range(rounds)]
-    names = list(runners)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for k, n_iter in enumerate(per_round):
-        shift = k % len(names)
-        for name in names[shift:] + names[:shift]:  # rotate so no model always runs first
-            run, out = runners[name], times[name]
-            for _ in range(n_iter):
-                t0 = time.perf_counter()
-                run()
-                out.append((time.perf_counter() - t0) * 1e3)
-            bar.update(n_iter)
-    return times
 
 
 def _meta(ort: Any, warmup: int, iters: int, threads: int | None, paths: dict[str, Path]) -> dict[str, Any]:
@@ -391,17 +283,12 @@ def _run_variant(ort: Any, result: BenchResult, paths: dict[str, Path], provider
     if provider not in available:
         return (f"{provider} is not in onnxruntime.get_available_providers() {available}; install the onnxruntime "
                 f"build for it (onnxruntime-gpu for CUDA)")
-    if provider in _GPU_PROVIDERS and hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()  # finds pip-installed CUDA/cuDNN libraries before the session needs them
-        except Exception:  # a failed preload shows up below as a fallback session, with a clearer message
-            pass
     device = "cuda" if provider == CUDA else None
     for batch in batch_sizes:
-        runners: dict[str, _Runner] = {}
+        runners: dict[str, OrtRunner] = {}
         for name, path in paths.items():
             try:
-                session = _session(ort, path, provider, graph, threads, spinning)
+                session = ort_session(ort, path, provider, cuda_graph=graph, threads=threads, spinning=spinning)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
                 return f"creating a {provider} session for {name!r} failed: {exc}".replace("\n", " ")[:500]
             ran_on = session.get_providers()[0]
@@ -410,12 +297,12 @@ def _run_variant(ort: Any, result: BenchResult, paths: dict[str, Path], provider
                         f"e.g. CUDA/cuDNN, could not load, or there is no device); its numbers would be {ran_on} "
                         f"numbers, so none are reported under {provider}")
             try:
-                runners[name] = _Runner(ort, session, _feeds(session, batch, input_shapes, seed, name), batch,
+                runners[name] = OrtRunner(ort, session, _feeds(session, batch, input_shapes, seed, name), batch,
                                         device, graph)
             except RuntimeError as exc:
                 return f"{name!r} at batch {batch}: {exc}"
         try:
-            times = _measure(runners, max(warmup, 2 if graph else 0), iters, bar)
+            times = time_interleaved(runners, max(warmup, 2 if graph else 0), iters, bar.update)
         except Exception as exc:  # e.g. CUDA graph capture refused: a node was placed on the CPU
             how = " with CUDA graphs" if graph else ""
             return f"running on {provider}{how} failed at batch {batch}: {exc}".replace("\n", " ")[:500]

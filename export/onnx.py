@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 import re
@@ -32,7 +31,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cstar_fx.passes.shapes import ExampleInputError, as_tuple, eval_mode
+from cstar_fx.errors import CstarError
+from cstar_fx.extras import require
+from cstar_fx.passes.shapes import ExampleInputError
+from cstar_fx.torchutil import as_tuple, eval_mode
 
 __all__ = [
     "to_onnx",
@@ -47,7 +49,6 @@ __all__ = [
     "require",
 ]
 
-INSTALL_HINT = 'pip install "cstar-fx[onnx]"'
 DTYPES = ("float32", "float16")
 #: (atol, rtol) per dtype: the check passes when max |ort - torch| <= atol + rtol * max |torch|.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}
@@ -55,7 +56,7 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {"float32": (1e-4, 1e-4), "
 _EXTERNAL_DATA_BYTES = 1 << 30
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(CstarError, RuntimeError):
     """Both torch.onnx exporters failed; ``op`` names the operator that could not be exported (if known).
 
     Example:
@@ -68,7 +69,7 @@ class OnnxExportError(RuntimeError):
         self.op = op
 
 
-class OnnxMismatchError(AssertionError):
+class OnnxMismatchError(CstarError, AssertionError):
     """onnxruntime disagrees with PyTorch beyond the tolerance; ``verification`` holds the numbers.
 
     Example:
@@ -145,24 +146,6 @@ class OnnxExport:
         return d
 
 
-def require(*names: str) -> tuple[ModuleType, ...]:
-    """Import optional dependencies, or raise ``ImportError`` naming the extra to install.
-
-    Example:
-        >>> (np_mod,) = require("numpy")
-        >>> np_mod.__name__
-        'numpy'
-    """
-    modules = []
-    for name in names:
-        try:
-            modules.append(importlib.import_module(name))
-        except ImportError as exc:
-            raise ImportError(f"cstar_fx.export needs the package {name!r}, which is not installed; "
-                              f"install the ONNX extra: {INSTALL_HINT}") from exc
-    return tuple(modules)
-
-
 def _check_args(model: Any, dtype: str, opset: int | None, atol: float | None, rtol: float | None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a GraphModule from cstar_fx.transform is one), "
@@ -224,7 +207,14 @@ def _failing_op(*errors: BaseException | None) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def error_summary(exc: BaseException) -> str:
+    """One line (at most 300 characters) saying what an exporter or onnxruntime error was: its type and the first
+    line of its summary (torch.onnx's reports run to pages).
+
+    Example:
+        >>> error_summary(RuntimeError("no ONNX function\\nlong trace ..."))
+        'RuntimeError: no ONNX function'
+    """
     text = str(exc).strip()
     summary = text.split("## Exception summary", 1)[-1].strip() if "## Exception summary" in text else text
     return f"{type(exc).__name__}: {summary.splitlines()[0] if summary else ''}"[:300]
@@ -363,7 +353,7 @@ def verify_onnx(path: str | Path, model: nn.Module, example_inputs: Any, *, dtyp
                 got = session.run(None, feeds)
             except Exception as exc:  # onnxruntime's own error types; the file is unusable at this batch size
                 raise OnnxExportError(
-                    f"onnxruntime cannot run {path.name} at batch size {size}: {_first_line(exc)}. If the model "
+                    f"onnxruntime cannot run {path.name} at batch size {size}: {error_summary(exc)}. If the model "
                     f"fixes its batch size, export with dynamic_batch=False.") from exc
             if len(got) != len(ref):
                 raise ValueError(f"{path.name} has {len(got)} output(s); the model returns {len(ref)}")
@@ -435,7 +425,7 @@ def _export_checked(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path
             _export_dynamo(model, args, path, opset=opset, dynamic_batch=dynamic_batch, external=external,
                            in_names=in_names, out_names=out_names)
         except Exception as dynamo_exc:  # the exporter raises many types; all mean "try the other path"
-            fallback_reason = _first_line(dynamo_exc)
+            fallback_reason = error_summary(dynamo_exc)
             warnings.warn(f"torch.onnx dynamo exporter failed ({fallback_reason}); falling back to the "
                           f"TorchScript exporter (dynamo=False)", RuntimeWarning, stacklevel=2)
             exporter = "torchscript"
@@ -447,7 +437,7 @@ def _export_checked(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path
                 where = f"operator {op!r}" if op else "an operator neither exporter could name"
                 raise OnnxExportError(
                     f"ONNX export failed on {where}. dynamo exporter: {fallback_reason}; TorchScript exporter: "
-                    f"{_first_line(ts_exc)}. Replace the operator with supported torch ops, or register an ONNX "
+                    f"{error_summary(ts_exc)}. Replace the operator with supported torch ops, or register an ONNX "
                     f"translation (torch.onnx.export(..., custom_translation_table=...)).", op=op) from ts_exc
     if dtype == "float16":
         _to_float16(path, external)

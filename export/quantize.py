@@ -33,13 +33,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cstar_fx.errors import CstarError
+from cstar_fx.extras import require
 from cstar_fx.fileutil import atomic_path
 
-from .onnx import OnnxExportError, _first_line, require, to_onnx
+from .onnx import OnnxExportError, error_summary, to_onnx
 
-__all__ = ["quantize_int8", "evaluate_onnx", "pgd_examples", "Int8Export", "OnnxEvaluation", "calibration_array"]
-
-_QUANT_HINT = 'pip install "cstar-fx[onnx]" (onnxruntime ships onnxruntime.quantization)'
+__all__ = ["quantize_int8", "evaluate_onnx", "pgd_examples", "Int8Export", "OnnxEvaluation", "calibration_array",
+           "Int8AgreementError"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,22 @@ class Int8Export:
         return (f"int8 (QDQ, per-channel, {self.n_calibration} calibration images) vs float: same class on "
                 f"{self.agreement:.1%} of {self.n_checked} images, max logit difference {self.max_abs:.3g}; "
                 f"{self.float_bytes / 2**20:.2f} MiB -> {self.int8_bytes / 2**20:.2f} MiB ({self.size_ratio:.2f}x)")
+
+
+class Int8AgreementError(CstarError, AssertionError):
+    """The int8 model predicts the float model's class on fewer check images than ``min_agreement`` asks.
+
+    ``result`` is the :class:`Int8Export` (the int8 file is written, for inspection). An ``AssertionError``
+    too, as this check raised before it had a class of its own.
+
+    Example:
+        >>> issubclass(Int8AgreementError, AssertionError) and issubclass(Int8AgreementError, CstarError)
+        True
+    """
+
+    def __init__(self, message: str, result: Int8Export) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -215,8 +232,8 @@ def quantize_int8(model: str | Path | nn.Module, calibration: Any, path: str | P
     ``reduce_range`` uses 7-bit weights, for x86 CPUs without VNNI where uint8 x int8 products can
     saturate. The int8 file is then compared with the float one on ``check_images`` (default: the
     calibration images): the agreement of predicted classes and the largest logit difference;
-    below ``min_agreement`` an ``AssertionError`` is raised (the int8 file is already written, for
-    inspection). The float file is not changed.
+    below ``min_agreement`` an :class:`Int8AgreementError` is raised (the int8 file is already written,
+    for inspection). The float file is not changed.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -233,11 +250,8 @@ def quantize_int8(model: str | Path | nn.Module, calibration: Any, path: str | P
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path must end in .onnx, got {str(path)!r}")
-    require("onnx", "onnxruntime")
-    try:
-        (quantization,) = require("onnxruntime.quantization")
-    except ImportError as exc:
-        raise ImportError(f"quantize_int8 needs onnxruntime.quantization; {_QUANT_HINT}") from exc
+    # onnxruntime ships onnxruntime.quantization, so the onnx extra brings it
+    _, _, quantization = require("onnx", "onnxruntime", "onnxruntime.quantization", purpose="quantize_int8")
     images = calibration_array(calibration, num_calibration)
     check = images if check_images is None else calibration_array(check_images)
     with tempfile.TemporaryDirectory(prefix="cstar_int8_") as tmp:
@@ -260,7 +274,7 @@ def quantize_int8(model: str | Path | nn.Module, calibration: Any, path: str | P
                 quantization.quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=False)
                 source = pre
             except Exception as exc:  # the pre-processing is an optimisation; quantization works without it
-                warnings.warn(f"onnxruntime quant_pre_process failed ({_first_line(exc)}); quantizing the "
+                warnings.warn(f"onnxruntime quant_pre_process failed ({error_summary(exc)}); quantizing the "
                               f"model as exported", RuntimeWarning, stacklevel=2)
         out = tmpdir / "int8.onnx"
         float_bytes = _file_bytes(float_path)
@@ -275,7 +289,7 @@ def quantize_int8(model: str | Path | nn.Module, calibration: Any, path: str | P
                 calibrate_method=quantization.CalibrationMethod.MinMax)
         except Exception as exc:  # onnxruntime raises plain Exceptions; say which step failed
             raise OnnxExportError(f"onnxruntime static quantization of {float_path.name} failed: "
-                                  f"{_first_line(exc)}") from exc
+                                  f"{error_summary(exc)}") from exc
         ref = _run(_session(float_path), name, check, batch_size)
         got = _run(_session(out), name, check, batch_size)
         with atomic_path(path) as target:
@@ -287,8 +301,9 @@ def quantize_int8(model: str | Path | nn.Module, calibration: Any, path: str | P
     result = Int8Export(path, None if isinstance(model, nn.Module) else float_path, len(images), len(check),
                         agreement, max_abs, float_bytes, int8_bytes)
     if min_agreement is not None and agreement < min_agreement:
-        raise AssertionError(f"{path.name}: {result}; below min_agreement={min_agreement:g}. Calibrate on more "
-                             f"(and more typical) images, or keep sensitive layers in float.")
+        raise Int8AgreementError(f"{path.name}: {result}; below min_agreement={min_agreement:g}. Calibrate on "
+                                 f"more (and more typical) images (num_calibration=), or keep sensitive layers "
+                                 f"in float.", result)
     return result
 
 

@@ -1,6 +1,6 @@
 """Graph passes over torch.fx GraphModules: tracing, layer discovery, shapes, the factorization rewrite,
-Torch-Pruning interop, and :class:`CstarPass` / :class:`PrunePass` for ``torch.fx`` PassManager pipelines.
-Installed as ``cstar_fx.passes``.
+Torch-Pruning interop. Installed as ``cstar_fx.passes``; the PassManager objects built on them are
+:class:`cstar_fx.CstarPass` / :class:`cstar_fx.PrunePass`.
 
 Example:
     >>> from cstar_fx.passes import trace, find_layers
@@ -15,13 +15,5 @@ from .shapes import record_shapes
 from .trace import TraceError, register_leaf, trace
 
 __all__ = ["trace", "register_leaf", "TraceError", "find_layers", "LayerSite", "factorize", "build_factors",
-           "dense_weight", "record_shapes", "CstarPass", "PrunePass", "PassCheckError"]
+           "dense_weight", "record_shapes"]
 
-
-def __getattr__(name: str) -> object:
-    # The pass objects build on cstar_fx.api, which imports this package: load them on first use.
-    if name in ("CstarPass", "PrunePass", "PassCheckError"):
-        from . import pass_objects
-
-        return getattr(pass_objects, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

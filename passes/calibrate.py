@@ -26,8 +26,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..errors import CstarError
+from ..torchutil import eval_mode
 from .discover import LayerSite
-from .shapes import eval_mode
 
 __all__ = ["input_moments", "CalibrationError"]
 
@@ -36,7 +37,7 @@ __all__ = ["input_moments", "CalibrationError"]
 _MAX_POSITIONS = 32768
 
 
-class CalibrationError(ValueError):
+class CalibrationError(CstarError, ValueError):
     """Calibration data that cannot drive the model (wrong type, shape, or no batch at all).
 
     Example:

@@ -37,47 +37,41 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..allocate import UnreachableBudgetError
-from ..api import PlanMismatchError, _positions, count_flops, get_plan
-from ..config import _check_ratio
+from ..analysis import count_flops, positions
+from ..config import check_ratio
 from ..costs import FlopCost, LayerSpec, ParamCost
-from ..plan import LayerPlan, RankPlan
+from ..errors import PlanMismatchError
+from ..extras import require
+from ..plan import LayerPlan, RankPlan, get_plan
+from ..schemes import DENSE, Factors, get
+from ..torchutil import as_tuple, eval_mode
 from .discover import find_layers
-from .shapes import as_tuple, eval_mode, record_shapes
+from .shapes import record_shapes
 
 __all__ = ["IMPORTANCES", "protected_layers", "output_layers", "derive_plan", "prune_to_ratio", "prune_to_ratio_finer"]
 
 IMPORTANCES = ("l2", "l1", "fpgm", "lamp", "bn", "random")
 """Importance names accepted by :func:`prune_to_ratio` (Torch-Pruning estimators)."""
 
-_INSTALL = 'pip install "cstar-fx[pruning]"'
-_FACTOR_CHILDREN = (("reduce", "expand"), ("reduce", "core", "expand"))
-
-
 def _tp() -> Any:
-    try:
-        import torch_pruning
-    except ImportError as exc:
-        raise ImportError(f"Torch-Pruning is needed for cstar_fx.passes.prune; install it with {_INSTALL}") from exc
+    (torch_pruning,) = require("torch_pruning", purpose="cstar_fx.passes.prune (Torch-Pruning)")
     return torch_pruning
 
 
-def _container_path(lp: LayerPlan) -> str:
-    # A functional layer is named after its weight (name == param); its factors live at "<weight>_factors".
-    return f"{lp.param}_factors" if lp.name == lp.param else lp.name
-
-
-def _containers(gm: nn.Module, plan: RankPlan) -> dict[str, nn.Sequential]:
-    found: dict[str, nn.Sequential] = {}
+def _containers(gm: nn.Module, plan: RankPlan) -> dict[str, Factors]:
+    found: dict[str, Factors] = {}
     problems = []
     for name, lp in plan.factorized.items():
-        path = _container_path(lp)
+        path = lp.factor_path
         try:
             seq = gm.get_submodule(path)
         except AttributeError:
             problems.append(f"layer {name!r}: no factor container at {path!r}")
             continue
-        if not isinstance(seq, nn.Sequential) or tuple(seq._modules) not in _FACTOR_CHILDREN:
-            problems.append(f"layer {name!r}: {path!r} is a {type(seq).__name__}, not a reduce/[core/]expand chain")
+        if not isinstance(seq, Factors) or seq.scheme != lp.scheme:
+            problems.append(f"layer {name!r}: {path!r} is a {type(seq).__name__}"
+                            f"{f' of scheme {seq.scheme!r}' if isinstance(seq, Factors) else ''}, not the "
+                            f"{lp.scheme} factor chain the plan says")
             continue
         found[name] = seq
     if problems:
@@ -87,7 +81,8 @@ def _containers(gm: nn.Module, plan: RankPlan) -> dict[str, nn.Sequential]:
 
 
 def protected_layers(gm: fx.GraphModule, plan: RankPlan | None = None) -> list[nn.Module]:
-    """The factor layers whose output channels are ranks: ``reduce`` (and ``core`` for Tucker-2).
+    """The factor layers whose output channels are ranks: every factor but the last, ``expand`` (``reduce``, and
+    ``core`` for Tucker-2).
 
     Pass them as Torch-Pruning's ``ignored_layers`` to keep every rank exactly as planned. The
     ``expand`` factors are left out on purpose: their outputs are the network's own channels, coupled to
@@ -101,7 +96,7 @@ def protected_layers(gm: fx.GraphModule, plan: RankPlan | None = None) -> list[n
         ['Linear', 'Linear']
     """
     plan = get_plan(gm) if plan is None else plan
-    return [child for seq in _containers(gm, plan).values() for key, child in seq.named_children() if key != "expand"]
+    return [child for seq in _containers(gm, plan).values() for child in list(seq)[:-1]]
 
 
 def _root_types() -> tuple[type, ...]:
@@ -157,17 +152,18 @@ def output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
         return _output_layers(_build_graph(model, example_inputs))
 
 
-def _layer_nodes(gm: fx.GraphModule, plan: RankPlan) -> dict[str, tuple[list[fx.Node], list[fx.Node]]]:
-    """Per layer, the graph nodes that read its input and those that write its output (several when
-    the layer is shared)."""
+def _layer_nodes(gm: fx.GraphModule, plan: RankPlan, containers: dict[str, Factors]
+                 ) -> dict[str, tuple[list[fx.Node], list[fx.Node]]]:
+    """Per layer, the graph nodes that read its input (its first factor) and those that write its output
+    (its last factor); several when the layer is shared."""
     calls = [n for n in gm.graph.nodes if n.op == "call_module"]
     sites = {s.name: s for s in find_layers(gm)[0]}
     found = {}
     for name, lp in plan.layers.items():
         if lp.factorized:
-            path = _container_path(lp)
-            found[name] = ([n for n in calls if n.target == f"{path}.reduce"],
-                           [n for n in calls if n.target == f"{path}.expand"])
+            children = list(containers[name]._modules)
+            found[name] = ([n for n in calls if n.target == f"{lp.factor_path}.{children[0]}"],
+                           [n for n in calls if n.target == f"{lp.factor_path}.{children[-1]}"])
         elif name in sites:
             found[name] = (sites[name].nodes, sites[name].nodes)
         else:
@@ -176,22 +172,12 @@ def _layer_nodes(gm: fx.GraphModule, plan: RankPlan) -> dict[str, tuple[list[fx.
 
 
 def _dense_layer(gm: fx.GraphModule, lp: LayerPlan) -> tuple[tuple[int, ...], bool]:
-    if lp.name == lp.param:  # functional form: the weight is a parameter read by F.conv2d / F.linear
+    if lp.form == "function":  # the weight is a parameter read by F.conv2d / F.linear
         weight = gm.get_parameter(lp.param)
         # the plan counted weight and bias together; a bias is whatever exceeds the weight
         return tuple(weight.shape), lp.dense_params > math.prod(lp.weight_shape)
     mod = gm.get_submodule(lp.name)
     return tuple(mod.weight.shape), mod.bias is not None
-
-
-def _factored_layer(lp: LayerPlan, seq: nn.Sequential) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
-    reduce, expand = seq.reduce.weight, seq.expand.weight
-    shape = (expand.shape[0], reduce.shape[1], *lp.weight_shape[2:])
-    if "core" in seq._modules:
-        ranks = (seq.core.weight.shape[0], seq.core.weight.shape[1])
-    else:
-        ranks = (reduce.shape[0],)
-    return shape, tuple(int(r) for r in ranks), seq.expand.bias is not None
 
 
 def derive_plan(gm: fx.GraphModule, original_plan: RankPlan | None = None, *,
@@ -219,22 +205,23 @@ def derive_plan(gm: fx.GraphModule, original_plan: RankPlan | None = None, *,
     containers = _containers(gm, plan)
     shapes = {}
     if example_inputs is not None:
-        wanted = _layer_nodes(gm, plan)
+        wanted = _layer_nodes(gm, plan, containers)
         shapes = record_shapes(gm, example_inputs, {n for ins, outs in wanted.values() for n in (*ins, *outs)})
     params, flops = ParamCost(), FlopCost()
     layers: dict[str, LayerPlan] = {}
     any_changed = False
     for name, lp in plan.layers.items():
         if lp.factorized:
-            shape, ranks, has_bias = _factored_layer(lp, containers[name])
+            shape, ranks, has_bias = get(lp.scheme).read_back(containers[name], lp.weight_shape[2:])
         else:
             (shape, has_bias), ranks = _dense_layer(gm, lp), ()
-        p_in = p_out = None
+        p_in = p_out = in_shape = out_shape = None
         if shapes:
             ins, outs = wanted[name]
-            p_in = sum(_positions(shapes[n][0], lp.kind) for n in ins)
-            p_out = sum(_positions(shapes[n][1], lp.kind) for n in outs)
-        spec = LayerSpec(name, lp.kind, shape, has_bias, (), p_in, p_out)
+            p_in = sum(positions(shapes[n][0], lp.kind) for n in ins)
+            p_out = sum(positions(shapes[n][1], lp.kind) for n in outs)
+            in_shape, out_shape = shapes[ins[0]][0], shapes[outs[0]][1]
+        spec = LayerSpec(name, lp.kind, shape, has_bias, (), p_in, p_out, in_shape, out_shape)
         changed = shape != lp.weight_shape or ranks != lp.ranks
         reason = lp.reason
         if changed:
@@ -245,8 +232,8 @@ def derive_plan(gm: fx.GraphModule, original_plan: RankPlan | None = None, *,
             reason = f"{reason}; {note}" if reason else note
         new = dataclasses.replace(
             lp, weight_shape=shape, ranks=ranks, reason=reason,
-            dense_params=int(params(spec, "dense", ())), params=int(params(spec, lp.scheme, ranks)),
-            dense_flops=flops(spec, "dense", ()) if shapes else None,
+            dense_params=int(params(spec, DENSE, ())), params=int(params(spec, lp.scheme, ranks)),
+            dense_flops=flops(spec, DENSE, ()) if shapes else None,
             flops=flops(spec, lp.scheme, ranks) if shapes else None)
         layers[name] = dataclasses.replace(new, **_budget_costs(plan.budget, lp, new, changed))
         any_changed |= changed
@@ -364,8 +351,8 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
     Channels are ranked globally by a Torch-Pruning importance (``"l2"``: group L2 magnitude,
     normalised per group) over every dependency group of Torch-Pruning's ``DependencyGraph``; a
     bisection over the global threshold finds the pruning whose cost (``budget="params"``: all
-    parameters; ``"flops"``: :func:`cstar_fx.count_flops` on ``example_inputs``) is closest to
-    ``dense / ratio``, the way :func:`cstar_fx.transform` counts. Each group keeps a multiple of
+    parameters; ``"flops"``: :func:`cstar_fx.count_flops` on ``example_inputs``; ``"both"``: the smaller
+    of the two ratios) is closest to ``dense / ratio``, the way :func:`cstar_fx.transform` counts. Each group keeps a multiple of
     ``round_to`` channels (or its full width) and at least ``round_to``, so no layer disappears. Layers
     whose outputs are the model's outputs (the classifier) and ``ignored_layers`` keep their output
     channels. Returns a pruned copy (same training/eval modes); ``model`` is not modified. Each search
@@ -384,9 +371,9 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
         >>> abs(count(model) / count(small) / 8 - 1) <= 0.03
         True
     """
-    ratio = _check_ratio(ratio)
-    if budget not in ("params", "flops"):
-        raise ValueError(f"budget must be 'params' or 'flops', got {budget!r}")
+    ratio = check_ratio(ratio)
+    if budget not in ("params", "flops", "both"):
+        raise ValueError(f"budget must be 'params', 'flops' or 'both', got {budget!r}")
     if round_to is None:
         round_to = 1
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -396,12 +383,16 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
     scorer = _importance(importance)
     ignored_names = _resolve_ignored(model, ignored_layers)
 
-    def cost(m: nn.Module) -> float:
-        if budget == "flops":
-            return count_flops(m, example_inputs)
-        return float(sum(p.numel() for p in m.parameters()))
+    def costs(m: nn.Module) -> dict[str, float]:
+        out = {"params": float(sum(p.numel() for p in m.parameters()))}
+        if budget != "params":
+            out["flops"] = count_flops(m, example_inputs)
+        return out
 
-    dense = cost(model)
+    dense = costs(model)
+
+    def achieved(m: nn.Module) -> float:  # "both": the smaller of the two ratios must reach the target
+        return min(dense[k] / v for k, v in costs(m).items() if budget in (k, "both"))
     work = copy.deepcopy(model)  # scores come from a private copy: tracing sets eval mode and grads
     groups = _score_groups(work, example_inputs, scorer, [work.get_submodule(n) for n in ignored_names])
     if not groups:
@@ -417,7 +408,7 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
 
         def trial(i: int) -> float:
             if i not in ratios:
-                ratios[i] = dense / cost(_prune_copy(model, example_inputs, groups, levels[i], round_to))
+                ratios[i] = achieved(_prune_copy(model, example_inputs, groups, levels[i], round_to))
                 bar.update()
                 bar.set_postfix(ratio=f"{ratios[i]:.3f}")
             return ratios[i]

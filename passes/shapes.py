@@ -14,45 +14,24 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
-__all__ = ["record_shapes", "eval_mode", "as_tuple", "ExampleInputError"]
+from ..errors import CstarError
+from ..torchutil import as_tuple, eval_mode
+
+__all__ = ["record_shapes", "ExampleInputError"]
 
 
-class ExampleInputError(ValueError):
+class ExampleInputError(CstarError, ValueError):
     """The example inputs do not fit the model.
 
     Example:
         >>> isinstance(ExampleInputError("bad"), ValueError)
         True
     """
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own ``training`` flag afterwards.
-
-    Example:
-        >>> m = nn.Sequential(nn.BatchNorm1d(2)).train()
-        >>> with eval_mode(m):
-        ...     m.training
-        False
-        >>> m.training
-        True
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 class _Recorder(fx.Interpreter):
@@ -69,20 +48,6 @@ class _Recorder(fx.Interpreter):
             in_shape = tuple(x_val.shape) if isinstance(x_val, torch.Tensor) else ()
             self.shapes[n] = (in_shape, tuple(out.shape))
         return out
-
-
-def as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    """Normalise example inputs: a tensor becomes a 1-tuple.
-
-    Example:
-        >>> len(as_tuple(torch.zeros(1)))
-        1
-    """
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
 def record_shapes(gm: fx.GraphModule, example_inputs: Any,

@@ -25,13 +25,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import CstarError
+from ..extras import optional
+
 __all__ = ["TraceError", "register_leaf", "registered_leaves", "timm_notrace", "trace", "CstarTracer", "check_hooks"]
 
 _LEAF_TYPES: set[type[nn.Module]] = set()
 M = TypeVar("M", bound=type)
 
 
-class TraceError(RuntimeError):
+class TraceError(CstarError, RuntimeError):
     """torch.fx could not trace the model; the message names the module and the fix.
 
     Example:
@@ -83,18 +86,12 @@ def timm_notrace() -> tuple[tuple[Callable[..., Any], ...], tuple[type[nn.Module
     """
     if "timm" not in sys.modules:
         return (), ()
-    getters = None
-    for where in ("timm.layers", "timm.models._features_fx"):
-        try:
-            mod = __import__(where, fromlist=["get_notrace_functions"])
-            getters = (mod.get_notrace_functions, mod.get_notrace_modules)
-            break
-        except (ImportError, AttributeError):
-            continue
-    if getters is None:
+    where = (optional(name) for name in ("timm.layers", "timm.models._features_fx"))
+    mod = next((m for m in where if hasattr(m, "get_notrace_functions") and hasattr(m, "get_notrace_modules")), None)
+    if mod is None:
         return (), ()
-    functions = tuple(f for f in getters[0]() if callable(f) and not isinstance(f, type))
-    modules = tuple(m for m in getters[1]() if isinstance(m, type) and issubclass(m, nn.Module))
+    functions = tuple(f for f in mod.get_notrace_functions() if callable(f) and not isinstance(f, type))
+    modules = tuple(m for m in mod.get_notrace_modules() if isinstance(m, type) and issubclass(m, nn.Module))
     return functions, modules
 
 
@@ -265,6 +262,18 @@ def _leaf_fix(owner: str, what: str) -> str:
         return (f"mark module {owner!r} a leaf so it runs as it is (transform(..., leaf_modules=({owner!r},)); "
                 f"layers inside a leaf are not factorized), or {what}")
     return f"{what}, or move it into a submodule and mark that submodule a leaf (leaf_modules=('name',))"
+
+
+def check_leaf_patterns(model: nn.Module, leaf_modules: Iterable[str | type]) -> None:
+    """A leaf name or pattern that matches no submodule is a typo (it would leave the model traced through)."""
+    names = [n for n, _ in model.named_modules() if n]
+    unmatched = [p for p in leaf_modules if isinstance(p, str) and p
+                 and not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        shown = ", ".join(repr(n) for n in names[:8]) + (" ..." if len(names) > 8 else "")
+        raise ValueError(f"leaf_modules pattern(s) {unmatched} match no submodule of this model, so they would mark "
+                         f"nothing a leaf; the submodules are named {shown or '(none)'} (globs such as "
+                         f"'blocks.*.attn' match timm-style names)")
 
 
 def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),

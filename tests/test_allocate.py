@@ -3,9 +3,11 @@ import math
 import pytest
 import torch
 
+import cstar_fx
 from cstar_fx.allocate import UnreachableBudgetError, allocate, min_cost, rank_grid
 from cstar_fx.costs import FlopCost, LayerSpec, ParamCost
 from cstar_fx.decompose import mode_spectra
+from cstar_fx.models import cifar_resnet18
 
 
 def spec(name, shape, decay=0.0, positions=None):
@@ -103,3 +105,29 @@ def test_auto_scheme_moves_a_conv_to_svd_when_that_keeps_more_energy():
     assert tucker.choices["c"][0] == "tucker2"
     assert auto.choices["c"] == ("svd", (8,))
     assert auto.total_cost <= auto.budget * (1 + 1e-9)
+
+
+def _objective(plan: cstar_fx.RankPlan) -> float:
+    return sum(math.log(lp.energy) for lp in plan.layers.values() if lp.scheme != "dense")
+
+
+def test_a_loose_cap_does_not_cost_energy_and_a_tight_one_is_met():
+    model = cifar_resnet18(width=8)
+    x = torch.rand(1, 3, 32, 32)
+    free = cstar_fx.plan_ranks(model, 8, budget="flops", example_inputs=x, round_to=1)
+    loose = cstar_fx.plan_ranks(model, 8, budget="flops", param_ratio=free.ratio_params * 0.9, example_inputs=x,
+                                round_to=1)
+    assert _objective(loose) >= _objective(free) - 1e-9  # a cap the free plan meets changes nothing for the worse
+    tight = cstar_fx.plan_ranks(model, 8, budget="flops", param_ratio=free.ratio_params * 1.5, example_inputs=x,
+                                round_to=1)
+    assert tight.ratio_params >= free.ratio_params * 1.5 * (1 - 1e-9) and tight.ratio_flops >= 8 * (1 - 1e-9)
+
+
+def test_budget_both_reaches_the_ratio_in_flops_and_in_parameters():
+    model, x = cifar_resnet18(width=8), torch.rand(1, 3, 32, 32)
+    plan = cstar_fx.plan_ranks(model, 8, budget="both", example_inputs=x, round_to=1)
+    assert plan.ratio_params >= 8 * (1 - 1e-9) and plan.ratio_flops >= 8 * (1 - 1e-9) and plan.budget == "both"
+    flops_only = cstar_fx.plan_ranks(model, 8, budget="flops", example_inputs=x, round_to=1)
+    assert flops_only.ratio_params < 8  # on this network a FLOP budget alone keeps more parameters: the cap binds
+    with pytest.raises(ValueError, match="budget='both' needs example_inputs"):
+        cstar_fx.plan_ranks(model, 8, budget="both")

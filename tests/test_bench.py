@@ -15,6 +15,7 @@ from cstar_fx.cli import main
 from cstar_fx.export import CPU, CUDA, BenchResult, benchmark, to_onnx
 from cstar_fx.export import bench as bench_mod
 from cstar_fx.models import small_cnn
+from cstar_fx.timing import OrtRunner, time_interleaved
 
 FAST = dict(providers=(CPU,), warmup=1, iters=5, intra_op_threads=1, progress=False)
 
@@ -69,12 +70,8 @@ def test_named_baseline_and_module_input(onnx_pair: dict[str, Path]) -> None:
 def test_models_are_interleaved(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
 
-    class Bar:
-        def update(self, n: int) -> None:
-            pass
-
     runners = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
-    times = bench_mod._measure(runners, warmup=2, iters=10, bar=Bar())
+    times = time_interleaved(runners, warmup=2, iters=10)
     assert {n: len(t) for n, t in times.items()} == {"a": 10, "b": 10, "c": 10}
     timed = calls[6:]  # after 2 warm-up calls each
     blocks = [timed[i] for i in range(0, len(timed), 5)]  # 2 rounds of 5 iterations per model
@@ -97,11 +94,11 @@ def test_cuda_request_on_this_machine_is_not_mislabelled(onnx_pair: dict[str, Pa
 def test_cuda_silent_fallback_is_detected(onnx_pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     made = []
 
-    def cpu_session(ort_mod, path, provider, cuda_graph, threads, spinning):
+    def cpu_session(ort_mod, path, provider, **options):
         made.append(provider)  # whatever is asked for, onnxruntime hands back a CPU session
         return ort_mod.InferenceSession(str(path), providers=[CPU])
 
-    monkeypatch.setattr(bench_mod, "_session", cpu_session)
+    monkeypatch.setattr(bench_mod, "ort_session", cpu_session)
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
     res = benchmark([onnx_pair["dense"]], providers=(CUDA, CPU), batch_sizes=(1, 2), warmup=1, iters=2,
                     progress=False)
@@ -183,8 +180,8 @@ def test_iobinding_runner_matches_plain_run(onnx_pair: dict[str, Path]) -> None:
     # The CUDA path binds inputs/outputs once at fixed addresses; "cpu" runs the same code without a GPU.
     session = ort.InferenceSession(str(onnx_pair["small"]), providers=[CPU])
     feeds = bench_mod._feeds(session, 3, None, 0, "small")
-    plain = bench_mod._Runner(ort, session, feeds, 3, None, False)
-    bound = bench_mod._Runner(ort, session, feeds, 3, "cpu", cuda_graph=True)
+    plain = OrtRunner(ort, session, feeds, 3, None, False)
+    bound = OrtRunner(ort, session, feeds, 3, "cpu", cuda_graph=True)
     assert set(bound.device_outputs) == {"output"}  # output preallocated from the graph's symbolic shape
     bound()
     plain()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cstar_fx.cli import compress as C
+from cstar_fx import pipeline as P
 from cstar_fx.cli import main
 from cstar_fx.cli.runfolder import MARKER, STAGING
 
@@ -142,7 +142,7 @@ def test_run_folder_with_other_options_is_not_resumed(finished, capsys):
 def test_finished_result_is_written_at_once_and_a_rerun_skips_it(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["compress", *TINY, "--methods", "decompose", "prune", "--out", str(out)]
-    real, calls = C._compress, []
+    real, calls = P._compress, []
 
     def compress_or_crash(method, *args, **kwargs):
         calls.append(method)
@@ -150,7 +150,7 @@ def test_finished_result_is_written_at_once_and_a_rerun_skips_it(tmp_path, capsy
             raise RuntimeError("simulated crash")
         return real(method, *args, **kwargs)
 
-    monkeypatch.setattr(C, "_compress", compress_or_crash)
+    monkeypatch.setattr(P, "_compress", compress_or_crash)
     with pytest.raises(RuntimeError):
         main(argv)
     capsys.readouterr()
@@ -158,7 +158,7 @@ def test_finished_result_is_written_at_once_and_a_rerun_skips_it(tmp_path, capsy
     assert [r["method"] for r in results["runs"]] == ["decompose"]  # the finished result survived the crash
     assert "| decompose | 4x |" in (out / "report.md").read_text() and not (out / "COMPLETE").exists()
     calls.clear()
-    monkeypatch.setattr(C, "_compress", lambda method, *a, **k: (calls.append(method), real(method, *a, **k))[1])
+    monkeypatch.setattr(P, "_compress", lambda method, *a, **k: (calls.append(method), real(method, *a, **k))[1])
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
     assert calls == ["prune"] and "resuming" in stdout  # decompose was not trained again

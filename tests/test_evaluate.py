@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from cstar_fx.data import digits
 from cstar_fx.models import small_cnn
-from cstar_fx.robust import AttackConfig, LossConfig, MissingExtraError, TrainConfig, evaluate, finetune
+from cstar_fx.robust import AttackConfig, LossConfig, MissingExtraError, TrainConfig, autoattack, evaluate, finetune
 
 ATTACK = AttackConfig(eps=0.1, alpha=0.0125, steps=10)
 
@@ -89,7 +89,7 @@ def test_evaluate_accepts_batches_and_restores_training_flags(model_and_data) ->
 def test_missing_autoattack_extra_names_the_install_command(model_and_data, monkeypatch: pytest.MonkeyPatch) -> None:
     model, test = model_and_data
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # import fails as if not installed
-    with pytest.raises(MissingExtraError, match=r"pip install 'cstar-fx\[robust\]'"):
+    with pytest.raises(MissingExtraError, match=r'pip install "cstar-fx\[robust\]"'):
         evaluate(model, test, attacks=("pgd", "autoattack"), progress=False)
 
 
@@ -113,6 +113,26 @@ def test_autoattack_adapter_passes_the_threat_model(model_and_data, monkeypatch:
                    progress=False)
     assert calls == {"eps": 0.1, "norm": "Linf", "version": "standard", "training": False, "n": 50}
     assert res.counts["autoattack"] == 50 and 0.0 <= res.robust["autoattack"] <= 1.0
+
+
+def test_apgd_runs_autoattacks_first_two_attacks_only(model_and_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, test = model_and_data
+    ran = {}
+
+    class FakeAutoAttack:
+        def __init__(self, m: nn.Module, *, eps: float, norm: str, version: str, device: object, seed: int) -> None:
+            self.attacks_to_run = ["apgd-ce", "apgd-t", "fab-t", "square"]  # what version="standard" sets
+
+        def run_standard_evaluation(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int):
+            ran["attacks"] = list(self.attacks_to_run)
+            return x, y
+
+    monkeypatch.setitem(sys.modules, "pyautoattack", types.SimpleNamespace(AutoAttack=FakeAutoAttack))
+    res = evaluate(model, test, attacks=("apgd",), attack=ATTACK, autoattack_n=20, sanity=False, progress=False)
+    assert ran["attacks"] == ["apgd-ce", "apgd-t"]
+    assert res.counts["apgd"] == 20 and "autoattack" not in res.robust
+    with pytest.raises(ValueError, match="version must be"):
+        autoattack(model, torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long), eps=0.1, version="fast")
 
 
 def test_evaluate_argument_errors(model_and_data) -> None:

@@ -16,10 +16,10 @@ from torch.fx.passes.infra.pass_manager import PassManager, pass_result_wrapper
 from torch.fx.passes.shape_prop import ShapeProp
 
 import cstar_fx
-from cstar_fx.passes import CstarPass, PassCheckError, PrunePass
+from cstar_fx.pass_objects import CstarPass, PassCheckError, PrunePass
 
 pytest.importorskip("torch_pruning", reason="PrunePass needs Torch-Pruning (pip install 'cstar-fx[pruning]')")
-pass_objects = sys.modules["cstar_fx.passes.pass_objects"]
+pass_objects = sys.modules["cstar_fx.pass_objects"]
 
 
 class Net(nn.Module):

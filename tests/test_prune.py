@@ -202,6 +202,15 @@ def test_prune_to_ratio_flop_budget(tv_resnet18):
     assert abs(achieved / 8 - 1) <= 0.03
 
 
+def test_prune_to_ratio_both_budget_reaches_the_ratio_in_params_and_flops():
+    torch.manual_seed(0)
+    model, x = build_model("resnet18", stem="cifar"), torch.rand(1, 3, 32, 32)
+    pruned = prune_to_ratio(model, 4, x, budget="both", round_to=1)
+    by_params = _count(model) / _count(pruned)
+    by_flops = cstar_fx.count_flops(model, x) / cstar_fx.count_flops(pruned, x)
+    assert abs(min(by_params, by_flops) / 4 - 1) <= 0.03 and max(by_params, by_flops) >= 4 * 0.97
+
+
 def test_prune_to_ratio_respects_ignored_layers_and_cifar_model():
     torch.manual_seed(0)
     model = build_model("resnet18", stem="cifar")

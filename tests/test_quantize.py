@@ -14,7 +14,7 @@ from cstar_fx.cli import main
 
 pytest.importorskip("onnxruntime.quantization")
 pytest.importorskip("onnxscript")
-from cstar_fx.export import evaluate_onnx, quantize_int8, to_onnx  # noqa: E402
+from cstar_fx.export import Int8AgreementError, evaluate_onnx, quantize_int8, to_onnx  # noqa: E402
 
 
 def _net() -> nn.Module:
@@ -116,8 +116,10 @@ def test_min_agreement_raises_with_the_numbers(float_file, tmp_path: Path, monke
 
     monkeypatch.setattr(quantize_mod, "_run", shuffled)
     _, path = float_file
-    with pytest.raises(AssertionError, match=r"same class on 0.0% of 32 images.*below min_agreement=0.9\. Calibrate"):
+    with pytest.raises(Int8AgreementError, match=r"same class on 0.0% of 32 images.*below min_agreement=0.9\. Calibr"
+                       ) as info:
         quantize_int8(path, _images(32, 0), tmp_path / "int8.onnx", min_agreement=0.9)
+    assert isinstance(info.value, AssertionError) and info.value.result.agreement == 0.0
 
 
 def test_cli_export_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -209,6 +209,28 @@ def test_decompose_finetune_with_calibration_and_distillation_runs_and_keeps_the
         decompose_finetune(model, train, 4, cfg, calibrate=-1)
 
 
+def test_prune_share_prunes_channels_then_factorizes_to_the_total_ratio() -> None:
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is not installed (pip install 'cstar-fx[pruning]')")
+    torch.manual_seed(0)
+    train = digits()[0].subset(128)
+    model = small_cnn(width=16)
+    before = copy.deepcopy(model.state_dict())
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, progress=False,
+                      loss=LossConfig("pgd", attack=AttackConfig(eps=0.1, alpha=0.05, steps=1)))
+    gm = decompose_finetune(model, train, 8, cfg, calibrate=64, prune=0.5, round_to=1)
+    dense = sum(p.numel() for p in model.parameters())
+    assert abs(dense / sum(p.numel() for p in gm.parameters()) / 8 - 1) < 0.05  # the total ratio, both steps together
+    widths = [m.out_channels for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    assert max(widths) < 2 * 16  # channels were removed (small_cnn's widest conv has 2 * width outputs)
+    assert cstar_fx.get_plan(gm).factorized and gm.meta["cstar_training"]["prune"] == 0.5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for bad, match in ((1.0, "0 <= prune < 1"), (-0.1, "0 <= prune < 1"), (True, "0 <= prune < 1")):
+        with pytest.raises(ValueError, match=match):
+            decompose_finetune(model, train, 8, cfg, prune=bad)
+    with pytest.raises(ValueError, match="budget='flops'"):
+        decompose_finetune(model, train, 8, cfg, prune=0.5, budget="flops", example_inputs=torch.rand(1, 1, 8, 8))
+
+
 # -- the joint phase ------------------------------------------------------------------------------------------
 
 def test_admm_gives_a_layer_whose_ranks_change_a_fresh_dual_and_logs_the_worst_layer() -> None:

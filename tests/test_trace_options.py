@@ -192,3 +192,27 @@ def test_save_and_load_with_autowrap_functions(tmp_path):
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), gm(x))
+
+
+def test_leaf_pattern_matching_nothing_is_refused_with_the_names():
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.ReLU())
+    with pytest.raises(ValueError, match=r"match no submodule.*'0', '0\.0', '1'"):
+        cstar_fx.transform(model, 2, leaf_modules=("blocks.*",))
+
+
+def test_leaf_glob_matches_timm_style_names():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.Sequential(nn.Linear(8, 8))
+            self.mlp = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.mlp(self.attn(x))
+
+    model = nn.Sequential()
+    model.add_module("blocks", nn.Sequential(Block(), Block()))
+    gm = trace_module.trace(model, leaf_modules=("blocks.*.attn",))
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    # the attention blocks called opaquely (traced into, they would show as 'blocks.0.attn.0')
+    assert called == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]

@@ -9,8 +9,9 @@ import torchvision
 
 import cstar_fx
 from cstar_fx import RankPlan
-from cstar_fx.api import _analyse, _plan
+from cstar_fx.analysis import analyse
 from cstar_fx.config import CstarConfig
+from cstar_fx.planner import plan_under
 
 
 def _exact_at_full_rank(model, x, **options):
@@ -135,11 +136,12 @@ def test_flops_budget_hits_target():
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2"])
 def test_budget_hit_on_torchvision_models(name):
     model = getattr(torchvision.models, name)(num_classes=10)
-    analysis = _analyse(model, CstarConfig(), None)
+    analysis = analyse(model, CstarConfig().trace)
     hit = 0
     for ratio in (2, 4, 8, 16, 32):
         try:
-            plan = _plan(analysis, CstarConfig(ratio=ratio), None)
+            cfg = CstarConfig(ratio=ratio)
+            plan = plan_under(analysis, cfg, cfg.make_budget())
         except cstar_fx.UnreachableBudgetError as err:
             assert 1 < err.max_ratio < ratio and "reachable maximum" in str(err)
             continue

@@ -14,7 +14,8 @@ from pathlib import Path
 
 MODULES = ("cstar_fx", "cstar_fx.robust", "cstar_fx.export", "cstar_fx.passes", "cstar_fx.passes.prune",
            "cstar_fx.passes.attention", "cstar_fx.io",
-           "cstar_fx.latency", "cstar_fx.models", "cstar_fx.data")
+           "cstar_fx.latency", "cstar_fx.models", "cstar_fx.data", "cstar_fx.pipeline",
+           "cstar_fx.schemes")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 

@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
+from ..errors import CstarError
 
 __all__ = ["main", "build_parser", "UsageError", "Parser"]
 
 SUBCOMMANDS = ("demo", "plan", "compress", "export_cmd", "bench_cmd")
 
 
-class UsageError(Exception):
+class UsageError(CstarError):
     """A bad option or input; the CLI prints the message on one line and exits with code 2.
 
     ``prog`` (optional) is the command the message is about, e.g. ``"cstar-fx compress"``.

@@ -238,14 +238,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _int8(args: argparse.Namespace, float_out: Path, images: Any) -> int:
-    from cstar_fx.export import OnnxExportError, quantize_int8
+    from cstar_fx.export import Int8AgreementError, OnnxExportError, quantize_int8
 
     try:
         q = quantize_int8(float_out, images, args.out, num_calibration=args.calib_samples,
                           min_agreement=args.min_agreement)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--calib-data {args.calib_data}: {exc}") from None
-    except AssertionError as exc:
+    except Int8AgreementError as exc:
         print(f"int8 check FAILED: {exc}")
         return 1
     except OnnxExportError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..schemes import DEFAULT_CONV, conv_scheme_names
 from . import UsageError
 from .options import integer, number
 
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", choices=("params", "flops"), default="params", help="what the ratio counts")
     p.add_argument("--round-to", type=integer(at_least=1), default=8, help="ranks are multiples of this")
     p.add_argument("--skip", nargs="*", default=[], help="layer names or glob patterns kept dense")
-    p.add_argument("--conv-scheme", choices=("tucker2", "svd", "auto"), default="tucker2", help="scheme for kxk convs")
+    p.add_argument("--conv-scheme", choices=conv_scheme_names(), default=DEFAULT_CONV, help="scheme for kxk convs")
     p.add_argument("--unpack-attention", action="store_true",
                    help="factorize nn.MultiheadAttention projections too (ViTs; use --stem imagenet)")
     p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")

@@ -234,11 +234,25 @@ class RunFolder:
             >>> folder.write_text("report.md", "# hi"); (folder.path / "report.md").read_text()
             '# hi'
         """
-        self.files.add(name)
-        _write_marker(self.path, self.files)  # listed before it exists: a crash leaves no unlisted file
-        with atomic_path(self.path / name) as tmp:
+        with atomic_path(self.reserve(name)) as tmp:
             tmp.write_text(text)
             os.chmod(tmp, _FILE_MODE)  # a temporary file is private; a report is not
+
+    def reserve(self, name: str) -> Path:
+        """List ``name`` (relative to :attr:`path`) as the tool's before it is written, so that a crash
+        leaves no unlisted file; returns its path, the folder above it created.
+
+        Example:
+            >>> import tempfile
+            >>> folder = RunFolder.claim(Path(tempfile.mkdtemp()) / "r", {})
+            >>> folder.reserve("onnx/m.onnx").parent.is_dir(), "onnx/m.onnx" in folder.files
+            (True, True)
+        """
+        self.files.add(name)
+        _write_marker(self.path, self.files)
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def remove(self, name: str) -> None:
         """Delete a file the tool wrote here (a file it did not write is left alone).

@@ -4,22 +4,22 @@ Example:
     >>> from cstar_fx.robust import pgd, adversarial_loss, finetune, cstar, evaluate, TrainConfig
 """
 
-from .admm import Admm, AdmmRecord, TrainHook, auto_rho
-from .attacks import fgsm, pgd
+from .admm import Admm, AdmmRecord, auto_rho
+from .attacks import fgsm, pgd, pgd_attack
 from .config import AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig
 from .cstar import calibration_batches, cstar, decompose_finetune
 from .distributed import World, init_from_env, is_main_process, process_group
 from .evaluate import MissingExtraError, RobustResult, SanityReport, autoattack, evaluate
-from .finetune import RunDirError, TrainHistory, finetune, load_checkpoint, recalibrate_bn
+from .finetune import RunDirError, TrainHistory, TrainHook, finetune, load_checkpoint, recalibrate_bn
 from .losses import LossOutput, adversarial_loss, adversarial_step
 from .sensitivity import layer_sensitivity
 
 __all__ = [
-    "pgd", "fgsm",
+    "pgd", "pgd_attack", "fgsm",
     "adversarial_loss", "adversarial_step", "LossOutput",
     "AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig",
-    "finetune", "TrainHistory", "RunDirError", "load_checkpoint", "recalibrate_bn",
-    "Admm", "AdmmRecord", "TrainHook", "auto_rho",
+    "finetune", "TrainHook", "TrainHistory", "RunDirError", "load_checkpoint", "recalibrate_bn",
+    "Admm", "AdmmRecord", "auto_rho",
     "cstar", "decompose_finetune", "calibration_batches", "layer_sensitivity",
     "evaluate", "autoattack", "RobustResult", "SanityReport", "MissingExtraError",
     "init_from_env", "process_group", "is_main_process", "World",

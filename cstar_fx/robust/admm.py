@@ -1,8 +1,8 @@
 """CSTAR's ADMM proximity term: pull every factorizable weight towards its budget-constrained low-rank projection.
 
 For each weight ``W`` the plan factorizes, the training loss gains ``rho/2 * ||W - Z + U||^2`` where
-``Z = project(W + U, ranks)`` (Tucker-2 for kxk convs, SVD otherwise) at the ranks the global
-allocator chose, and ``U`` is the scaled dual variable. At each refresh (every ``refresh_every``
+``Z = project(W + U, ranks)`` (the projection of the layer's scheme: Tucker-2, SVD or spatial SVD) at the
+ranks the global allocator chose, and ``U`` is the scaled dual variable. At each refresh (every ``refresh_every``
 steps, or once per epoch by default) the allocator can be re-run on ``W + U`` (``replan``: the
 allocator as the projection), then ``Z`` is recomputed and ``U += W - Z``. The primal residual
 ``||W - Z||`` is recorded at each refresh: it falls as W becomes low-rank at the planned ranks.
@@ -25,9 +25,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..decompose import project
+from ..api import plan_ranks
 from ..plan import RankPlan
+from ..schemes import get
 from .config import AdmmConfig, TrainConfig
+from .finetune import TrainHook
 
 __all__ = ["Admm", "AdmmRecord", "TrainHook", "auto_rho"]
 
@@ -45,42 +47,6 @@ def auto_rho(cfg: TrainConfig, steps_per_refresh: int) -> float:
     if isinstance(steps_per_refresh, bool) or not isinstance(steps_per_refresh, int) or steps_per_refresh < 1:
         raise ValueError(f"steps_per_refresh must be an int >= 1, got {steps_per_refresh!r}")
     return max(1.0 - cfg.momentum, 1e-3) / (cfg.lr * steps_per_refresh)
-
-
-class TrainHook:
-    """What :func:`~cstar_fx.robust.finetune` calls besides the loss; subclass and override what you need.
-
-    ``penalty()`` is added to every step's loss; ``after_step()`` runs after each optimiser step;
-    ``end_epoch(epoch)`` returns extra metrics to log; ``state_dict``/``load_state_dict`` travel in the
-    checkpoint (tensors, numbers, strings, lists and dicts only: it is loaded with ``weights_only=True``).
-    Under ``torch.distributed`` every rank runs every callback, and ``sync()`` is called on every rank
-    after the weights are broadcast and after each callback, to make the hook's state rank 0's.
-
-    Example:
-        >>> TrainHook().penalty() is None
-        True
-    """
-
-    def penalty(self) -> torch.Tensor | None:
-        """An extra loss term (``None``: nothing to add)."""
-        return None
-
-    def after_step(self) -> None:
-        """Called after each optimiser step."""
-
-    def end_epoch(self, epoch: int) -> dict[str, float]:
-        """Called after each epoch; the returned numbers are logged in the training history."""
-        return {}
-
-    def sync(self) -> None:
-        """Distributed runs only: make this rank's state equal to rank 0's (a collective: every rank calls it)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The hook's state for the checkpoint."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` on resume."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +81,6 @@ def _default_replan(plan: RankPlan) -> Callable[[nn.Module], RankPlan]:
         raise ValueError("replan=True needs replan_fn=... for a plan made with a FLOP or custom budget "
                          "(e.g. replan_fn=lambda m: cstar_fx.plan_ranks(m, 8, budget='flops', example_inputs=x)); "
                          "or set AdmmConfig(replan=False)")
-    from ..api import plan_ranks
-
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in plan.options.items()}
     return lambda m: plan_ranks(m, plan.target_ratio, budget="params", **options)
 
@@ -173,6 +137,11 @@ class Admm(TrainHook):
         """Parameter name -> ranks of every constrained weight under the current plan."""
         return {lp.param: lp.ranks for lp in self.plan.factorized.values()}
 
+    def _project(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` projected by the scheme of the layer whose parameter is ``name``, at its planned ranks."""
+        lp = next(lp for lp in self.plan.factorized.values() if lp.param == name)
+        return get(lp.scheme).project(weight, lp.ranks).to(weight.dtype)
+
     def penalty(self) -> torch.Tensor:
         """``rho/2 * sum ||W - Z + U||^2`` over the constrained weights (differentiable in W)."""
         total = None
@@ -206,7 +175,7 @@ class Admm(TrainHook):
             if self._z_ranks.get(name, r) != r:  # the dual of another constraint: start it afresh
                 self.U[name] = torch.zeros_like(w)
             u = self.U.setdefault(name, torch.zeros_like(w))
-            self.Z[name] = project(w + u, r).to(w.dtype)
+            self.Z[name] = self._project(name, w + u)
         self._z_ranks = dict(ranks)
 
     @torch.no_grad()
@@ -227,9 +196,9 @@ class Admm(TrainHook):
     @torch.no_grad()
     def _gap(self) -> float:
         diff = norm = 0.0
-        for name, r in self.ranks.items():
+        for name in self.ranks:
             w = self.params[name].detach()
-            diff += float((project(w, r).to(w.dtype) - w).double().pow(2).sum())
+            diff += float((self._project(name, w) - w).double().pow(2).sum())
             norm += float(w.double().pow(2).sum())
         return math.sqrt(diff / norm) if norm > 0 else 0.0
 
@@ -306,7 +275,7 @@ class Admm(TrainHook):
               for n in names]
         us = [self.U[n] if w.is_main else torch.empty_like(self.params[n], memory_format=torch.contiguous_format)
               for n in names]
-        tensors = D._broadcast_tensors(zs + us)
+        tensors = D.broadcast_tensors(zs + us)
         self.Z = dict(zip(names, tensors[:len(names)]))
         self.U = dict(zip(names, tensors[len(names):]))
         self._synced_at = len(self.history)

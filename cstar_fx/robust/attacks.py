@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..passes.shapes import eval_mode
-from .config import NORMS
+from ..torchutil import eval_mode
+from .config import NORMS, AttackConfig
 
-__all__ = ["pgd", "fgsm", "project_delta", "as_logits", "LossFn"]
+__all__ = ["pgd", "pgd_attack", "fgsm", "project_delta", "as_logits", "LossFn"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits, y) -> per-example loss`` (shape ``(batch,)``) that an attack maximises."""
@@ -186,6 +186,23 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
             best_loss = torch.where(better, loss, best_loss)
             best_wrong = best_wrong | wrong
     return best
+
+
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, **overrides: Any) -> torch.Tensor:
+    """:func:`pgd` with the threat model and budget of ``attack``; ``overrides`` replace or add :func:`pgd`
+    arguments (e.g. ``loss_fn``).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(8, 2))
+        >>> x, y = torch.rand(3, 2, 2, 2), torch.tensor([0, 1, 0])
+        >>> adv = pgd_attack(model, x, y, AttackConfig(eps=0.1, alpha=0.05, steps=2))
+        >>> bool((adv - x).abs().max() <= 0.1 + 1e-6)
+        True
+    """
+    options = dict(eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm=attack.norm,
+                   random_start=attack.random_start, restarts=attack.restarts)
+    return pgd(model, x, y, **{**options, **overrides})
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,

@@ -32,12 +32,13 @@ import torch.nn as nn
 from ..api import plan_ranks, transform
 from ..config import CstarConfig
 from ..data import as_loader
-from ..passes.shapes import as_tuple
+from ..passes.prune import prune_to_ratio_finer
 from ..plan import RankPlan
+from ..torchutil import as_tuple, model_device, private_rng
 from .admm import Admm, auto_rho
-from .attacks import pgd
+from .attacks import pgd_attack
 from .config import JointConfig, TrainConfig
-from .finetune import _model_device, _private_rng, finetune, recalibrate_bn
+from .finetune import finetune, recalibrate_bn
 from .sensitivity import layer_sensitivity
 
 __all__ = ["cstar", "decompose_finetune", "calibration_batches", "model_on"]
@@ -63,14 +64,14 @@ def calibration_batches(model: nn.Module, train_data: Any, n: int, cfg: TrainCon
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of calibration images must be an int >= 1, got {n!r}")
-    dev = device if device is not None else _model_device(model)
+    dev = device if device is not None else model_device(model)
     a = cfg.loss.attack
     out: list[torch.Tensor] = []
     seen = 0
-    with _private_rng(dev, cfg.seed):
+    with private_rng(dev, cfg.seed):
         for x, y in as_loader(train_data, min(cfg.batch_size, n), False, dev):
             x, y = x[: n - seen], y[: n - seen]
-            adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, random_start=a.random_start)
+            adv = pgd_attack(model, x, y, a)
             out += [x, adv.detach()]
             seen += x.shape[0]
             if seen >= n:
@@ -112,7 +113,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
                         f"got {type(cfg).__name__}")
     _check_count("calibrate", calibrate)
     dense = copy.deepcopy(model)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     dense.to(dev)
     example_inputs = _on(example_inputs, dev)
 
@@ -146,7 +147,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
 def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg: TrainConfig | None = None,
                        *, example_inputs: Any = None, run_dir: str | os.PathLike[str] | None = None,
                        resume: bool = False, device: str | torch.device | None = None, calibrate: int = 0,
-                       sensitivity: int = 0, **plan_options: Any) -> fx.GraphModule:
+                       sensitivity: int = 0, prune: float = 0.0, **plan_options: Any) -> fx.GraphModule:
     """``transform`` at ``ratio`` (no ADMM), batch-norm re-estimation, then adversarial fine-tuning with ``cfg``.
 
     Arguments as in :func:`cstar`; ``cfg`` is the fine-tune :class:`TrainConfig`, checkpointed under
@@ -156,6 +157,13 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     measured sensitivity of the adversarial loss on the first ``N`` training images
     (:func:`~cstar_fx.robust.layer_sensitivity`). With ``cfg.loss.distill > 0`` the fine-tune distils
     from ``model`` (used read-only, in eval mode).
+
+    ``prune=s`` (0 <= s < 1) spends the share ``s`` of the compression (in log terms) on channel pruning
+    first: Torch-Pruning (global L2, granularity ``round_to``, finer where needed) makes ``model``
+    ``ratio ** s`` times smaller, batch norm is re-estimated, and the pruned network is factorized for
+    the rest, so the result has ``ratio`` times fewer parameters in all. Calibration and sensitivity
+    are then measured on the pruned network; distillation stays from ``model``. Needs
+    ``pip install 'cstar-fx[pruning]'`` and a numeric ``ratio`` with ``budget="params"``.
 
     Example:
         >>> from cstar_fx.data import digits
@@ -169,22 +177,45 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     _check_count("calibrate", calibrate)
     _check_count("sensitivity", sensitivity)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    if isinstance(prune, bool) or not isinstance(prune, (int, float)) or not 0 <= prune < 1:
+        raise ValueError(f"prune must be the share of the compression given to channel pruning, 0 <= prune < 1 "
+                         f"(0: off), got {prune!r}")
+    dev = torch.device(device) if device is not None else model_device(model)
     example_inputs = _on(example_inputs, dev)
     teacher = model_on(model, dev)
-    calibration = calibration_batches(teacher, train_data, calibrate, cfg, device=dev) if calibrate else None
+    base = teacher
+    if prune:
+        base, ratio = _prune_first(teacher, train_data, ratio, prune, cfg, example_inputs, dev, plan_options)
+    calibration = calibration_batches(base, train_data, calibrate, cfg, device=dev) if calibrate else None
     weights = None
     if sensitivity:
-        weights = layer_sensitivity(teacher, train_data, cfg.loss.attack, n=sensitivity, batch_size=cfg.batch_size,
+        weights = layer_sensitivity(base, train_data, cfg.loss.attack, n=sensitivity, batch_size=cfg.batch_size,
                                     seed=cfg.seed, **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
-    gm = transform(teacher, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
+    gm = transform(base, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
                    **plan_options)
     recalibrate_bn(gm, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
     tuned = finetune(gm, train_data, cfg, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=teacher if cfg.loss.distill > 0 else None)
     gm.meta["cstar_training"] = {"method": "decompose_finetune", "finetune": tuned.to_dict(), "config": cfg.to_dict(),
-                                 "calibrate": calibrate, "sensitivity": weights}
+                                 "calibrate": calibrate, "sensitivity": weights, "prune": prune}
     return gm
+
+
+def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, cfg: TrainConfig, example_inputs: Any,
+                 dev: torch.device, plan_options: dict[str, Any]) -> tuple[nn.Module, float]:
+    """The channel-pruned ``teacher`` (``ratio ** share`` smaller, batch norm re-estimated) and the parameter ratio
+    left for the factorization."""
+    if isinstance(ratio, (CstarConfig, bool)) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"prune= needs a numeric ratio (the total parameter ratio), got {type(ratio).__name__}")
+    if plan_options.get("budget", "params") != "params":
+        raise ValueError(f"prune= splits a parameter ratio; it cannot go with budget={plan_options['budget']!r}")
+    if example_inputs is None:
+        example_inputs = (next(iter(as_loader(train_data, 1, False, dev)))[0],)
+    pruned, _ = prune_to_ratio_finer(teacher, ratio ** share, example_inputs, importance="l2",
+                                     round_to=plan_options.get("round_to", 8))
+    recalibrate_bn(pruned, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
+    dense = sum(p.numel() for p in teacher.parameters())
+    return pruned, sum(p.numel() for p in pruned.parameters()) * ratio / dense
 
 
 def _check_count(name: str, value: Any) -> None:
@@ -200,4 +231,4 @@ def model_on(model: nn.Module, device: torch.device) -> nn.Module:
         >>> model_on(m, torch.device("cpu")) is m
         True
     """
-    return model if _model_device(model) == device else copy.deepcopy(model).to(device)
+    return model if model_device(model) == device else copy.deepcopy(model).to(device)

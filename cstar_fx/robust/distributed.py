@@ -177,7 +177,7 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
-def _min_max(value: int) -> tuple[int, int]:
+def min_max(value: int) -> tuple[int, int]:
     """``(min, max)`` of an integer over all ranks."""
     if not world().active:
         return value, value
@@ -200,7 +200,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def _broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> list[torch.Tensor]:
+def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> list[torch.Tensor]:
     """Rank ``src``'s tensors on every rank (same shapes and dtypes expected everywhere); returns contiguous copies."""
     out = [t.contiguous() for t in tensors]
     if world().active:
@@ -209,12 +209,12 @@ def _broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> list[to
     return out
 
 
-def _broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (batch-norm running statistics) into ``model`` on every rank, in place."""
     if not world().active:
         return
     for buf in model.buffers():
-        (t,) = _broadcast_tensors([buf], src)
+        (t,) = broadcast_tensors([buf], src)
         if t is not buf:
             buf.copy_(t)
 
@@ -249,12 +249,12 @@ def local_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _rank_seed(seed: int, rank: int) -> int:
+def rank_seed(seed: int, rank: int) -> int:
     """A seed for ``rank``'s private random stream: ``seed`` itself on rank 0, a distinct one elsewhere."""
     return seed if rank == 0 else (seed * 1_000_003 + rank * 0x9E3779B97F4A7C15) % (2**63)
 
 
-def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """``DistributedDataParallel(model)`` on ``device`` (its constructor broadcasts rank 0's weights and buffers)."""
     from torch.nn.parallel import DistributedDataParallel
 

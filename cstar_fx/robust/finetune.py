@@ -31,25 +31,63 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..data import as_loader, atomic_save
+from ..data import as_loader
+from ..errors import CstarError
+from ..fileutil import atomic_save
+from ..torchutil import model_device, private_rng
 from . import distributed as D
-from .admm import TrainHook
 from .config import TrainConfig
 from .losses import adversarial_step
 
-__all__ = ["finetune", "TrainHistory", "RunDirError", "CHECKPOINT_NAME", "load_checkpoint", "recalibrate_bn"]
+__all__ = ["finetune", "TrainHook", "TrainHistory", "RunDirError", "CHECKPOINT_NAME", "load_checkpoint", "recalibrate_bn"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = "cstar-fx/checkpoint/1"
 
 
-class RunDirError(OSError):
+class RunDirError(CstarError, OSError):
     """The run folder cannot be created or written.
 
     Example:
         >>> isinstance(RunDirError("x"), OSError)
         True
     """
+
+
+class TrainHook:
+    """What :func:`~cstar_fx.robust.finetune` calls besides the loss; subclass and override what you need.
+
+    ``penalty()`` is added to every step's loss; ``after_step()`` runs after each optimiser step;
+    ``end_epoch(epoch)`` returns extra metrics to log; ``state_dict``/``load_state_dict`` travel in the
+    checkpoint (tensors, numbers, strings, lists and dicts only: it is loaded with ``weights_only=True``).
+    Under ``torch.distributed`` every rank runs every callback, and ``sync()`` is called on every rank
+    after the weights are broadcast and after each callback, to make the hook's state rank 0's.
+
+    Example:
+        >>> TrainHook().penalty() is None
+        True
+    """
+
+    def penalty(self) -> torch.Tensor | None:
+        """An extra loss term (``None``: nothing to add)."""
+        return None
+
+    def after_step(self) -> None:
+        """Called after each optimiser step."""
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Called after each epoch; the returned numbers are logged in the training history."""
+        return {}
+
+    def sync(self) -> None:
+        """Distributed runs only: make this rank's state equal to rank 0's (a collective: every rank calls it)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hook's state for the checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on resume."""
 
 
 @dataclass
@@ -150,22 +188,8 @@ def _config_diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -
     return diffs
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _private_rng(device: torch.device, seed: int) -> Iterator[None]:
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _distributed_loader(loader: Any, w: D.World, train_data: Any) -> None:
-    lo, hi = D._min_max(len(loader))
+    lo, hi = D.min_max(len(loader))
     if lo != hi:
         raise ValueError(f"the ranks have different numbers of batches per epoch ({lo} to {hi}), which would "
                          "deadlock the gradient all-reduce; shard a DataLoader with a DistributedSampler "
@@ -226,11 +250,11 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
         path = None
     else:  # only rank 0 writes; the others read the same folder on resume
         path = (_prepare_run_dir(run_dir) if w.is_main else Path(run_dir).expanduser()) / CHECKPOINT_NAME
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     cuda = device.type == "cuda"
     model.to(device)
-    if teacher is not None and _model_device(teacher) != device:
-        raise ValueError(f"the teacher is on {_model_device(teacher)}, training runs on {device}; "
+    if teacher is not None and model_device(teacher) != device:
+        raise ValueError(f"the teacher is on {model_device(teacher)}, training runs on {device}; "
                          f"move it first: teacher.to({str(device)!r})")
     if cfg.channels_last:  # NHWC: faster convolutions on GPUs and on CPUs (oneDNN), 1.6x measured on 2 cores
         model.to(memory_format=torch.channels_last)
@@ -280,11 +304,11 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
             hook.load_state_dict(ckpt["hook"])
         history = TrainHistory(list(ckpt["history"]), resumed_from=int(ckpt["epoch"]))
         start = int(ckpt["epoch"])
-    if w.active and len(set(D._min_max(start))) > 1:
+    if w.active and len(set(D.min_max(start))) > 1:
         raise RuntimeError(f"the ranks found different checkpoints in {run_dir} (rank {w.rank} resumes after epoch "
                            f"{start}); put run_dir on a filesystem every rank sees")
     # The DDP constructor broadcasts rank 0's weights and buffers; the hook then takes rank 0's state.
-    forward = D._wrap_ddp(model, device) if w.active else model
+    forward = D.wrap_ddp(model, device) if w.active else model
     if w.active and hook is not None:
         hook.sync()
     was_training = model.training
@@ -298,7 +322,7 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
                 loader.set_epoch(epoch)
             t0 = time.perf_counter()
             total_loss, correct, seen = 0.0, 0, 0
-            with _private_rng(device, D._rank_seed(cfg.seed * 1_000_003 + epoch, w.rank)):
+            with private_rng(device, D.rank_seed(cfg.seed * 1_000_003 + epoch, w.rank)):
                 bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=not cfg.progress or not w.is_main, leave=False)
                 for step, (x, y) in enumerate(bar):
@@ -333,7 +357,7 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
                     total_loss, correct, seen = D.all_reduce_sum([total_loss, correct, seen])
                     # Each rank's last forward updated its batch-norm statistics with its own shard; DDP
                     # would copy rank 0's at the next forward, so do it now for the hook and checkpoint.
-                    D._broadcast_buffers(model)
+                    D.broadcast_buffers(model)
                 metrics = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1),
                            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
                 if hook is not None:
@@ -375,7 +399,7 @@ def recalibrate_bn(model: nn.Module, data: Any, batches: int = 20, batch_size: i
         return 0
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ValueError(f"batches must be an int >= 1, got {batches!r}")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     saved = [(m.momentum, m.training) for m in norms]
     was_training = model.training
     done = 0
@@ -385,7 +409,7 @@ def recalibrate_bn(model: nn.Module, data: Any, batches: int = 20, batch_size: i
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        with _private_rng(dev, seed):
+        with private_rng(dev, seed):
             for x, _ in as_loader(data, batch_size, True, dev, seed=seed):
                 model(x)
                 done += 1

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..passes.shapes import eval_mode
-from .attacks import fgsm, pgd, project_delta
+from ..torchutil import eval_mode
+from .attacks import fgsm, pgd_attack, project_delta
 from .config import LossConfig, TrainConfig
 
 __all__ = ["adversarial_loss", "adversarial_step", "LossOutput"]
@@ -86,8 +86,7 @@ def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
         logits = fwd(x)
         return LossOutput(_with_distill(F.cross_entropy(logits.float(), y), logits, x, cfg, teacher), logits)
     if cfg.kind == "pgd":
-        x_adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
-                    random_start=a.random_start, restarts=a.restarts)
+        x_adv = pgd_attack(model, x, y, a)
         logits = fwd(x_adv)
         return LossOutput(_with_distill(F.cross_entropy(logits.float(), y), logits, x, cfg, teacher), logits)
     if cfg.kind == "fast":
@@ -98,8 +97,8 @@ def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
     with torch.no_grad(), eval_mode(model):
         target = F.softmax(model(x).float(), dim=1)
     start = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
-    x_adv = pgd(model, start, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, random_start=False,
-                loss_fn=lambda logits, _y: _kl(logits, target))
+    # From this fixed start every restart would be the same attack: one is enough.
+    x_adv = pgd_attack(model, start, y, a, random_start=False, restarts=1, loss_fn=lambda logits, _y: _kl(logits, target))
     # pgd measured its ball around the jittered start; re-project onto the ball around x.
     x_adv = x + project_delta(x_adv - x, x, a.eps, a.norm)
     logits_clean = fwd(x)

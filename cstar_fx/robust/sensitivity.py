@@ -28,11 +28,10 @@ import torch.nn.functional as F
 
 from ..data import as_loader
 from ..passes.discover import find_layers
-from ..passes.shapes import eval_mode
 from ..passes.trace import trace
-from .attacks import pgd
+from ..torchutil import eval_mode, model_device, private_rng
+from .attacks import pgd_attack
 from .config import AttackConfig
-from .finetune import _model_device, _private_rng
 
 __all__ = ["layer_sensitivity"]
 
@@ -62,7 +61,7 @@ def layer_sensitivity(model: nn.Module, data: Any, attack: AttackConfig | None =
     if not names:
         raise ValueError("the model has no conv2d/linear module to measure; layer_sensitivity needs module layers")
     modules = {name: model.get_submodule(name) for name in names}
-    dev = _model_device(model)
+    dev = model_device(model)
     totals = dict.fromkeys(names, 0.0)
     outputs: dict[str, torch.Tensor] = {}
 
@@ -73,11 +72,10 @@ def layer_sensitivity(model: nn.Module, data: Any, attack: AttackConfig | None =
         return hook
 
     seen = 0
-    with eval_mode(model), _private_rng(dev, seed):
+    with eval_mode(model), private_rng(dev, seed):
         for x, y in as_loader(data, batch_size, False, dev):
             x, y = x[: n - seen], y[: n - seen]
-            adv = pgd(model, x, y, eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm=attack.norm,
-                      random_start=attack.random_start)
+            adv = pgd_attack(model, x, y, attack)
             handles = [m.register_forward_hook(keep(name)) for name, m in modules.items()]
             try:
                 with torch.enable_grad():

@@ -9,7 +9,7 @@ modifies the GraphModule it is given: each returns a new one.
 Example:
     >>> import torch, torch.nn as nn
     >>> from torch.fx.passes.infra.pass_manager import PassManager
-    >>> from cstar_fx.passes import CstarPass
+    >>> from cstar_fx import CstarPass
     >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)))
     >>> result = PassManager([CstarPass(ratio=2)])(gm)
     >>> result.modified, [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"]
@@ -25,10 +25,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..api import count_flops, get_plan, get_report, transform
-from ..config import _check_ratio, resolve_config
-from .prune import _tp, derive_plan, protected_layers, prune_to_ratio
-from .trace import trace
+from .analysis import count_flops
+from .api import get_plan, get_report, transform
+from .config import check_ratio, resolve_config, resolve_options
+from .errors import CstarError
+from .extras import require
+from .passes.prune import derive_plan, protected_layers, prune_to_ratio
+from .passes.trace import trace
 
 __all__ = ["CstarPass", "PrunePass", "PassCheckError"]
 
@@ -36,7 +39,7 @@ _TRANSFORM_ARGS = ("plan", "example_inputs", "decompose", "calibration")
 _PRUNE_ARGS = ("importance", "round_to", "budget", "ignored_layers", "tolerance", "progress")
 
 
-class PassCheckError(RuntimeError):
+class PassCheckError(CstarError, RuntimeError):
     """A pass's result broke the pass's postcondition (``ensures``): a malformed graph or a missed budget.
 
     Example:
@@ -89,7 +92,8 @@ class CstarPass(_CheckedPass):
 
     def __init__(self, ratio: Any = 8, **options: Any) -> None:
         config_options = {k: v for k, v in options.items() if k not in _TRANSFORM_ARGS}
-        resolve_config(2.0 if ratio is None else ratio, config_options)  # fail now on a bad ratio or option
+        # fail now on a bad ratio or option (no ratio: the plan given to the pass fixes the ranks)
+        resolve_options(config_options) if ratio is None else resolve_config(ratio, config_options)
         self.ratio = ratio
         self.options = dict(options)
 
@@ -125,7 +129,7 @@ class CstarPass(_CheckedPass):
             >>> CstarPass(ratio=2).ensures(gm)  # a GraphModule cstar_fx did not make
             Traceback (most recent call last):
             ...
-            cstar_fx.passes.pass_objects.PassCheckError: CstarPass: the result has no rank plan ...
+            cstar_fx.pass_objects.PassCheckError: CstarPass: the result has no rank plan ...
         """
         name = type(self).__name__
         _lint(name, graph_module)
@@ -181,8 +185,8 @@ class PrunePass(_CheckedPass):
                                                                         else ignored)):
             raise TypeError("PrunePass takes ignored_layers by name (e.g. ignored_layers=['fc']): each pass in a "
                             "pipeline runs on a new copy, where the module objects are different")
-        _tp()  # fail when the pipeline is built if Torch-Pruning is missing
-        self.ratio = _check_ratio(ratio)
+        require("torch_pruning", purpose="PrunePass (Torch-Pruning)")  # fail when the pipeline is built, not run
+        self.ratio = check_ratio(ratio)
         self.example_inputs = example_inputs
         self.keep_ranks = keep_ranks
         self.options = dict(options)
@@ -251,7 +255,7 @@ class PrunePass(_CheckedPass):
             >>> PrunePass(2, torch.randn(1, 32)).ensures(gm)  # not pruned by a PrunePass
             Traceback (most recent call last):
             ...
-            cstar_fx.passes.pass_objects.PassCheckError: PrunePass: the result was not made by a PrunePass ...
+            cstar_fx.pass_objects.PassCheckError: PrunePass: the result was not made by a PrunePass ...
         """
         name = type(self).__name__
         _lint(name, graph_module)
