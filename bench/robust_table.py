@@ -52,7 +52,8 @@ from cstar_fx.robust import (AdmmConfig, AttackConfig, JointConfig, LossConfig, 
                              decompose_finetune, evaluate, finetune, recalibrate_bn)
 
 EPS = 8 / 255
-RECOMMENDED = "data_distill"
+RECOMMENDED = "both_data"  # the library's RECOMMENDED recipe (cstar_fx.robust.RECOMMENDED)
+HYBRID_SHARE = 0.5  # of the compression (in log terms) given to channel pruning by hybrid_ft
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,15 @@ class Profile:
     ratios: tuple[float, ...]
     seeds: tuple[int, ...]
     sanity_n: int = 128
+    aa_attack: str = "autoattack"  # or "apgd": AutoAttack's APGD-CE + APGD-T only (a tenth of the CPU time)
 
 
 PROFILES = {
     # ~2 hours on 2 CPU cores for 8 methods x 2 ratios x 3 seeds (measured numbers in docs/benchmarks.md).
     "cpu": Profile(width=16, train_per_class=1000, test_per_class=100, teacher_epochs=10, ft_epochs=3,
                    joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
-                   pgd_n=1000, aa_n=100, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2)),
+                   pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2),
+                   aa_attack="apgd"),
     "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
                    joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
                    pgd_n=2000, aa_n=500, calibrate=2048, distill=0.8, ratios=(8.0, 16.0, 32.0), seeds=(0, 1, 2),
@@ -94,7 +97,8 @@ PROFILES = {
 }
 
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
-           "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft")
+           "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
+           "flops_data", "both_data")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -108,8 +112,12 @@ LABELS = {
     "sens_distill": "data-aware + sensitivity-weighted ranks + distill FT",
     "flops_ft": "transform, FLOP-budget plan at equal params + FT",
     "hybrid_ft": "prune sqrt(r) + data-aware low rank + FT",
+    "flops_data": "data-aware transform, FLOP-budget plan at equal params + FT",
+    "both_data": "data-aware transform, >= r fewer FLOPs and params + FT",
 }
-AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill")
+AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
+              "flops_data", "both_data")
+AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,6 +133,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--aa-n", type=int, default=None, help="AutoAttack images (0: none; default: the profile's)")
     p.add_argument("--report", action="store_true", help="only rebuild the table from finished cells")
+    p.add_argument("--reference", choices=METHODS, default=RECOMMENDED,
+                   help="the method whose paired differences to every other method are tabled")
     p.add_argument("--autoattack", action="store_true",
                    help="add AutoAttack to the finished cells of the main methods (models rebuilt from their checkpoints)")
     args = p.parse_args(argv)
@@ -185,7 +195,7 @@ class Bench:
                      model: nn.Module | None = None, **plan_options: Any) -> tuple[nn.Module, dict]:
         cfg = self.ft_distill if distill else self.ft
         gm = decompose_finetune(self.teacher if model is None else model, self.train, ratio, cfg,
-                                run_dir=self._cell(ratio) / "run", resume=True, calibrate=calibrate,
+                                run_dir=self._cell(self._ratio) / "run", resume=True, calibrate=calibrate,
                                 sensitivity=sensitivity, round_to=1, **plan_options)
         # calibration: one attack per image; sensitivity: an attack and one more forward/backward per image
         passes = calibrate * (self.prof.train_steps + 1) + sensitivity * (self.prof.train_steps + 2)
@@ -208,14 +218,19 @@ class Bench:
         flops = flops_ratio_at_params(self.teacher, ratio, self.example)
         return self.transform_ft(flops, budget="flops", example_inputs=self.example)
 
-    def hybrid_ft(self, ratio: float) -> tuple[nn.Module, dict]:
-        """Prune sqrt(ratio) of the parameters (channels: FLOPs fall as fast), then data-aware low rank for the rest."""
-        from cstar_fx.passes.prune import prune_to_ratio
+    def flops_data(self, ratio: float) -> tuple[nn.Module, dict]:
+        """The FLOP-budget plan at equal parameters (as ``flops_ft``) with data-aware factors."""
+        flops = flops_ratio_at_params(self.teacher, ratio, self.example)
+        return self.transform_ft(flops, calibrate=self.prof.calibrate, budget="flops", example_inputs=self.example)
 
-        pruned = prune_to_ratio(self.teacher, ratio ** 0.5, self.example, importance="l2", round_to=1)
-        recalibrate_bn(pruned, self.train, batch_size=self.prof.batch_size, seed=self.seed)
-        rest = sum(p.numel() for p in pruned.parameters()) * ratio / self.dense_params
-        return self.transform_ft(rest, calibrate=self.prof.calibrate, model=pruned)
+    def both_data(self, ratio: float) -> tuple[nn.Module, dict]:
+        """At least ``ratio`` fewer FLOPs *and* parameters (``budget="flops", param_ratio=ratio``), data-aware."""
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, budget="flops", param_ratio=ratio,
+                                 example_inputs=self.example)
+
+    def hybrid_ft(self, ratio: float) -> tuple[nn.Module, dict]:
+        """Channel pruning for sqrt(ratio) of the parameters, then data-aware low rank for the rest."""
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=HYBRID_SHARE)
 
     def prune_ft(self, ratio: float, distill: bool = False) -> tuple[nn.Module, dict]:
         from cstar_fx.passes.prune import prune_to_ratio
@@ -257,16 +272,15 @@ class Bench:
                 "teacher forwards": epochs * len(self.train) if distill else 0, "calibration passes": calib_passes}
 
     def evaluate(self, model: nn.Module, aa: bool) -> dict[str, Any]:
-        if aa:  # AutoAttack on its subset only
-            res = evaluate(model, self.test.subset(self.args.aa_n), attacks=("autoattack",), sanity=False,
-                           seed=self.seed, progress=False)
-            return {"autoattack": 100 * res.robust["autoattack"]}
+        if aa:  # AutoAttack (or its APGD part) on its subset only
+            key = self.prof.aa_attack
+            res = evaluate(model, aa_subset(self.test, self.args.aa_n), attacks=(key,), sanity=False, seed=self.seed,
+                           progress=False)
+            return {key: 100 * res.robust[key]}
         res = evaluate(model, self.test, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20),
                        n=self.prof.pgd_n, sanity_n=self.prof.sanity_n, seed=self.seed, progress=False)
         out = {"clean": 100 * res.clean, "pgd20": 100 * res.pgd, "sanity": res.sanity.ok,
                "sanity_failed": list(res.sanity.failed), "eval s": res.seconds}
-        if "autoattack" in res.robust:
-            out["autoattack"] = 100 * res.robust["autoattack"]
         return out
 
     def run_cell(self, method: str, ratio: float) -> dict[str, Any]:
@@ -274,7 +288,7 @@ class Bench:
         done = cell / "result.json"
         if done.is_file():
             return json.loads(done.read_text())
-        self._method = method
+        self._method, self._ratio = method, ratio  # the cell's; a method may plan at another ratio
         t0 = time.perf_counter()
         model, compute = getattr(self, method)(ratio)
         train_s = time.perf_counter() - t0
@@ -289,9 +303,21 @@ class Bench:
         atomic_write_text(done, json.dumps(row, indent=2))
         return row
 
-    def add_autoattack(self, method: str, ratio: float) -> dict[str, Any] | None:
-        """AutoAttack accuracy of a finished cell's model, stored in its result; ``None`` when the cell is missing."""
+    def rebuild(self, method: str, ratio: float) -> nn.Module:
+        """A finished cell's architecture (weights not loaded): its plan.json over the teacher, or the pruning."""
         from cstar_fx.passes.prune import prune_to_ratio
+
+        plan = self._cell(ratio, method) / "plan.json"
+        base = self.teacher
+        if method == "hybrid_ft":
+            base = prune_to_ratio(self.teacher, ratio ** HYBRID_SHARE, self.example, importance="l2", round_to=1)
+        elif not plan.is_file():
+            return prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1)
+        return cstar_fx.transform(base, plan=cstar_fx.RankPlan.from_json(plan.read_text()), decompose=False)
+
+    def add_autoattack(self, method: str, ratio: float) -> dict[str, Any] | None:
+        """AutoAttack (or APGD) accuracy of a finished cell's model, stored in its result; ``None`` when the cell is
+        missing."""
         from cstar_fx.robust import load_checkpoint
 
         cell = self._cell(ratio, method)
@@ -299,20 +325,16 @@ class Bench:
         if not done.is_file():
             return None
         row = json.loads(done.read_text())
-        if "autoattack" in row or not self.args.aa_n:
+        if self.prof.aa_attack in row or not self.args.aa_n:
             return row
-        if (cell / "plan.json").is_file():
-            model = cstar_fx.transform(self.teacher, plan=cstar_fx.RankPlan.from_json((cell / "plan.json").read_text()),
-                                       decompose=False)
-        else:
-            model = prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1)
+        model = self.rebuild(method, ratio)
         ckpt = load_checkpoint(cell / "run" / "finetune") or load_checkpoint(cell / "run")
         model.load_state_dict(ckpt["model"])
         clean = 100 * evaluate(model, self.test, attacks=(), n=self.prof.pgd_n, sanity=False, progress=False).clean
         if abs(clean - row["clean"]) > 1e-6:
             raise RuntimeError(f"{cell}: the rebuilt model's clean accuracy {clean:.2f} differs from the recorded "
                                f"{row['clean']:.2f}; the checkpoint does not belong to this cell")
-        row.update({k: v for k, v in self.evaluate(model, True).items() if k == "autoattack"})
+        row.update(self.evaluate(model, True))
         atomic_write_text(done, json.dumps(row, indent=2))
         return row
 
@@ -338,6 +360,12 @@ class Bench:
     @property
     def dense_flops(self) -> float:
         return cstar_fx.count_flops(self.teacher, self.example)
+
+
+def aa_subset(test: Any, n: int) -> Any:
+    """``n`` test images spread evenly over the set (every k-th): the CPU profile's test set is sorted by class."""
+    step = max(1, len(test) // n)
+    return test.subset(torch.arange(0, len(test), step)[:n])
 
 
 def flops_ratio_at_params(model: nn.Module, ratio: float, example: torch.Tensor) -> float:
@@ -382,27 +410,30 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: list[str]) -> tuple[list, list]:
-    """Mean +- std per (ratio, method) and per-seed paired differences of the recommended method."""
+def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: list[str], *,
+              reference: str = RECOMMENDED, aa_key: str = "autoattack") -> tuple[list, list]:
+    """Mean +- std per (ratio, method) and per-seed paired differences of ``reference`` minus each method;
+    ``aa_key`` is the AutoAttack-stage result (``"autoattack"`` or ``"apgd"``)."""
+    aa_col = AA_LABELS[aa_key]
     table, paired = [], []
     teachers = [r for r in rows if r["method"] == "teacher"]
     if teachers:
-        table.append(_agg("teacher", 1.0, teachers))
+        table.append(_agg("teacher", 1.0, teachers, aa_key))
     for ratio in ratios:
         for method in methods:
             cells = [r for r in rows if r["method"] == method and r["ratio"] == ratio]
             if cells:
-                table.append(_agg(method, ratio, cells))
-        rec = {r["seed"]: r for r in rows if r["method"] == RECOMMENDED and r["ratio"] == ratio}
+                table.append(_agg(method, ratio, cells, aa_key))
+        rec = {r["seed"]: r for r in rows if r["method"] == reference and r["ratio"] == ratio}
         for method in methods:
-            if method == RECOMMENDED:
+            if method == reference:
                 continue
             other = {r["seed"]: r for r in rows if r["method"] == method and r["ratio"] == ratio}
             seeds = sorted(set(rec) & set(other))
             if not seeds:
                 continue
             row = {"ratio": f"{ratio:g}x", "vs": LABELS[method], "seeds": len(seeds)}
-            for key, col in (("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), ("autoattack", "Δ AutoAttack")):
+            for key, col in (("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), (aa_key, f"Δ {aa_col}")):
                 diffs = [rec[s][key] - other[s][key] for s in seeds if key in rec[s] and key in other[s]]
                 row[col] = _mean_std(diffs)
                 if key == "pgd20" and len(diffs) > 1:
@@ -412,7 +443,7 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
     return table, paired
 
 
-def _agg(method: str, ratio: float, cells: list[dict[str, Any]]) -> dict[str, Any]:
+def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) -> dict[str, Any]:
     first = cells[0]
     return {"method": LABELS[method], "ratio": f"{ratio:g}x" if ratio > 1 else "-", "seeds": len(cells),
             "ratio params": f"{statistics.mean(c['ratio params'] for c in cells):.1f}",
@@ -420,7 +451,7 @@ def _agg(method: str, ratio: float, cells: list[dict[str, Any]]) -> dict[str, An
             "student passes": first.get("student passes", ""), "dense passes": first.get("dense passes", 0),
             "teacher fwd": first.get("teacher forwards", 0), "calib passes": first.get("calibration passes", 0),
             "clean %": _mean_std([c["clean"] for c in cells]), "PGD-20 %": _mean_std([c["pgd20"] for c in cells]),
-            "AutoAttack %": _mean_std([c["autoattack"] for c in cells if "autoattack" in c]),
+            f"{AA_LABELS[aa_key]} %": _mean_std([c[aa_key] for c in cells if aa_key in c]),
             "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",
             "train s": f"{statistics.mean(c['train s'] for c in cells):.0f}"}
 
@@ -429,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the benchmark and write the table; returns 0."""
     args = _args(argv)
     prof = PROFILES[args.profile]
+    aa_col = AA_LABELS[prof.aa_attack]
     if args.aa_n is None:
         args.aa_n = prof.aa_n
     torch.set_num_threads(args.threads)
@@ -464,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     row = bench.add_autoattack(method, ratio)
                     if row is not None:
-                        _log(f"seed {seed} {ratio:g}x {method:<18} AutoAttack {row.get('autoattack', '-')} "
+                        _log(f"seed {seed} {ratio:g}x {method:<18} {aa_col} {row.get(prof.aa_attack, '-')} "
                              f"({time.perf_counter() - t0:.0f} s)")
         rows = [r for r in rows if r["method"] == "teacher"]
         args.report = True
@@ -480,12 +512,15 @@ def main(argv: list[str] | None = None) -> int:
                     row = bench.run_cell(method, ratio)
                     rows.append(row)
                     _log(f"seed {seed} {ratio:g}x {method:<18} clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f} "
-                         f"AA {row.get('autoattack', '-')} ({time.perf_counter() - t0:.0f} s)")
-    table, paired = summarise(rows, args.ratios, args.methods)
+                         f"({time.perf_counter() - t0:.0f} s)")
+    table, paired = summarise(rows, args.ratios, args.methods, reference=args.reference, aa_key=prof.aa_attack)
     meta = {"profile": args.profile, "dataset": f"CIFAR-10 (JPEG q75), {len(train)} train, first {prof.pgd_n} test "
-                                                f"images (AutoAttack: first {args.aa_n})",
+                                                f"images ({aa_col}: {args.aa_n} of them, every "
+                                                f"{max(1, len(test) // max(1, args.aa_n))}th)",
             "model": f"CIFAR ResNet-18, width {prof.width} ({bench.dense_params:,} params)",
-            "threat model": "L_inf eps 8/255; PGD-20 step 2/255 (1 restart); AutoAttack standard",
+            "threat model": "L_inf eps 8/255; PGD-20 step 2/255 (1 restart); " + (
+                "AutoAttack standard" if prof.aa_attack == "autoattack" else
+                "APGD-CE + APGD-T (9 targets) of standard AutoAttack, FAB-T and Square not run"),
             "training": f"PGD-{prof.train_steps} AT (step {prof.train_alpha * 255:.0f}/255), SGD 0.9, wd 5e-4, batch "
                         f"{prof.batch_size}, cosine; teacher {prof.teacher_epochs} ep lr {prof.teacher_lr}; every "
                         f"method {prof.ft_epochs} adversarial epochs at lr {prof.ft_lr} (CSTAR: {prof.joint_epochs} "
@@ -494,12 +529,12 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": list(args.seeds), "device": str(device), "wall s": round(time.perf_counter() - t_all, 1)}
     name = f"robust_table_{args.profile}"
     columns = ["method", "ratio", "seeds", "ratio params", "ratio FLOPs", "student passes", "dense passes",
-               "teacher fwd", "calib passes", "clean %", "PGD-20 %", "AutoAttack %", "sanity", "train s"]
+               "teacher fwd", "calib passes", "clean %", "PGD-20 %", f"{aa_col} %", "sanity", "train s"]
     md = write(name, table, columns, meta)
-    pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", "Δ AutoAttack"]
+    pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", f"Δ {aa_col}"]
     paired_md = markdown_table(paired, pcols)
     with open(OUT / f"{name}.md", "a") as fh:
-        fh.write(f"\nPaired per-seed differences, {LABELS[RECOMMENDED]} minus each method (mean ± std over seeds):\n\n"
+        fh.write(f"\nPaired per-seed differences, {LABELS[args.reference]} minus each method (mean ± std over seeds):\n\n"
                  f"{paired_md}\n")
     data = json.loads((OUT / f"{name}.json").read_text())
     data["cells"], data["paired"] = rows, paired

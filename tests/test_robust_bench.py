@@ -40,7 +40,7 @@ def test_paired_differences_are_per_seed_and_the_verdict_uses_their_spread(table
     rows = [_row(0, "data_distill", 40, 25, 20), _row(1, "data_distill", 42, 27, 22), _row(2, "data_distill", 38, 24),
             _row(0, "transform_ft", 39, 22, 18), _row(1, "transform_ft", 41, 24, 19), _row(2, "transform_ft", 37, 21),
             _row(0, "prune_ft", 45, 20), _row(1, "prune_ft", 30, 30)]
-    agg, paired = table.summarise(rows, (16.0,), ["transform_ft", "prune_ft", "data_distill"])
+    agg, paired = table.summarise(rows, (16.0,), ["transform_ft", "prune_ft", "data_distill"], reference="data_distill")
     by = {p["vs"]: p for p in paired}
     vs_t = by[table.LABELS["transform_ft"]]
     assert vs_t["seeds"] == 3 and vs_t["Δ PGD-20"] == "3.00 ± 0.00" and vs_t["PGD-20 gain > 2 sd"] == "yes"
@@ -69,3 +69,30 @@ def test_every_method_is_given_the_same_adversarial_epochs(table) -> None:  # no
     for name, prof in table.PROFILES.items():
         assert 0 < prof.joint_epochs < prof.ft_epochs, name  # CSTAR's joint epochs come out of the same total
     assert set(table.METHODS) <= set(table.LABELS) and table.RECOMMENDED in table.METHODS
+
+
+def test_paired_differences_against_another_reference_and_the_apgd_column(table) -> None:  # noqa: ANN001
+    rows = [_row(0, "hybrid_ft", 40, 25), _row(1, "hybrid_ft", 42, 27), _row(0, "prune_ft", 39, 24),
+            _row(1, "prune_ft", 41, 25)]
+    for r, apgd in zip(rows, (21, 23, 20, 20)):
+        r["apgd"] = apgd
+    agg, paired = table.summarise(rows, (16.0,), ["hybrid_ft", "prune_ft"], reference="hybrid_ft", aa_key="apgd")
+    assert [p["vs"] for p in paired] == [table.LABELS["prune_ft"]]
+    assert paired[0]["Δ PGD-20"] == f"{statistics.mean([1, 2]):.2f} ± {statistics.stdev([1, 2]):.2f}"
+    assert paired[0]["Δ APGD-CE+T"] == f"{statistics.mean([1, 3]):.2f} ± {statistics.stdev([1, 3]):.2f}"
+    assert next(r for r in agg if r["method"] == table.LABELS["hybrid_ft"])["APGD-CE+T %"] == "22.00 ± 1.41"
+
+
+def test_flop_budget_plan_is_found_at_the_parameter_ratio_asked_for(table) -> None:  # noqa: ANN001
+    model, x = small_cnn(width=16), torch.rand(1, 1, 8, 8)
+    flops = table.flops_ratio_at_params(model, 4.0, x)
+    plan = cstar_fx.plan_ranks(model, flops, budget="flops", example_inputs=x, round_to=1)
+    assert plan.ratio_params >= 4.0 and plan.ratio_params < 4.0 * 1.05
+
+
+def test_autoattack_subset_covers_every_class_of_a_class_sorted_test_set(table) -> None:  # noqa: ANN001
+    from cstar_fx.data import TensorData
+
+    y = torch.arange(10).repeat_interleave(100)  # sorted by class, as the CPU profile's subset is
+    sub = table.aa_subset(TensorData(torch.zeros(1000, 1, 2, 2), y), 200)
+    assert len(sub) == 200 and sub.y.bincount().tolist() == [20] * 10

@@ -16,6 +16,8 @@ import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..costs import budget_names
+
 __all__ = ["AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig", "Recipe", "RECOMMENDED",
            "NORMS", "LOSSES", "SCHEDULES"]
 
@@ -271,6 +273,10 @@ class Recipe(_Replace):
     * ``distill``: weight of robust distillation from the dense teacher in the fine-tune (0: off).
     * ``sensitivity``: training images on which each layer's adversarial-loss sensitivity weighs the
       rank allocation (0: spectral energy alone).
+    * ``prune``: share of the compression (in log terms) given to Torch-Pruning channel pruning before
+      the factorization (0: low rank alone; 0.5: ``sqrt(ratio)`` each).
+    * ``budget``: what the ratio counts (:func:`cstar_fx.costs.budget_names`; ``"both"``: parameters and
+      FLOPs alike, so it needs example inputs).
 
     Example:
         >>> Recipe(calibrate=256).distill
@@ -280,12 +286,20 @@ class Recipe(_Replace):
     calibrate: int = 0
     distill: float = 0.0
     sensitivity: int = 0
+    prune: float = 0.0
+    budget: str = "params"
 
     def __post_init__(self) -> None:
         _int(self, "calibrate", 0)
         _number(self, "distill", low=0.0, high=1.0)
         _int(self, "sensitivity", 0)
+        _number(self, "prune", low=0.0, high=1.0)
+        if self.budget not in budget_names():
+            raise ValueError(f"budget must be one of {budget_names()}, got {self.budget!r}")
+        if self.prune == 1.0:
+            raise ValueError("prune must be < 1: a share of 1 leaves nothing to factorize (use Torch-Pruning alone)")
 
 
-RECOMMENDED = Recipe(calibrate=512, distill=0.8)
-"""The recipe the benchmark supports (docs/robustness.md, "The recommended recipe"); the CLI's defaults."""
+RECOMMENDED = Recipe(calibrate=512, budget="both")
+"""The recipe the benchmark supports (docs/robustness.md, "The recommended recipe"): data-aware factors and a plan
+that is ``ratio`` times smaller in parameters and FLOPs alike, plain adversarial fine-tune; the CLI's defaults."""
