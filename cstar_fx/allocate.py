@@ -242,13 +242,6 @@ def _greedy(layers: list[LayerSpec], cost: CostModel, ratio: float, fixed_cost: 
     def form(st: _State) -> tuple[str, tuple[int, ...]]:
         return (DENSE, ()) if st.dense else (st.scheme, st.ranks())
 
-    cap_spent = [cap.fixed + sum(cap.cost(st.layer, *form(st)) for st in states.values()) for cap in caps]
-    for cap, used in zip(caps, cap_spent):
-        if used > cap.limit * (1 + 1e-12):
-            raise UnreachableBudgetError(
-                f"the {getattr(cap.cost, 'name', 'secondary')} cap is unreachable: the smallest ranks already cost "
-                f"{used:.4g} > {cap.limit:.4g}; relax the cap or lower round_to/min_rank.",
-                max_ratio=dense_total / spent)
     if spent > budget * (1 + 1e-12):
         best = dense_total / spent
         # Rounded down, so the ratio suggested is itself reachable (2.846 -> 2.84, never 2.85).
@@ -262,6 +255,14 @@ def _greedy(layers: list[LayerSpec], cost: CostModel, ratio: float, fixed_cost: 
             f"ratio {ratio:g} is unreachable: the smallest ranks allowed (round_to={round_to}, min_rank={min_rank}) "
             f"and the layers that stay dense already cost {spent:.4g} of a {budget:.4g} budget; the reachable "
             f"maximum is {best:.4f}x. " + ask, max_ratio=best)
+
+    cap_spent = [cap.fixed + sum(cap.cost(st.layer, *form(st)) for st in states.values()) for cap in caps]
+    for cap, used in zip(caps, cap_spent):
+        if used > cap.limit * (1 + 1e-12):
+            raise UnreachableBudgetError(
+                f"the {getattr(cap.cost, 'name', 'secondary')} cap is unreachable: the smallest ranks already cost "
+                f"{used:.4g} > {cap.limit:.4g}; ask for a lower ratio (or param_ratio), or lower round_to/min_rank.",
+                max_ratio=dense_total / spent)
 
     heap: list[tuple[float, int, str, int, int]] = []
     counter = 0
