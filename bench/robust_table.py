@@ -192,11 +192,10 @@ class Bench:
 
     # -- the methods: each returns (compressed model, compute record) --------------------------------------
     def transform_ft(self, ratio: float, distill: bool = False, calibrate: int = 0, sensitivity: int = 0,
-                     model: nn.Module | None = None, **plan_options: Any) -> tuple[nn.Module, dict]:
+                     **plan_options: Any) -> tuple[nn.Module, dict]:
         cfg = self.ft_distill if distill else self.ft
-        gm = decompose_finetune(self.teacher if model is None else model, self.train, ratio, cfg,
-                                run_dir=self._cell(self._ratio) / "run", resume=True, calibrate=calibrate,
-                                sensitivity=sensitivity, round_to=1, **plan_options)
+        gm = decompose_finetune(self.teacher, self.train, ratio, cfg, run_dir=self._cell(self._ratio) / "run",
+                                resume=True, calibrate=calibrate, sensitivity=sensitivity, round_to=1, **plan_options)
         # calibration: one attack per image; sensitivity: an attack and one more forward/backward per image
         passes = calibrate * (self.prof.train_steps + 1) + sensitivity * (self.prof.train_steps + 2)
         return gm, self._compute(self.prof.ft_epochs, distill, calib_passes=passes)
@@ -213,20 +212,17 @@ class Bench:
     def data_distill(self, ratio: float) -> tuple[nn.Module, dict]:
         return self.transform_ft(ratio, distill=True, calibrate=self.prof.calibrate)
 
-    def flops_ft(self, ratio: float) -> tuple[nn.Module, dict]:
+    def flops_ft(self, ratio: float, calibrate: int = 0) -> tuple[nn.Module, dict]:
         """A FLOP-budget plan at the same parameter count as the others (its FLOP ratio bisected to hit ``ratio``)."""
         flops = flops_ratio_at_params(self.teacher, ratio, self.example)
-        return self.transform_ft(flops, budget="flops", example_inputs=self.example)
+        return self.transform_ft(flops, calibrate=calibrate, budget="flops", example_inputs=self.example)
 
     def flops_data(self, ratio: float) -> tuple[nn.Module, dict]:
-        """The FLOP-budget plan at equal parameters (as ``flops_ft``) with data-aware factors."""
-        flops = flops_ratio_at_params(self.teacher, ratio, self.example)
-        return self.transform_ft(flops, calibrate=self.prof.calibrate, budget="flops", example_inputs=self.example)
+        return self.flops_ft(ratio, calibrate=self.prof.calibrate)
 
     def both_data(self, ratio: float) -> tuple[nn.Module, dict]:
-        """At least ``ratio`` fewer FLOPs *and* parameters (``budget="flops", param_ratio=ratio``), data-aware."""
-        return self.transform_ft(ratio, calibrate=self.prof.calibrate, budget="flops", param_ratio=ratio,
-                                 example_inputs=self.example)
+        """At least ``ratio`` fewer FLOPs *and* parameters (``budget="both"``), data-aware: the library's recipe."""
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, budget="both", example_inputs=self.example)
 
     def hybrid_ft(self, ratio: float) -> tuple[nn.Module, dict]:
         """Channel pruning for sqrt(ratio) of the parameters, then data-aware low rank for the rest."""
@@ -515,8 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"({time.perf_counter() - t0:.0f} s)")
     table, paired = summarise(rows, args.ratios, args.methods, reference=args.reference, aa_key=prof.aa_attack)
     meta = {"profile": args.profile, "dataset": f"CIFAR-10 (JPEG q75), {len(train)} train, first {prof.pgd_n} test "
-                                                f"images ({aa_col}: {args.aa_n} of them, every "
-                                                f"{max(1, len(test) // max(1, args.aa_n))}th)",
+                                                f"images ({aa_col}: {args.aa_n} of them, spread over all classes)",
             "model": f"CIFAR ResNet-18, width {prof.width} ({bench.dense_params:,} params)",
             "threat model": "L_inf eps 8/255; PGD-20 step 2/255 (1 restart); " + (
                 "AutoAttack standard" if prof.aa_attack == "autoattack" else

@@ -41,7 +41,8 @@ from .export import CPU, CUDA, BenchResult, benchmark, evaluate_onnx, pgd_exampl
 from .fileutil import atomic_path
 from .models import TORCHVISION_NAMES, build_model, small_cnn
 from .robust.cstar import model_on
-from .robust.config import RECOMMENDED, AdmmConfig, AttackConfig, JointConfig, LossConfig, Recipe, TrainConfig
+from .robust.config import (RECOMMENDED, AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig,
+                            check_prune_share)
 from .robust.distributed import is_main_process
 from .runreport import RESULTS_FORMAT
 from .sysinfo import describe
@@ -175,7 +176,7 @@ class PipelineConfig:
             raise ValueError(f"ratios must be numbers > 1, got {list(self.ratios)}")
         if len(set(self.ratios)) < len(self.ratios) or len(set(self.methods)) < len(self.methods):
             raise ValueError("ratios and methods must not repeat a value")
-        Recipe(prune=self.prune_share)  # checks the share
+        object.__setattr__(self, "prune_share", check_prune_share(self.prune_share))
         if self.prune_share and (self.budget != "params" or "decompose" not in self.methods):
             raise ValueError(f"prune share {self.prune_share:g} splits the parameter ratio of the decompose method; "
                              f"it needs budget 'params' (got {self.budget!r}) and the decompose method "

@@ -19,7 +19,7 @@ from typing import Any
 from ..costs import budget_names
 
 __all__ = ["AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig", "Recipe", "RECOMMENDED",
-           "NORMS", "LOSSES", "SCHEDULES"]
+           "NORMS", "LOSSES", "SCHEDULES", "check_prune_share"]
 
 NORMS = ("linf", "l2")
 LOSSES = ("pgd", "trades", "fast", "clean")
@@ -37,6 +37,19 @@ def _number(obj: Any, name: str, *, low: float | None = None, high: float | None
         raise ValueError(f"{name} must be <= {high:g}, got {value:g}")
     object.__setattr__(obj, name, value)
     return value
+
+
+def check_prune_share(value: Any) -> float:
+    """``value`` as a share of the compression given to channel pruning: a number in ``[0, 1)``.
+
+    Example:
+        >>> check_prune_share(0.5)
+        0.5
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"prune must be the share of the compression given to channel pruning, 0 <= prune < 1 "
+                         f"(0: off; 1 would leave nothing to factorize), got {value!r}")
+    return float(value)
 
 
 def _int(obj: Any, name: str, low: int) -> int:
@@ -293,11 +306,9 @@ class Recipe(_Replace):
         _int(self, "calibrate", 0)
         _number(self, "distill", low=0.0, high=1.0)
         _int(self, "sensitivity", 0)
-        _number(self, "prune", low=0.0, high=1.0)
+        object.__setattr__(self, "prune", check_prune_share(self.prune))
         if self.budget not in budget_names():
             raise ValueError(f"budget must be one of {budget_names()}, got {self.budget!r}")
-        if self.prune == 1.0:
-            raise ValueError("prune must be < 1: a share of 1 leaves nothing to factorize (use Torch-Pruning alone)")
 
 
 RECOMMENDED = Recipe(calibrate=512, budget="both")

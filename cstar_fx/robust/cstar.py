@@ -37,7 +37,7 @@ from ..plan import RankPlan
 from ..torchutil import as_tuple, model_device, private_rng
 from .admm import Admm, auto_rho
 from .attacks import pgd_attack
-from .config import JointConfig, TrainConfig
+from .config import JointConfig, TrainConfig, check_prune_share
 from .finetune import finetune, recalibrate_bn
 from .sensitivity import layer_sensitivity
 
@@ -177,9 +177,7 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     _check_count("calibrate", calibrate)
     _check_count("sensitivity", sensitivity)
-    if isinstance(prune, bool) or not isinstance(prune, (int, float)) or not 0 <= prune < 1:
-        raise ValueError(f"prune must be the share of the compression given to channel pruning, 0 <= prune < 1 "
-                         f"(0: off), got {prune!r}")
+    prune = check_prune_share(prune)
     dev = torch.device(device) if device is not None else model_device(model)
     example_inputs = _on(example_inputs, dev)
     teacher = model_on(model, dev)
@@ -207,12 +205,12 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
     left for the factorization."""
     if isinstance(ratio, (CstarConfig, bool)) or not isinstance(ratio, (int, float)):
         raise TypeError(f"prune= needs a numeric ratio (the total parameter ratio), got {type(ratio).__name__}")
-    if plan_options.get("budget", "params") != "params":
+    if plan_options.get("budget", CstarConfig.budget) != "params":
         raise ValueError(f"prune= splits a parameter ratio; it cannot go with budget={plan_options['budget']!r}")
     if example_inputs is None:
         example_inputs = (next(iter(as_loader(train_data, 1, False, dev)))[0],)
     pruned, _ = prune_to_ratio_finer(teacher, ratio ** share, example_inputs, importance="l2",
-                                     round_to=plan_options.get("round_to", 8))
+                                     round_to=plan_options.get("round_to", CstarConfig.round_to))
     recalibrate_bn(pruned, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
     dense = sum(p.numel() for p in teacher.parameters())
     return pruned, sum(p.numel() for p in pruned.parameters()) * ratio / dense
