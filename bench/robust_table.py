@@ -6,22 +6,27 @@ epoch counts as one), the same optimiser, schedule, batch-norm re-estimation and
 (seed, method, ratio) cell is written to its own JSON file as it finishes, so a killed run resumes
 where it stopped (the running fine-tune itself resumes from its last epoch).
 
-    python bench/robust_table.py --profile cpu     # 2-core CPU: ResNet-18 width 16, 10k images, 3 seeds
+    python bench/robust_table.py --profile cpu     # 2-core CPU: ResNet-18 width 16, 10k images, 5 seeds
     python bench/robust_table.py --profile gpu     # paper size: width 64, all 50k images, 30-epoch teacher
     python bench/robust_table.py --profile smoke   # a minute on the CPU; checks the code path (CI-sized)
     python bench/robust_table.py --profile cpu --report   # only rebuild the table from the finished cells
+    bench/run_cpu_table.sh                         # the CPU table in the order that answers the question first
 
-Methods (``--methods``, in this order by default): ``transform_ft`` (weight-SVD/Tucker-2 plan +
-adversarial fine-tune, the plain low-rank baseline), ``prune_ft`` (Torch-Pruning L2 global channel
-pruning + the same fine-tune), ``data_distill`` (data-aware factorization calibrated on clean and
-adversarial training images + robust distillation from the teacher in the fine-tune),
-``prune_distill`` (pruning with that same distillation fine-tune), ``data_ft`` (data-aware
-factorization, plain fine-tune), ``transform_distill``, ``uniform_ft`` (the same fraction of every
-layer's ranks), ``cstar`` (ADMM joint epochs on the dense weights, then transform and
-fine-tune, same total epochs) and ``sens_distill`` (``data_distill`` with the ranks allocated by
-each layer's measured sensitivity of the adversarial loss). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``: every
-cell, mean +- std per method and ratio, and per-seed paired differences of ``data_distill``
-against every other method.
+Methods (``--methods``, run in the order given; ``LABELS`` says what each is): the baselines
+``transform_ft`` (weight-SVD/Tucker-2 plan + adversarial fine-tune), ``prune_ft`` (Torch-Pruning L2
+global channel pruning at equal parameters + the same fine-tune), ``prune_both`` (the same pruning at
+least ``r`` times smaller in FLOPs *and* parameters, as ``cstar-fx compress`` prunes) and ``uniform_ft``
+(the same fraction of every layer's ranks); the library's recipe ``both_data`` (data-aware factors,
+``budget="both"``); the levers ``data_ft`` / ``data_distill`` / ``transform_distill`` /
+``prune_distill`` (data-aware factors calibrated on clean and adversarial training images; robust
+distillation from the teacher), ``flops_ft`` / ``flops_data`` (a FLOP-budget plan at equal parameters),
+``hybrid_ft`` / ``hybrid_both`` (channel pruning for ``sqrt(r)``, then data-aware low rank for the rest,
+at equal parameters / at ``budget="both"``), ``sens_distill`` (ranks weighted by each layer's measured
+sensitivity of the adversarial loss) and ``cstar`` (ADMM joint epochs on the dense weights, then
+transform and fine-tune, same total epochs). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``:
+every cell, mean +- std per method and ratio, and per-seed paired differences of ``--reference`` (default:
+the recipe) against every other method. ``--autoattack`` adds AutoAttack (the CPU profile: its APGD-CE and
+APGD-T) to the finished cells of the methods in ``AA_METHODS``.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from cstar_fx.robust import (AdmmConfig, AttackConfig, JointConfig, LossConfig, 
 
 EPS = 8 / 255
 RECOMMENDED = "both_data"  # the library's RECOMMENDED recipe (cstar_fx.robust.RECOMMENDED)
-HYBRID_SHARE = 0.5  # of the compression (in log terms) given to channel pruning by hybrid_ft
+HYBRID_SHARE = 0.5  # of the compression (in log terms) given to channel pruning by hybrid_ft and hybrid_both
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,10 @@ class Profile:
 
 
 PROFILES = {
-    # ~2 hours on 2 CPU cores for 8 methods x 2 ratios x 3 seeds (measured numbers in docs/benchmarks.md).
+    # 2 CPU cores: ~15 min per teacher, ~3 min per cell and ~1 min per APGD (measured numbers in docs/benchmarks.md)
     "cpu": Profile(width=16, train_per_class=1000, test_per_class=100, teacher_epochs=10, ft_epochs=3,
                    joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
-                   pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2),
+                   pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2, 3, 4),
                    aa_attack="apgd"),
     "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
                    joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
@@ -98,7 +103,7 @@ PROFILES = {
 
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
-           "flops_data", "both_data")
+           "flops_data", "both_data", "prune_both", "hybrid_both")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -114,9 +119,12 @@ LABELS = {
     "hybrid_ft": "prune sqrt(r) + data-aware low rank + FT",
     "flops_data": "data-aware transform, FLOP-budget plan at equal params + FT",
     "both_data": "data-aware transform, >= r fewer FLOPs and params + FT",
+    "prune_both": "Torch-Pruning L2, >= r fewer FLOPs and params + FT",
+    "hybrid_both": "prune r^0.5 + data-aware low rank, >= r fewer FLOPs and params + FT",
 }
+PRUNED_FIRST = {"hybrid_ft": "params", "hybrid_both": "both"}  # methods that prune r ** HYBRID_SHARE first: budget
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
-              "flops_data", "both_data")
+              "flops_data", "both_data", "prune_both", "hybrid_both")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
@@ -228,10 +236,15 @@ class Bench:
         """Channel pruning for sqrt(ratio) of the parameters, then data-aware low rank for the rest."""
         return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=HYBRID_SHARE)
 
-    def prune_ft(self, ratio: float, distill: bool = False) -> tuple[nn.Module, dict]:
+    def hybrid_both(self, ratio: float) -> tuple[nn.Module, dict]:
+        """Channel pruning for sqrt(ratio), then data-aware low rank for the rest: >= ratio in FLOPs and params."""
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=HYBRID_SHARE, budget="both",
+                                 example_inputs=self.example)
+
+    def prune_ft(self, ratio: float, distill: bool = False, budget: str = "params") -> tuple[nn.Module, dict]:
         from cstar_fx.passes.prune import prune_to_ratio
 
-        pruned = prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1)
+        pruned = prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1, budget=budget)
         recalibrate_bn(pruned, self.train, batch_size=self.prof.batch_size, seed=self.seed)
         finetune(pruned, self.train, self.ft_distill if distill else self.ft, run_dir=self._cell(ratio) / "run",
                  resume=True, teacher=self.teacher if distill else None)
@@ -239,6 +252,10 @@ class Bench:
 
     def prune_distill(self, ratio: float) -> tuple[nn.Module, dict]:
         return self.prune_ft(ratio, distill=True)
+
+    def prune_both(self, ratio: float) -> tuple[nn.Module, dict]:
+        """Pruning at least ``ratio`` times smaller in FLOPs and parameters, as ``cstar-fx compress`` prunes."""
+        return self.prune_ft(ratio, budget="both")
 
     def uniform_ft(self, ratio: float) -> tuple[nn.Module, dict]:
         plan = uniform_plan(self.teacher, ratio)
@@ -305,10 +322,12 @@ class Bench:
 
         plan = self._cell(ratio, method) / "plan.json"
         base = self.teacher
-        if method == "hybrid_ft":
-            base = prune_to_ratio(self.teacher, ratio ** HYBRID_SHARE, self.example, importance="l2", round_to=1)
+        if method in PRUNED_FIRST:
+            base = prune_to_ratio(self.teacher, ratio ** HYBRID_SHARE, self.example, importance="l2", round_to=1,
+                                  budget=PRUNED_FIRST[method])
         elif not plan.is_file():
-            return prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1)
+            return prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1,
+                                  budget="both" if method == "prune_both" else "params")
         return cstar_fx.transform(base, plan=cstar_fx.RankPlan.from_json(plan.read_text()), decompose=False)
 
     def add_autoattack(self, method: str, ratio: float) -> dict[str, Any] | None:

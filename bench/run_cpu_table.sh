@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-main=(both_data transform_ft prune_ft flops_data hybrid_ft)
+main=(both_data transform_ft prune_ft prune_both hybrid_both)  # five seeds (the profile's)
 "$py" bench/robust_table.py --profile cpu --methods "${main[@]}"
 "$py" bench/robust_table.py --profile cpu --autoattack --methods "${main[@]}"
-"$py" bench/robust_table.py --profile cpu --methods "${main[@]}" data_ft data_distill flops_ft prune_distill \
+# the levers and ablations: three seeds
+"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods flops_data hybrid_ft
+"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --autoattack --methods flops_data hybrid_ft
+"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods data_ft data_distill flops_ft prune_distill \
   transform_distill sens_distill cstar uniform_ft

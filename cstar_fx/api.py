@@ -68,10 +68,10 @@ _PLANNING_OPTIONS = frozenset({"budget", "round_to", "min_rank", "skip", "cost_m
                                 "param_ratio"})
 
 
-def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: RankPlan | None = None,
+def transform(model: nn.Module, ratio: float | CstarConfig | None = None, *, plan: RankPlan | None = None,
               example_inputs: Any = None, decompose: bool = True, calibration: Any = None,
               sensitivity: dict[str, float] | None = None, **options: Any) -> fx.GraphModule:
-    """Factorize ``model`` at ``ratio`` (or as ``plan`` says) and return a new GraphModule.
+    """Factorize ``model`` at ``ratio`` (default 8) or as ``plan`` says, and return a new GraphModule.
 
     ``calibration`` (model inputs: a tensor, or an iterable of batches or ``(inputs, labels)`` pairs)
     makes the factorization data-aware: each layer's factors preserve its outputs on those inputs
@@ -100,10 +100,9 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = 8, *, plan: 
     if not decompose and plan is None:
         raise ValueError("decompose=False builds the architecture of a given plan; pass plan=... as well")
     if plan is None:
-        cfg = resolve_config(8 if ratio is None else ratio, options)
+        cfg = resolve_config(CstarConfig.ratio if ratio is None else ratio, options)
     else:  # the plan fixes the ranks; options are still validated so a misspelt one is not silently ignored
-        if isinstance(ratio, CstarConfig) or (ratio is not None and not (type(ratio) is int and ratio == 8)):
-            # 8 is the signature's default, which callers forwarding their own default pass along
+        if ratio is not None:
             raise ValueError(f"transform(model, {ratio!r}, plan=...): the plan fixes every rank, so the ratio would "
                              f"be ignored; drop the ratio, or drop plan= to plan at that ratio")
         cfg = resolve_options(options)

@@ -27,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .analysis import count_flops
 from .api import get_plan, get_report, transform
-from .config import check_ratio, resolve_config, resolve_options
+from .config import CstarConfig, check_ratio, resolve_config, resolve_options
 from .errors import CstarError
 from .extras import require
 from .passes.prune import derive_plan, protected_layers, prune_to_ratio
@@ -72,7 +72,7 @@ class _CheckedPass(PassBase):
 
 
 class CstarPass(_CheckedPass):
-    """``cstar_fx.transform`` as a ``torch.fx`` pass: factorize a GraphModule ``ratio`` times smaller.
+    """``cstar_fx.transform`` as a ``torch.fx`` pass: factorize a GraphModule ``ratio`` (default 8) times smaller.
 
     ``options`` are :func:`cstar_fx.transform`'s (``plan``, ``example_inputs``, ``calibration``,
     ``decompose``) and :class:`cstar_fx.CstarConfig`'s (``budget``, ``round_to``, ``skip``, ...); they are
@@ -90,10 +90,16 @@ class CstarPass(_CheckedPass):
         (True, 8.0)
     """
 
-    def __init__(self, ratio: Any = 8, **options: Any) -> None:
+    def __init__(self, ratio: Any = None, **options: Any) -> None:
         config_options = {k: v for k, v in options.items() if k not in _TRANSFORM_ARGS}
-        # fail now on a bad ratio or option (no ratio: the plan given to the pass fixes the ranks)
-        resolve_options(config_options) if ratio is None else resolve_config(ratio, config_options)
+        # fail now on a bad ratio or option (no ratio: 8, or the ranks of the plan given to the pass)
+        if "plan" in options:
+            if ratio is not None:
+                raise ValueError(f"CstarPass({ratio!r}, plan=...): the plan fixes every rank, so the ratio would be "
+                                 f"ignored; drop the ratio, or drop plan= to plan at that ratio")
+            resolve_options(config_options)
+        else:
+            resolve_config(CstarConfig.ratio if ratio is None else ratio, config_options)
         self.ratio = ratio
         self.options = dict(options)
 

@@ -40,6 +40,7 @@ from .api import count_flops, get_plan, plan_ranks
 from .export import CPU, CUDA, BenchResult, benchmark, evaluate_onnx, pgd_examples, quantize_int8, to_onnx
 from .fileutil import atomic_path
 from .models import TORCHVISION_NAMES, build_model, small_cnn
+from .passes.prune import PRUNE_BUDGETS
 from .robust.cstar import model_on
 from .robust.config import (RECOMMENDED, AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig,
                             check_prune_share)
@@ -177,10 +178,10 @@ class PipelineConfig:
         if len(set(self.ratios)) < len(self.ratios) or len(set(self.methods)) < len(self.methods):
             raise ValueError("ratios and methods must not repeat a value")
         object.__setattr__(self, "prune_share", check_prune_share(self.prune_share))
-        if self.prune_share and (self.budget != "params" or "decompose" not in self.methods):
-            raise ValueError(f"prune share {self.prune_share:g} splits the parameter ratio of the decompose method; "
-                             f"it needs budget 'params' (got {self.budget!r}) and the decompose method "
-                             f"(got {', '.join(self.methods)}): set the prune share to 0 otherwise")
+        if self.prune_share and (self.budget not in PRUNE_BUDGETS or "decompose" not in self.methods):
+            raise ValueError(f"prune share {self.prune_share:g} splits the ratio of the decompose method; "
+                             f"it needs budget 'params', 'flops' or 'both' (got {self.budget!r}) and the decompose "
+                             f"method (got {', '.join(self.methods)}): set the prune share to 0 otherwise")
         self.joint_config  # noqa: B018 - builds (and so checks) every training and attack setting now
 
     @property

@@ -48,10 +48,13 @@ from ..torchutil import as_tuple, eval_mode
 from .discover import find_layers
 from .shapes import record_shapes
 
-__all__ = ["IMPORTANCES", "protected_layers", "output_layers", "derive_plan", "prune_to_ratio", "prune_to_ratio_finer"]
+__all__ = ["IMPORTANCES", "PRUNE_BUDGETS", "protected_layers", "output_layers", "derive_plan", "prune_to_ratio", "prune_to_ratio_finer"]
 
 IMPORTANCES = ("l2", "l1", "fpgm", "lamp", "bn", "random")
 """Importance names accepted by :func:`prune_to_ratio` (Torch-Pruning estimators)."""
+
+PRUNE_BUDGETS = ("params", "flops", "both")
+"""What a pruning ratio can count (:func:`prune_to_ratio`'s ``budget``)."""
 
 def _tp() -> Any:
     (torch_pruning,) = require("torch_pruning", purpose="cstar_fx.passes.prune (Torch-Pruning)")
@@ -372,8 +375,8 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
         True
     """
     ratio = check_ratio(ratio)
-    if budget not in ("params", "flops", "both"):
-        raise ValueError(f"budget must be 'params', 'flops' or 'both', got {budget!r}")
+    if budget not in PRUNE_BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, got {budget!r}")
     if round_to is None:
         round_to = 1
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:

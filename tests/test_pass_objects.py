@@ -179,6 +179,8 @@ def test_bad_options_fail_when_the_pipeline_is_built(x):
         CstarPass(ratio=2, round_two=8)
     with pytest.raises(ValueError, match="ratio must be a finite number > 1"):
         CstarPass(ratio=1)
+    with pytest.raises(ValueError, match="the plan fixes every rank"):
+        CstarPass(8, plan=cstar_fx.RankPlan.full_rank(nn.Linear(64, 64)))
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['ratio_x'\]"):
         PrunePass(2, x, ratio_x=3)
     with pytest.raises(TypeError, match="ignored_layers by name"):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cstar_fx
+from cstar_fx.analysis import count_params
 from cstar_fx.data import digits
 from cstar_fx.decompose import (svd_factors, svd_factors_data, svd_reconstruct, tucker2_factors,
                                 tucker2_factors_data, tucker2_reconstruct)
@@ -227,8 +228,25 @@ def test_prune_share_prunes_channels_then_factorizes_to_the_total_ratio() -> Non
     for bad, match in ((1.0, "0 <= prune < 1"), (-0.1, "0 <= prune < 1"), (True, "0 <= prune < 1")):
         with pytest.raises(ValueError, match=match):
             decompose_finetune(model, train, 8, cfg, prune=bad)
-    with pytest.raises(ValueError, match="budget='flops'"):
-        decompose_finetune(model, train, 8, cfg, prune=0.5, budget="flops", example_inputs=torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="budget='latency'"):
+        decompose_finetune(model, train, 8, cfg, prune=0.5, budget="latency", example_inputs=torch.rand(1, 1, 8, 8))
+
+
+def test_prune_share_with_budget_both_reaches_the_ratio_in_params_and_flops() -> None:
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is not installed (pip install 'cstar-fx[pruning]')")
+    torch.manual_seed(0)
+    train = digits()[0].subset(128)
+    model = small_cnn(width=16)
+    example = torch.rand(1, 1, 8, 8)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, progress=False,
+                      loss=LossConfig("pgd", attack=AttackConfig(eps=0.1, alpha=0.05, steps=1)))
+    gm = decompose_finetune(model, train, 6, cfg, prune=0.5, budget="both", example_inputs=example, round_to=1)
+    by_params = count_params(model) / count_params(gm)
+    by_flops = cstar_fx.count_flops(model, example) / cstar_fx.count_flops(gm, example)
+    assert min(by_params, by_flops) >= 6 * 0.97  # each measure at least the ratio (the allocator's tolerance)
+    assert max(by_params, by_flops) > 6 * 1.03  # the measure pruning favoured overshoots: the other one binds
+    assert [m.out_channels for m in gm.modules() if isinstance(m, nn.Conv2d)] != \
+        [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
 # -- the joint phase ------------------------------------------------------------------------------------------

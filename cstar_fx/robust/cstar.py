@@ -29,10 +29,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..analysis import count_flops, count_params
 from ..api import plan_ranks, transform
 from ..config import CstarConfig
 from ..data import as_loader
-from ..passes.prune import prune_to_ratio_finer
+from ..passes.prune import PRUNE_BUDGETS, prune_to_ratio_finer
 from ..plan import RankPlan
 from ..torchutil import as_tuple, model_device, private_rng
 from .admm import Admm, auto_rho
@@ -160,10 +161,12 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
 
     ``prune=s`` (0 <= s < 1) spends the share ``s`` of the compression (in log terms) on channel pruning
     first: Torch-Pruning (global L2, granularity ``round_to``, finer where needed) makes ``model``
-    ``ratio ** s`` times smaller, batch norm is re-estimated, and the pruned network is factorized for
-    the rest, so the result has ``ratio`` times fewer parameters in all. Calibration and sensitivity
-    are then measured on the pruned network; distillation stays from ``model``. Needs
-    ``pip install 'cstar-fx[pruning]'`` and a numeric ``ratio`` with ``budget="params"``.
+    ``ratio ** s`` times smaller in what ``budget`` counts, batch norm is re-estimated, and the pruned
+    network is factorized for the rest, so the result is ``ratio`` times smaller in all (with
+    ``budget="both"``: at least ``ratio`` times in parameters and in FLOPs). Calibration and
+    sensitivity are then measured on the pruned network; distillation stays from ``model``. Needs
+    ``pip install 'cstar-fx[pruning]'`` and a numeric ``ratio`` with budget ``"params"``, ``"flops"``
+    or ``"both"``.
 
     Example:
         >>> from cstar_fx.data import digits
@@ -201,19 +204,25 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
 
 def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, cfg: TrainConfig, example_inputs: Any,
                  dev: torch.device, plan_options: dict[str, Any]) -> tuple[nn.Module, float]:
-    """The channel-pruned ``teacher`` (``ratio ** share`` smaller, batch norm re-estimated) and the parameter ratio
-    left for the factorization."""
+    """The channel-pruned ``teacher`` (``ratio ** share`` smaller, batch norm re-estimated) and the ratio left for
+    the factorization, so that both steps together reach ``ratio`` in what the budget counts."""
     if isinstance(ratio, (CstarConfig, bool)) or not isinstance(ratio, (int, float)):
-        raise TypeError(f"prune= needs a numeric ratio (the total parameter ratio), got {type(ratio).__name__}")
-    if plan_options.get("budget", CstarConfig.budget) != "params":
-        raise ValueError(f"prune= splits a parameter ratio; it cannot go with budget={plan_options['budget']!r}")
+        raise TypeError(f"prune= needs a numeric ratio (the total ratio), got {type(ratio).__name__}")
+    budget = plan_options.get("budget", CstarConfig.budget)
+    if budget not in PRUNE_BUDGETS:
+        raise ValueError(f"prune= splits a parameter or FLOP ratio; it cannot go with budget={budget!r} "
+                         f"(use one of {', '.join(PRUNE_BUDGETS)})")
     if example_inputs is None:
         example_inputs = (next(iter(as_loader(train_data, 1, False, dev)))[0],)
-    pruned, _ = prune_to_ratio_finer(teacher, ratio ** share, example_inputs, importance="l2",
+    pruned, _ = prune_to_ratio_finer(teacher, ratio ** share, example_inputs, importance="l2", budget=budget,
                                      round_to=plan_options.get("round_to", CstarConfig.round_to))
     recalibrate_bn(pruned, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
-    dense = sum(p.numel() for p in teacher.parameters())
-    return pruned, sum(p.numel() for p in pruned.parameters()) * ratio / dense
+    # "both": the larger leftover, so that both steps together reach `ratio` in parameters and in FLOPs alike
+    left = [count_params(pruned) * ratio / count_params(teacher)] if budget != "flops" else []
+    if budget != "params":
+        left.append(count_flops(pruned, example_inputs) * ratio / count_flops(teacher, example_inputs))
+    return pruned, max(left)
+
 
 
 def _check_count(name: str, value: Any) -> None:
