@@ -45,7 +45,7 @@ from .report import TransformReport, get_report
 from .schemes import get
 from .version import __version__
 
-__all__ = ["save", "load", "CheckpointError", "MODEL_FORMAT"]
+__all__ = ["save", "load", "load_weights", "CheckpointError", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "cstar-fx/model/1"
 _FORMAT_FAMILY = "cstar-fx/model/"
@@ -61,6 +61,69 @@ class CheckpointError(CstarError, ValueError):
         >>> isinstance(CheckpointError("bad file"), ValueError)
         True
     """
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a plain PyTorch state-dict file into ``model`` (in place) and return ``model``.
+
+    The file is what ``torch.save(model.state_dict(), path)`` writes, or a training checkpoint holding
+    it under ``"state_dict"`` or ``"model"``. It is read with ``weights_only=True``, so no code in it
+    runs. Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (giving the first
+    line of PyTorch's reason) for a file that is not a state dict or does not fit ``model``; ``model`` is
+    left unchanged then.
+
+    Example:
+        >>> import os, tempfile, torch.nn as nn
+        >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+        >>> torch.save({"model": nn.Linear(2, 2).state_dict()}, path)
+        >>> isinstance(load_weights(nn.Linear(2, 2), path), nn.Linear)
+        True
+    """
+    path = _as_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no state-dict file at {str(path)!r}")
+    if _is_model_file(path):
+        raise CheckpointError(f"{str(path)!r} is a cstar_fx model file, not a state dict: load it with "
+                              f"cstar_fx.load(path, model=<the original architecture>)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled code; anything else is not a torch.save file
+        raise CheckpointError(f"{str(path)!r} is not a PyTorch state-dict file ({_first_line(exc)})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    # load_state_dict copies the tensors that fit before it reports those that do not: check first
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in expected.items()
+              if isinstance(v, torch.Tensor) and isinstance(state.get(k), torch.Tensor) and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        problems = [f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}" for what, names in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes)) if names]
+        raise CheckpointError(f"{str(path)!r} does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state)
+    return model
+
+
+def _is_model_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata names a cstar_fx model format (header only)."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size < 100_000_000:
+            return False
+        try:
+            header = json.loads(fh.read(size))
+        except ValueError:
+            return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and str(meta.get("format", "")).startswith(_FORMAT_FAMILY)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _safetensors() -> Any:

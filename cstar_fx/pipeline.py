@@ -39,6 +39,7 @@ from .allocate import UnreachableBudgetError
 from .api import count_flops, get_plan, plan_ranks
 from .export import CPU, CUDA, BenchResult, benchmark, evaluate_onnx, pgd_examples, quantize_int8, to_onnx
 from .fileutil import atomic_path
+from .io import load_weights
 from .models import TORCHVISION_NAMES, build_model, small_cnn
 from .passes.prune import PRUNE_BUDGETS
 from .robust.cstar import model_on
@@ -567,7 +568,7 @@ class Pipeline:
 
         model = self.model.to(device)
         if teacher is not None:
-            model.load_state_dict(torch.load(teacher, map_location=device, weights_only=True))
+            load_weights(model, teacher)
         else:
             with stage("teacher"):
                 if cfg.teacher_epochs > 0:

@@ -190,6 +190,8 @@ def names(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     flipped[-5] ^= 0x10
     (tmp / "corrupted.safetensors").write_bytes(bytes(flipped))
     torch.save({"0.weight": torch.zeros(2)}, tmp / "pickle.pt")
+    torch.save(model.state_dict(), tmp / "state.pt")
+    (tmp / "junk.pt").write_text("not a checkpoint\n")
     from safetensors.torch import save_file
 
     save_file({"0.weight": torch.zeros(2)}, str(tmp / "plain.safetensors"))
@@ -229,7 +231,8 @@ def names(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         tied=_Tied(), pruned_gm=_pruned(gm), plan_json_with=plan_json_with, plan_json_without=plan_json_without,
         tmp=tmp, saved=saved, truncated=tmp / "truncated.safetensors", corrupted=tmp / "corrupted.safetensors",
         pickle_file=tmp / "pickle.pt", plain_safetensors=tmp / "plain.safetensors", missing=tmp / "missing.safetensors",
-        new_path=tmp / "new.safetensors",
+        new_path=tmp / "new.safetensors", state_file=tmp / "state.pt", junk_file=tmp / "junk.pt",
+        load_weights=cstar_fx.io.load_weights,
         pgd=pgd, fgsm=fgsm, evaluate=evaluate, finetune=finetune, AttackConfig=AttackConfig, TrainConfig=TrainConfig,
         export_onnx=export_onnx, prune_to_ratio=prune_to_ratio, tiny=nn.Sequential(nn.Flatten(), nn.Linear(16, 10)),
         images=torch.rand(4, 1, 4, 4), labels=torch.tensor([0, 1, 2, 3]),

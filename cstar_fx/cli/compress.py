@@ -20,6 +20,7 @@ from . import UsageError
 from .options import config_values, explicit_dests, fraction, integer, number
 from .runfolder import RunFolder
 from ..allocate import UnreachableBudgetError
+from ..io import CheckpointError, load_weights
 from ..pipeline import (DATASETS, METHODS, MODELS, Directory, Pipeline, PipelineConfig, PipelineResult, default_eps,
                         load_data, model_for, run_label)
 
@@ -206,12 +207,9 @@ def _build_model(args: argparse.Namespace, train: Any) -> Any:
             raise UsageError(f"--model {args.model}: {exc}") from None
     if args.checkpoint is not None:
         try:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-                state = state["model"]
-            model.load_state_dict(state)
-        except Exception as exc:  # weights_only refuses pickled code; shapes may not match
-            raise UsageError(f"--checkpoint {args.checkpoint} does not load into the model: {exc}") from None
+            load_weights(model, args.checkpoint)
+        except (OSError, CheckpointError) as exc:
+            raise UsageError(f"--checkpoint: {exc}") from None
     return model
 
 

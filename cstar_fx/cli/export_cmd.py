@@ -59,22 +59,15 @@ class BuiltModels:
 
 
 def _load_state(model: Any, path: Path, what: str) -> None:
-    import torch
+    from ..io import CheckpointError, load_weights
 
-    if not path.is_file():
-        raise UsageError(f"{what}: no file at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError) as exc:
-        first = str(exc).splitlines()[0]
-        raise UsageError(f"{what} {path} does not fit the model ({first}); for a compressed model pass the same "
-                         f"--ratio/--plan it was trained with") from None
+        load_weights(model, path)
+    except OSError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    except CheckpointError as exc:
+        raise UsageError(f"{what}: {exc}; for a compressed model pass the same --ratio/--plan it was trained "
+                         f"with") from None
 
 
 def build_models(args: argparse.Namespace, *, batch: int = 1) -> BuiltModels:
