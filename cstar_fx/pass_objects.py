@@ -22,7 +22,6 @@ import dataclasses
 from typing import Any
 
 import torch.fx as fx
-import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .analysis import count_flops
@@ -30,7 +29,7 @@ from .api import get_plan, get_report, transform
 from .config import CstarConfig, check_ratio, resolve_config, resolve_options
 from .errors import CstarError
 from .extras import require
-from .passes.prune import derive_plan, protected_layers, prune_to_ratio
+from .passes.prune import PRUNE_BUDGETS, budget_costs, derive_plan, protected_layers, prune_to_ratio
 from .passes.trace import trace
 
 __all__ = ["CstarPass", "PrunePass", "PassCheckError"]
@@ -154,7 +153,8 @@ class CstarPass(_CheckedPass):
 
 class PrunePass(_CheckedPass):
     """:func:`cstar_fx.passes.prune.prune_to_ratio` as a ``torch.fx`` pass: Torch-Pruning channel pruning
-    that makes a GraphModule ``ratio`` times smaller (parameters, or FLOPs with ``budget="flops"``).
+    that makes a GraphModule ``ratio`` times smaller (parameters; FLOPs with ``budget="flops"``; both with
+    ``budget="both"``).
 
     ``example_inputs`` are what Torch-Pruning traces the dependencies with; ``options`` are
     ``prune_to_ratio``'s (``importance``, ``round_to``, ``budget``, ``ignored_layers`` given by *name*,
@@ -184,8 +184,8 @@ class PrunePass(_CheckedPass):
                             f"{list(_PRUNE_ARGS)} and keep_ranks")
         if not isinstance(keep_ranks, bool):
             raise TypeError(f"keep_ranks must be True or False, got {keep_ranks!r}")
-        if options.get("budget", "params") not in ("params", "flops"):
-            raise ValueError(f"budget must be 'params' or 'flops', got {options['budget']!r}")
+        if options.get("budget", "params") not in PRUNE_BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, got {options['budget']!r}")
         ignored = options.get("ignored_layers")
         if ignored is not None and any(not isinstance(x, str) for x in ((ignored,) if isinstance(ignored, str)
                                                                         else ignored)):
@@ -229,7 +229,7 @@ class PrunePass(_CheckedPass):
             options["ignored_layers"] = [*([ignored] if isinstance(ignored, str) else ignored),
                                          *(names[m] for m in protected_layers(graph_module))]
         budget = options.get("budget", "params")
-        dense = self._cost(graph_module, budget)
+        dense = budget_costs(graph_module, self.example_inputs, budget)
         pruned = prune_to_ratio(graph_module, self.ratio, self.example_inputs, **options)
         if not isinstance(pruned, fx.GraphModule):
             pruned = trace(pruned)
@@ -243,14 +243,11 @@ class PrunePass(_CheckedPass):
                 flops = (count_flops(pruned, self.example_inputs) if report.flops is not None else None)
                 pruned.meta["cstar_report"] = dataclasses.replace(
                     report, params=sum(p.numel() for p in pruned.parameters()), flops=flops)
-        pruned.meta["cstar_prune"] = {"budget": budget, "ratio": self.ratio, "achieved": dense / self._cost(pruned, budget),
+        # "both": the smaller of the two ratios, as prune_to_ratio counts it
+        achieved = min(dense[k] / v for k, v in budget_costs(pruned, self.example_inputs, budget).items())
+        pruned.meta["cstar_prune"] = {"budget": budget, "ratio": self.ratio, "achieved": achieved,
                                       "tolerance": self.options.get("tolerance", 0.03)}
         return PassResult(pruned, True)
-
-    def _cost(self, model: nn.Module, budget: str) -> float:
-        if budget == "flops":
-            return count_flops(model, self.example_inputs)
-        return float(sum(p.numel() for p in model.parameters()))
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         """The result's graph lints and the pruning landed within ``tolerance`` of ``ratio``.

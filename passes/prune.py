@@ -48,13 +48,31 @@ from ..torchutil import as_tuple, eval_mode
 from .discover import find_layers
 from .shapes import record_shapes
 
-__all__ = ["IMPORTANCES", "PRUNE_BUDGETS", "protected_layers", "output_layers", "derive_plan", "prune_to_ratio", "prune_to_ratio_finer"]
+__all__ = ["IMPORTANCES", "PRUNE_BUDGETS", "budget_costs", "protected_layers", "output_layers", "derive_plan", "prune_to_ratio", "prune_to_ratio_finer"]
 
 IMPORTANCES = ("l2", "l1", "fpgm", "lamp", "bn", "random")
 """Importance names accepted by :func:`prune_to_ratio` (Torch-Pruning estimators)."""
 
 PRUNE_BUDGETS = ("params", "flops", "both")
 """What a pruning ratio can count (:func:`prune_to_ratio`'s ``budget``)."""
+
+
+def budget_costs(model: nn.Module, example_inputs: Any, budget: str) -> dict[str, float]:
+    """The costs a pruning ``budget`` counts: ``{"params": ...}``, ``{"flops": ...}`` or both (FLOPs of one
+    forward pass on ``example_inputs``). A ratio under ``"both"`` is the smaller of the two ratios.
+
+    Example:
+        >>> budget_costs(nn.Linear(4, 2, bias=False), torch.randn(1, 4), "both")
+        {'params': 8.0, 'flops': 16.0}
+    """
+    if budget not in PRUNE_BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, got {budget!r}")
+    out = {}
+    if budget != "flops":
+        out["params"] = float(sum(p.numel() for p in model.parameters()))
+    if budget != "params":
+        out["flops"] = count_flops(model, example_inputs)
+    return out
 
 def _tp() -> Any:
     (torch_pruning,) = require("torch_pruning", purpose="cstar_fx.passes.prune (Torch-Pruning)")
@@ -375,8 +393,7 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
         True
     """
     ratio = check_ratio(ratio)
-    if budget not in PRUNE_BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, got {budget!r}")
+    dense = budget_costs(model, example_inputs, budget)
     if round_to is None:
         round_to = 1
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -386,16 +403,9 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
     scorer = _importance(importance)
     ignored_names = _resolve_ignored(model, ignored_layers)
 
-    def costs(m: nn.Module) -> dict[str, float]:
-        out = {"params": float(sum(p.numel() for p in m.parameters()))}
-        if budget != "params":
-            out["flops"] = count_flops(m, example_inputs)
-        return out
-
-    dense = costs(model)
-
     def achieved(m: nn.Module) -> float:  # "both": the smaller of the two ratios must reach the target
-        return min(dense[k] / v for k, v in costs(m).items() if budget in (k, "both"))
+        return min(dense[k] / v for k, v in budget_costs(m, example_inputs, budget).items())
+
     work = copy.deepcopy(model)  # scores come from a private copy: tracing sets eval mode and grads
     groups = _score_groups(work, example_inputs, scorer, [work.get_submodule(n) for n in ignored_names])
     if not groups:

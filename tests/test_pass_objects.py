@@ -147,6 +147,13 @@ def test_prune_pass_contract_budget_and_plan(gm, x):
     assert cstar_fx.get_report(out).ratio_params == pytest.approx(_count(gm) / _count(out))
 
 
+def test_prune_pass_budget_both_reaches_the_ratio_in_params_and_flops(gm, x):
+    out = PrunePass(2, x, round_to=1, budget="both")(gm).graph_module
+    by_params, by_flops = _count(gm) / _count(out), cstar_fx.count_flops(gm, x) / cstar_fx.count_flops(out, x)
+    assert min(by_params, by_flops) == pytest.approx(out.meta["cstar_prune"]["achieved"])
+    assert abs(min(by_params, by_flops) / 2 - 1) <= 0.03 and max(by_params, by_flops) >= 2 * 0.97
+
+
 def test_prune_pass_keep_ranks_keeps_every_rank(gm, x):
     factorized = CstarPass(ratio=2, round_to=4)(gm).graph_module
     out = PrunePass(1.2, x, round_to=1, keep_ranks=True)(factorized).graph_module
@@ -185,7 +192,7 @@ def test_bad_options_fail_when_the_pipeline_is_built(x):
         PrunePass(2, x, ratio_x=3)
     with pytest.raises(TypeError, match="ignored_layers by name"):
         PrunePass(2, x, ignored_layers=[nn.Linear(2, 2)])
-    with pytest.raises(ValueError, match="budget must be 'params' or 'flops'"):
+    with pytest.raises(ValueError, match="budget must be one of .params., .flops., .both."):
         PrunePass(2, x, budget="latency")
 
 

@@ -29,11 +29,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..analysis import count_flops, count_params
 from ..api import plan_ranks, transform
 from ..config import CstarConfig
 from ..data import as_loader
-from ..passes.prune import PRUNE_BUDGETS, prune_to_ratio_finer
+from ..passes.prune import PRUNE_BUDGETS, budget_costs, prune_to_ratio_finer
 from ..plan import RankPlan
 from ..torchutil import as_tuple, model_device, private_rng
 from .admm import Admm, auto_rho
@@ -218,10 +217,8 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
                                      round_to=plan_options.get("round_to", CstarConfig.round_to))
     recalibrate_bn(pruned, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
     # "both": the larger leftover, so that both steps together reach `ratio` in parameters and in FLOPs alike
-    left = [count_params(pruned) * ratio / count_params(teacher)] if budget != "flops" else []
-    if budget != "params":
-        left.append(count_flops(pruned, example_inputs) * ratio / count_flops(teacher, example_inputs))
-    return pruned, max(left)
+    dense = budget_costs(teacher, example_inputs, budget)
+    return pruned, max(ratio * cost / dense[k] for k, cost in budget_costs(pruned, example_inputs, budget).items())
 
 
 
