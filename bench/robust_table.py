@@ -21,7 +21,8 @@ least ``r`` times smaller in FLOPs *and* parameters, as ``cstar-fx compress`` pr
 ``prune_distill`` (data-aware factors calibrated on clean and adversarial training images; robust
 distillation from the teacher), ``flops_ft`` / ``flops_data`` (a FLOP-budget plan at equal parameters),
 ``hybrid_ft`` / ``hybrid_both`` (channel pruning for ``sqrt(r)``, then data-aware low rank for the rest,
-at equal parameters / at ``budget="both"``), ``sens_distill`` (ranks weighted by each layer's measured
+at equal parameters / at ``budget="both"``; ``hybrid25_both`` / ``hybrid75_both`` prune ``r ** 0.25`` /
+``r ** 0.75``), ``sens_distill`` (ranks weighted by each layer's measured
 sensitivity of the adversarial loss) and ``cstar`` (ADMM joint epochs on the dense weights, then
 transform and fine-tune, same total epochs). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``:
 every cell, mean +- std per method and ratio, and per-seed paired differences of ``--reference`` (default:
@@ -58,7 +59,6 @@ from cstar_fx.robust import (AdmmConfig, AttackConfig, JointConfig, LossConfig, 
 
 EPS = 8 / 255
 RECOMMENDED = "both_data"  # the library's RECOMMENDED recipe (cstar_fx.robust.RECOMMENDED)
-HYBRID_SHARE = 0.5  # of the compression (in log terms) given to channel pruning by hybrid_ft and hybrid_both
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ PROFILES = {
 
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
-           "flops_data", "both_data", "prune_both", "hybrid_both")
+           "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -121,10 +121,14 @@ LABELS = {
     "both_data": "data-aware transform, >= r fewer FLOPs and params + FT",
     "prune_both": "Torch-Pruning L2, >= r fewer FLOPs and params + FT",
     "hybrid_both": "prune r^0.5 + data-aware low rank, >= r fewer FLOPs and params + FT",
+    "hybrid25_both": "prune r^0.25 + data-aware low rank, >= r fewer FLOPs and params + FT",
+    "hybrid75_both": "prune r^0.75 + data-aware low rank, >= r fewer FLOPs and params + FT",
 }
-PRUNED_FIRST = {"hybrid_ft": "params", "hybrid_both": "both"}  # methods that prune r ** HYBRID_SHARE first: budget
+# the methods that prune first: the budget and the share of the compression (in log terms) given to pruning
+PRUNED_FIRST = {"hybrid_ft": ("params", 0.5), "hybrid_both": ("both", 0.5), "hybrid25_both": ("both", 0.25),
+                "hybrid75_both": ("both", 0.75)}
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
-              "flops_data", "both_data", "prune_both", "hybrid_both")
+              "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
@@ -232,14 +236,13 @@ class Bench:
         """At least ``ratio`` fewer FLOPs *and* parameters (``budget="both"``), data-aware: the library's recipe."""
         return self.transform_ft(ratio, calibrate=self.prof.calibrate, budget="both", example_inputs=self.example)
 
-    def hybrid_ft(self, ratio: float) -> tuple[nn.Module, dict]:
-        """Channel pruning for sqrt(ratio) of the parameters, then data-aware low rank for the rest."""
-        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=HYBRID_SHARE)
+    def _pruned_first(self, ratio: float) -> tuple[nn.Module, dict]:
+        """Channel pruning for ``ratio ** share``, then data-aware low rank for the rest (``PRUNED_FIRST``)."""
+        budget, share = PRUNED_FIRST[self._method]
+        options = {"example_inputs": self.example} if budget != "params" else {}
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=share, budget=budget, **options)
 
-    def hybrid_both(self, ratio: float) -> tuple[nn.Module, dict]:
-        """Channel pruning for sqrt(ratio), then data-aware low rank for the rest: >= ratio in FLOPs and params."""
-        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=HYBRID_SHARE, budget="both",
-                                 example_inputs=self.example)
+    hybrid_ft = hybrid_both = hybrid25_both = hybrid75_both = _pruned_first
 
     def prune_ft(self, ratio: float, distill: bool = False, budget: str = "params") -> tuple[nn.Module, dict]:
         from cstar_fx.passes.prune import prune_to_ratio
@@ -323,8 +326,9 @@ class Bench:
         plan = self._cell(ratio, method) / "plan.json"
         base = self.teacher
         if method in PRUNED_FIRST:
-            base = prune_to_ratio(self.teacher, ratio ** HYBRID_SHARE, self.example, importance="l2", round_to=1,
-                                  budget=PRUNED_FIRST[method])
+            budget, share = PRUNED_FIRST[method]
+            base = prune_to_ratio(self.teacher, ratio ** share, self.example, importance="l2", round_to=1,
+                                  budget=budget)
         elif not plan.is_file():
             return prune_to_ratio(self.teacher, ratio, self.example, importance="l2", round_to=1,
                                   budget="both" if method == "prune_both" else "params")
