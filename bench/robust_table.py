@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -149,6 +150,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="the method whose paired differences to every other method are tabled")
     p.add_argument("--autoattack", action="store_true",
                    help="add AutoAttack to the finished cells of the main methods (models rebuilt from their checkpoints)")
+    p.add_argument("--handoff", action="store_true",
+                   help="evaluate each method's compressed model before its fine-tune (batch norm re-estimated), into "
+                        "seed*/handoff/ and robust_table_<profile>_handoff.md (the same teachers; CSTAR excluded)")
     args = p.parse_args(argv)
     prof = PROFILES[args.profile]
     args.ratios = tuple(args.ratios or prof.ratios)
@@ -156,6 +160,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = args.runs or OUT / "runs" / f"robust_{args.profile}"
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.handoff and (args.autoattack or "cstar" in args.methods):
+        p.error("--handoff evaluates the compressed models before training: drop --autoattack and the cstar method")
     return args
 
 
@@ -175,6 +181,7 @@ class Bench:
                  device: torch.device) -> None:
         self.args, self.prof, self.seed, self.train, self.test, self.device = args, prof, seed, train, test, device
         self.dir = args.runs / f"seed{seed}"
+        self.cells = self.dir / "handoff" if args.handoff else self.dir
         self.example = torch.rand(1, 3, 32, 32, device=device)
         self.attack = AttackConfig(eps=EPS, alpha=prof.train_alpha, steps=prof.train_steps)
         torch.manual_seed(seed)  # the teacher's initialisation
@@ -281,7 +288,7 @@ class Bench:
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _cell(self, ratio: float, method: str | None = None) -> Path:
-        return self.dir / f"{method or self._method}_{ratio:g}x"
+        return self.cells / f"{method or self._method}_{ratio:g}x"
 
     def _compute(self, epochs: int, distill: bool, calib_passes: int = 0) -> dict[str, Any]:
         return {"epochs": self.prof.ft_epochs, "student passes": self.passes(epochs),
@@ -479,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the benchmark and write the table; returns 0."""
     args = _args(argv)
     prof = PROFILES[args.profile]
+    if args.handoff:  # the same cells without their fine-tune
+        prof = dataclasses.replace(prof, ft_epochs=0)
     aa_col = AA_LABELS[prof.aa_attack]
     if args.aa_n is None:
         args.aa_n = prof.aa_n
@@ -501,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         bench = Bench(args, prof, seed, train, test, device)
         if args.report:
-            rows += [json.loads(p.read_text()) for p in sorted(bench.dir.glob("*/result.json"))]
+            rows.append(json.loads((bench.dir / "teacher" / "result.json").read_text()))
+            rows += [json.loads(p.read_text()) for p in sorted(bench.cells.glob("*x/result.json"))]
             continue
         row = bench.teacher_row()
         rows.append(row)
@@ -533,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                     _log(f"seed {seed} {ratio:g}x {method:<18} clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f} "
                          f"({time.perf_counter() - t0:.0f} s)")
     table, paired = summarise(rows, args.ratios, args.methods, reference=args.reference, aa_key=prof.aa_attack)
-    meta = {"profile": args.profile, "dataset": f"CIFAR-10 (JPEG q75), {len(train)} train, first {prof.pgd_n} test "
+    meta = {"profile": args.profile + (" (hand-off: the compressed models before their fine-tune; the labels' "
+                                       "'+ FT' is not run)" if args.handoff else ""), "dataset": f"CIFAR-10 (JPEG q75), {len(train)} train, first {prof.pgd_n} test "
                                                 f"images ({aa_col}: {args.aa_n} of them, spread over all classes)",
             "model": f"CIFAR ResNet-18, width {prof.width} ({bench.dense_params:,} params)",
             "threat model": "L_inf eps 8/255; PGD-20 step 2/255 (1 restart); " + (
@@ -545,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"joint + {prof.ft_epochs - prof.joint_epochs} FT); BN re-estimated after compression; "
                         f"distill weight {prof.distill}; calibration {prof.calibrate} images + their PGD examples",
             "seeds": list(args.seeds), "device": str(device), "wall s": round(time.perf_counter() - t_all, 1)}
-    name = f"robust_table_{args.profile}"
+    name = f"robust_table_{args.profile}" + ("_handoff" if args.handoff else "")
     columns = ["method", "ratio", "seeds", "ratio params", "ratio FLOPs", "student passes", "dense passes",
                "teacher fwd", "calib passes", "clean %", "PGD-20 %", f"{aa_col} %", "sanity", "train s"]
     md = write(name, table, columns, meta)
