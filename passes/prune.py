@@ -366,14 +366,16 @@ def _resolve_ignored(model: nn.Module, ignored_layers: Iterable[nn.Module | str]
 def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, importance: str | Callable[..., Any] = "l2",
                    round_to: int | None = 8, budget: str = "params",
                    ignored_layers: Iterable[nn.Module | str] | None = None, tolerance: float = 0.03,
-                   progress: bool = False) -> nn.Module:
+                   at_least: bool = False, progress: bool = False) -> nn.Module:
     """Torch-Pruning channel pruning searched to make ``model`` ``ratio`` times smaller: the baseline.
 
     Channels are ranked globally by a Torch-Pruning importance (``"l2"``: group L2 magnitude,
     normalised per group) over every dependency group of Torch-Pruning's ``DependencyGraph``; a
     bisection over the global threshold finds the pruning whose cost (``budget="params"``: all
     parameters; ``"flops"``: :func:`cstar_fx.count_flops` on ``example_inputs``; ``"both"``: the smaller
-    of the two ratios) is closest to ``dense / ratio``, the way :func:`cstar_fx.transform` counts. Each group keeps a multiple of
+    of the two ratios) is closest to ``dense / ratio``, the way :func:`cstar_fx.transform` counts
+    (``at_least=True``: the mildest pruning at least ``ratio`` times smaller, as ``transform``'s
+    ``budget="both"`` promises; ``tolerance`` then bounds the overshoot). Each group keeps a multiple of
     ``round_to`` channels (or its full width) and at least ``round_to``, so no layer disappears. Layers
     whose outputs are the model's outputs (the classifier) and ``ignored_layers`` keep their output
     channels. Returns a pruned copy (same training/eval modes); ``model`` is not modified. Each search
@@ -400,6 +402,8 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
         raise ValueError(f"round_to must be an int >= 1 (or None for 1), got {round_to!r}")
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), e.g. 0.03 for 3%, got {tolerance!r}")
+    if not isinstance(at_least, bool):
+        raise TypeError(f"at_least must be True or False, got {at_least!r}")
     scorer = _importance(importance)
     ignored_names = _resolve_ignored(model, ignored_layers)
 
@@ -426,7 +430,7 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
                 bar.set_postfix(ratio=f"{ratios[i]:.3f}")
             return ratios[i]
 
-        if trial(top) < ratio * (1 - tolerance):
+        if trial(top) < ratio * (1 if at_least else 1 - tolerance):
             raise UnreachableBudgetError(
                 f"channel pruning reaches at most {ratios[top]:.2f}x ({budget}) with round_to={round_to} on this "
                 f"model, short of {ratio:g}x; lower the ratio{' or round_to' if round_to > 1 else ''}, or ignore "
@@ -440,7 +444,7 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
                 hi = mid
             else:
                 lo = mid
-        best = min((lo, hi), key=lambda i: abs(trial(i) / ratio - 1))
+        best = hi if at_least else min((lo, hi), key=lambda i: abs(trial(i) / ratio - 1))
     if abs(ratios[best] / ratio - 1) > tolerance:
         raise UnreachableBudgetError(
             f"channel pruning cannot get within {tolerance:.0%} of {ratio:g}x ({budget}) with round_to={round_to}: "

@@ -250,6 +250,23 @@ def test_prune_to_ratio_reports_ratios_it_cannot_land_between():
     assert abs(_count(model) / _count(pruned) / 2 - 1) <= 0.01
 
 
+def test_prune_to_ratio_at_least_never_lands_below_the_ratio():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(64, 10))
+    x = torch.rand(1, 3, 16, 16)
+    ratios = {}
+    for at_least in (False, True):
+        for r in (1.9, 2.0, 2.1, 2.5, 3.0):
+            pruned = prune_to_ratio(model, r, x, round_to=8, tolerance=0.3, at_least=at_least)
+            ratios[at_least, r] = _count(model) / _count(pruned)
+    assert all(ratios[True, r] >= r for r in (1.9, 2.0, 2.1, 2.5, 3.0))
+    assert any(ratios[False, r] < r for r in (1.9, 2.0, 2.1, 2.5, 3.0))  # nearest may undershoot; at_least may not
+    with pytest.raises(cstar_fx.UnreachableBudgetError, match="within 1%"):  # the overshoot is bounded by tolerance
+        prune_to_ratio(model, 2, x, round_to=8, tolerance=0.01, at_least=True)
+    with pytest.raises(TypeError, match="at_least must be True or False"):
+        prune_to_ratio(model, 2, x, at_least="yes")
+
+
 def test_prune_to_ratio_rejects_unknown_importance_and_foreign_layers():
     model = _small()
     with pytest.raises(ValueError, match="unknown importance 'taylor'.*l2"):
