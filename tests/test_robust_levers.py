@@ -244,6 +244,8 @@ def test_prune_share_with_budget_both_reaches_the_ratio_in_params_and_flops() ->
     by_params = count_params(model) / count_params(gm)
     by_flops = cstar_fx.count_flops(model, example) / cstar_fx.count_flops(gm, example)
     assert min(by_params, by_flops) >= 6 * 0.97  # each measure at least the ratio (the allocator's tolerance)
+    report = cstar_fx.get_report(gm)  # end to end: from the model given, not from its pruned copy
+    assert report.ratio_params == pytest.approx(by_params) and report.ratio_flops == pytest.approx(by_flops)
     assert max(by_params, by_flops) > 6 * 1.03  # the measure pruning favoured overshoots: the other one binds
     assert [m.out_channels for m in gm.modules() if isinstance(m, nn.Conv2d)] != \
         [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]

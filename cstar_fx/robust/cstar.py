@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -29,11 +30,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..analysis import count_flops, count_params
 from ..api import plan_ranks, transform
 from ..config import CstarConfig
 from ..data import as_loader
 from ..passes.prune import PRUNE_BUDGETS, budget_costs, prune_to_ratio_finer
 from ..plan import RankPlan
+from ..report import get_report
 from ..torchutil import as_tuple, model_device, private_rng
 from .admm import Admm, auto_rho
 from .attacks import pgd_attack
@@ -193,6 +196,10 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
                                     seed=cfg.seed, **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
     gm = transform(base, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
                    **plan_options)
+    if prune:  # the report counts from the model given, not from its pruned copy, so its ratios are end to end
+        report = get_report(gm)
+        gm.meta["cstar_report"] = dataclasses.replace(report, dense_params=count_params(teacher), dense_flops=(
+            None if report.dense_flops is None else count_flops(teacher, example_inputs)))
     recalibrate_bn(gm, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
     tuned = finetune(gm, train_data, cfg, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=teacher if cfg.loss.distill > 0 else None)
