@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(cstar and decompose; 0: factors from the weights alone)")
     g.add_argument("--prune-share", type=fraction(), default=d.prune_share,
                    help="share of the compression given to Torch-Pruning channel pruning before the factorization "
-                        "(decompose only, --budget params; 0: low rank alone, 0.5: sqrt(ratio) each)")
+                        "(decompose only; any --budget but latency; 0: low rank alone, 0.5: sqrt(ratio) each)")
     g.add_argument("--distill", type=fraction(), default=d.distill,
                    help="weight of robust distillation from the teacher in every method's fine-tune, pruning "
                         "included (0: plain adversarial fine-tune)")
@@ -131,15 +131,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _apply_config(args: argparse.Namespace) -> None:
     """Fill in the options the command line left out from ``--config``, parsed by the same parser."""
-    argv = list(getattr(args, "argv", None) or sys.argv[1:])
-    tokens = argv[argv.index(args.command) + 1:] if args.command in argv else []
-    explicit = explicit_dests(args.parser, tokens)
+    explicit = _explicit(args)
     values = config_values(args.parser, args.config, skip=explicit, not_options=_NOT_CONFIG)
     if values.get("model_class") is not None:
         raise UsageError(f"--config {args.config} names model_class {values['model_class']!r}; a config file never "
                          f"imports code, so pass --model-class {values['model_class']} on the command line to use it")
     for key, value in values.items():
         setattr(args, key, value)
+
+
+def _explicit(args: argparse.Namespace) -> set[str]:
+    """The options given on the command line (not defaults, not from --config)."""
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    return explicit_dests(args.parser, argv[argv.index(args.command) + 1:] if args.command in argv else [])
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -160,6 +164,9 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--ratios and --methods must not repeat a value")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a folder")
+    if "prune_share" in _explicit(args) and args.prune_share and "decompose" not in args.methods:
+        raise UsageError(f"--prune-share {args.prune_share:g} splits the ratio of the decompose method; add "
+                         f"decompose to --methods or drop --prune-share")
     if args.int8 and args.no_export:
         raise UsageError("--int8 quantizes the exported ONNX models; drop --no-export")
     if args.distill > 0 and args.loss == "trades":
