@@ -179,10 +179,10 @@ class PipelineConfig:
         if len(set(self.ratios)) < len(self.ratios) or len(set(self.methods)) < len(self.methods):
             raise ValueError("ratios and methods must not repeat a value")
         object.__setattr__(self, "prune_share", check_prune_share(self.prune_share))
-        if self.prune_share and (self.budget not in PRUNE_BUDGETS or "decompose" not in self.methods):
-            raise ValueError(f"prune share {self.prune_share:g} splits the ratio of the decompose method; "
-                             f"it needs budget 'params', 'flops' or 'both' (got {self.budget!r}) and the decompose "
-                             f"method (got {', '.join(self.methods)}): set the prune share to 0 otherwise")
+        if self.prune_share and self.budget not in PRUNE_BUDGETS and "decompose" in self.methods:
+            raise ValueError(f"prune share {self.prune_share:g} splits the ratio of the decompose method between "
+                             f"pruning and low rank, which budget {self.budget!r} cannot count; use budget 'params', "
+                             f"'flops' or 'both', or set the prune share to 0")
         self.joint_config  # noqa: B018 - builds (and so checks) every training and attack setting now
 
     @property

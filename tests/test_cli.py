@@ -33,7 +33,7 @@ def test_compress_writes_complete_run_folder(run_dir):
     validate_results(results)
     assert {r["method"] for r in results["runs"]} == {"cstar", "decompose", "prune"}
     for r in results["runs"]:
-        assert r["ratio_params"] == pytest.approx(4, rel=0.05)
+        assert r["ratio_params"] >= 4 * 0.97  # budget "both": at least 4x in parameters and in FLOPs
         assert 0 <= r["clean"] <= 1 and 0 <= r["pgd"] <= 1
     assert {b["provider"] for b in results["bench"]} == {"CPUExecutionProvider"}
     report = (run_dir / "report.md").read_text()

@@ -61,7 +61,7 @@ def test_run_returns_typed_results_and_writes_the_workspace(finished):
     assert stages == ["teacher", "evaluate dense", "compress decompose_4x", "benchmark"]
     assert saved == [0, 1]  # after the dense model and after the compressed one
     (run,) = result.runs
-    assert run.label == "decompose_4x" and run.ratio_params == pytest.approx(4, rel=0.05)
+    assert run.label == "decompose_4x" and run.ratio_params >= 4 * 0.97  # budget "both": at least 4x in each count
     assert 0 <= run.clean <= 1 and 0 <= run.pgd <= 1 and run.ranks
     for q in (result.dense.int8, run.int8):
         assert 0 <= q.clean <= 1 and 0 <= q.pgd <= 1 and 0 <= q.agreement <= 1 and q.n == 24
