@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-main=(both_data transform_ft prune_ft prune_both hybrid_both)  # five seeds (the profile's)
+main=(hybrid_both both_data transform_ft prune_ft prune_both)  # five seeds (the profile's)
 "$py" bench/robust_table.py --profile cpu --methods "${main[@]}"
 "$py" bench/robust_table.py --profile cpu --autoattack --methods "${main[@]}"
 # the levers and ablations: three seeds
