@@ -549,9 +549,10 @@ def main(argv: list[str] | None = None) -> int:
                     _log(f"seed {seed} {ratio:g}x {method:<18} clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f} "
                          f"({time.perf_counter() - t0:.0f} s)")
     table, paired = summarise(rows, args.ratios, args.methods, reference=args.reference, aa_key=prof.aa_attack)
-    meta = {"profile": args.profile + (" (hand-off: the compressed models before their fine-tune; the labels' "
-                                       "'+ FT' is not run)" if args.handoff else ""), "dataset": f"CIFAR-10 (JPEG q75), {len(train)} train, first {prof.pgd_n} test "
-                                                f"images ({aa_col}: {args.aa_n} of them, spread over all classes)",
+    handoff = " (hand-off: the compressed models before their fine-tune; the labels' '+ FT' is not run)"
+    meta = {"profile": args.profile + (handoff if args.handoff else ""),
+            "dataset": f"CIFAR-10 (JPEG q75), {len(train)} train, first {prof.pgd_n} test images ({aa_col}: "
+                       f"{args.aa_n} of them, spread over all classes)",
             "model": f"CIFAR ResNet-18, width {prof.width} ({bench.dense_params:,} params)",
             "threat model": "L_inf eps 8/255; PGD-20 step 2/255 (1 restart); " + (
                 "AutoAttack standard" if prof.aa_attack == "autoattack" else

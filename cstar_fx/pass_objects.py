@@ -29,7 +29,7 @@ from .api import get_plan, get_report, transform
 from .config import CstarConfig, check_ratio, resolve_config, resolve_options
 from .errors import CstarError
 from .extras import require
-from .passes.prune import PRUNE_BUDGETS, budget_costs, derive_plan, protected_layers, prune_to_ratio
+from .passes.prune import PRUNE_BUDGETS, budget_costs, budget_ratio, derive_plan, protected_layers, prune_to_ratio
 from .passes.trace import trace
 
 __all__ = ["CstarPass", "PrunePass", "PassCheckError"]
@@ -243,8 +243,7 @@ class PrunePass(_CheckedPass):
                 flops = (count_flops(pruned, self.example_inputs) if report.flops is not None else None)
                 pruned.meta["cstar_report"] = dataclasses.replace(
                     report, params=sum(p.numel() for p in pruned.parameters()), flops=flops)
-        # "both": the smaller of the two ratios, as prune_to_ratio counts it
-        achieved = min(dense[k] / v for k, v in budget_costs(pruned, self.example_inputs, budget).items())
+        achieved = budget_ratio(dense, budget_costs(pruned, self.example_inputs, budget))
         pruned.meta["cstar_prune"] = {"budget": budget, "ratio": self.ratio, "achieved": achieved,
                                       "tolerance": self.options.get("tolerance", 0.03)}
         return PassResult(pruned, True)

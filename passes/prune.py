@@ -37,7 +37,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..allocate import UnreachableBudgetError
-from ..analysis import count_flops, positions
+from ..analysis import count_flops, count_params, positions
 from ..config import check_ratio
 from ..costs import FlopCost, LayerSpec, ParamCost
 from ..errors import PlanMismatchError
@@ -48,7 +48,8 @@ from ..torchutil import as_tuple, eval_mode
 from .discover import find_layers
 from .shapes import record_shapes
 
-__all__ = ["IMPORTANCES", "PRUNE_BUDGETS", "budget_costs", "protected_layers", "output_layers", "derive_plan", "prune_to_ratio", "prune_to_ratio_finer"]
+__all__ = ["IMPORTANCES", "PRUNE_BUDGETS", "budget_costs", "budget_ratio", "protected_layers", "output_layers",
+           "derive_plan", "prune_to_ratio", "prune_to_ratio_finer"]
 
 IMPORTANCES = ("l2", "l1", "fpgm", "lamp", "bn", "random")
 """Importance names accepted by :func:`prune_to_ratio` (Torch-Pruning estimators)."""
@@ -69,10 +70,22 @@ def budget_costs(model: nn.Module, example_inputs: Any, budget: str) -> dict[str
         raise ValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, got {budget!r}")
     out = {}
     if budget != "flops":
-        out["params"] = float(sum(p.numel() for p in model.parameters()))
+        out["params"] = float(count_params(model))
     if budget != "params":
         out["flops"] = count_flops(model, example_inputs)
     return out
+
+
+def budget_ratio(dense: dict[str, float], costs: dict[str, float]) -> float:
+    """How many times smaller ``costs`` are than ``dense`` (both from :func:`budget_costs`): under ``"both"`` the
+    smaller of the two ratios, which is the one that must reach a target.
+
+    Example:
+        >>> budget_ratio({"params": 8.0, "flops": 16.0}, {"params": 2.0, "flops": 8.0})
+        2.0
+    """
+    return min(dense[k] / v for k, v in costs.items())
+
 
 def _tp() -> Any:
     (torch_pruning,) = require("torch_pruning", purpose="cstar_fx.passes.prune (Torch-Pruning)")
@@ -395,7 +408,6 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
         True
     """
     ratio = check_ratio(ratio)
-    dense = budget_costs(model, example_inputs, budget)
     if round_to is None:
         round_to = 1
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -404,11 +416,12 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
         raise ValueError(f"tolerance must be in (0, 1), e.g. 0.03 for 3%, got {tolerance!r}")
     if not isinstance(at_least, bool):
         raise TypeError(f"at_least must be True or False, got {at_least!r}")
+    dense = budget_costs(model, example_inputs, budget)
     scorer = _importance(importance)
     ignored_names = _resolve_ignored(model, ignored_layers)
 
-    def achieved(m: nn.Module) -> float:  # "both": the smaller of the two ratios must reach the target
-        return min(dense[k] / v for k, v in budget_costs(m, example_inputs, budget).items())
+    def achieved(m: nn.Module) -> float:
+        return budget_ratio(dense, budget_costs(m, example_inputs, budget))
 
     work = copy.deepcopy(model)  # scores come from a private copy: tracing sets eval mode and grads
     groups = _score_groups(work, example_inputs, scorer, [work.get_submodule(n) for n in ignored_names])

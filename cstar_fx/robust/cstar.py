@@ -229,7 +229,6 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
     return pruned, max(ratio * cost / dense[k] for k, cost in budget_costs(pruned, example_inputs, budget).items())
 
 
-
 def _check_count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a number of training images >= 0 (0: off), got {value!r}")
