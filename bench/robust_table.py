@@ -22,7 +22,8 @@ least ``r`` times smaller in FLOPs *and* parameters, as ``cstar-fx compress`` pr
 distillation from the teacher), ``flops_ft`` / ``flops_data`` (a FLOP-budget plan at equal parameters),
 ``hybrid_ft`` / ``hybrid_both`` (channel pruning for ``sqrt(r)``, then data-aware low rank for the rest,
 at equal parameters / at ``budget="both"``; ``hybrid25_both`` / ``hybrid75_both`` prune ``r ** 0.25`` /
-``r ** 0.75``), ``sens_distill`` (ranks weighted by each layer's measured
+``r ** 0.75``; ``hybrid_staged`` spends the first fine-tune epoch on the pruned network before factorizing
+it), ``sens_distill`` (ranks weighted by each layer's measured
 sensitivity of the adversarial loss) and ``cstar`` (ADMM joint epochs on the dense weights, then
 transform and fine-tune, same total epochs). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``:
 every cell, mean +- std per method and ratio, and per-seed paired differences of ``--reference`` (default:
@@ -85,6 +86,7 @@ class Profile:
     seeds: tuple[int, ...]
     sanity_n: int = 128
     aa_attack: str = "autoattack"  # or "apgd": AutoAttack's APGD-CE + APGD-T only (a tenth of the CPU time)
+    heldout_per_class: int = 0  # --heldout: test images per class after the first test_per_class, never looked at
 
 
 PROFILES = {
@@ -92,7 +94,7 @@ PROFILES = {
     "cpu": Profile(width=16, train_per_class=1000, test_per_class=100, teacher_epochs=10, ft_epochs=3,
                    joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
                    pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2, 3, 4),
-                   aa_attack="apgd"),
+                   aa_attack="apgd", heldout_per_class=400),
     "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
                    joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
                    pgd_n=2000, aa_n=500, calibrate=2048, distill=0.8, ratios=(8.0, 16.0, 32.0), seeds=(0, 1, 2),
@@ -104,7 +106,7 @@ PROFILES = {
 
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
-           "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both")
+           "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -124,12 +126,14 @@ LABELS = {
     "hybrid_both": "prune r^0.5 + data-aware low rank, >= r fewer FLOPs and params + FT",
     "hybrid25_both": "prune r^0.25 + data-aware low rank, >= r fewer FLOPs and params + FT",
     "hybrid75_both": "prune r^0.75 + data-aware low rank, >= r fewer FLOPs and params + FT",
+    "hybrid_staged": "prune r^0.5, FT 1 epoch, then data-aware low rank, >= r fewer FLOPs and params + FT 2 epochs",
 }
-# the methods that prune first: the budget and the share of the compression (in log terms) given to pruning
-PRUNED_FIRST = {"hybrid_ft": ("params", 0.5), "hybrid_both": ("both", 0.5), "hybrid25_both": ("both", 0.25),
-                "hybrid75_both": ("both", 0.75)}
+# the methods that prune first: the budget, the share of the compression (in log terms) given to pruning and the
+# number of the fine-tune's epochs spent on the pruned network before it is factorized
+PRUNED_FIRST = {"hybrid_ft": ("params", 0.5, 0), "hybrid_both": ("both", 0.5, 0), "hybrid25_both": ("both", 0.25, 0),
+                "hybrid75_both": ("both", 0.75, 0), "hybrid_staged": ("both", 0.5, 1)}
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
-              "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both")
+              "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
@@ -150,6 +154,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="the method whose paired differences to every other method are tabled")
     p.add_argument("--autoattack", action="store_true",
                    help="add AutoAttack to the finished cells of the main methods (models rebuilt from their checkpoints)")
+    p.add_argument("--heldout", action="store_true",
+                   help="add clean and PGD-20 accuracy on the held-out test images (the profile's heldout_per_class "
+                        "per class after the ones the table uses) to the finished cells of --methods; the paired "
+                        "differences are then also given on them")
     p.add_argument("--handoff", action="store_true",
                    help="evaluate each method's compressed model before its fine-tune (batch norm re-estimated), into "
                         "seed*/handoff/ and robust_table_<profile>_handoff.md (the same teachers; CSTAR excluded)")
@@ -245,11 +253,12 @@ class Bench:
 
     def _pruned_first(self, ratio: float) -> tuple[nn.Module, dict]:
         """Channel pruning for ``ratio ** share``, then data-aware low rank for the rest (``PRUNED_FIRST``)."""
-        budget, share = PRUNED_FIRST[self._method]
+        budget, share, epochs = PRUNED_FIRST[self._method]
         options = {"example_inputs": self.example} if budget != "params" else {}
-        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=share, budget=budget, **options)
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=share, budget=budget,
+                                 prune_epochs=min(epochs, self.prof.ft_epochs), **options)
 
-    hybrid_ft = hybrid_both = hybrid25_both = hybrid75_both = _pruned_first
+    hybrid_ft = hybrid_both = hybrid25_both = hybrid75_both = hybrid_staged = _pruned_first
 
     def prune_ft(self, ratio: float, distill: bool = False, budget: str = "params") -> tuple[nn.Module, dict]:
         pruned = self._pruned(ratio, budget)
@@ -340,16 +349,16 @@ class Bench:
         plan = self._cell(ratio, method) / "plan.json"
         base = self.teacher
         if method in PRUNED_FIRST:
-            budget, share = PRUNED_FIRST[method]
+            budget, share, _ = PRUNED_FIRST[method]
             base = prune_to_ratio(self.teacher, ratio ** share, self.example, importance="l2", round_to=1,
                                   budget=budget, tolerance=0.25)  # as decompose_finetune's prune step
         elif not plan.is_file():
             return self._pruned(ratio, "both" if method == "prune_both" else "params")
         return cstar_fx.transform(base, plan=cstar_fx.RankPlan.from_json(plan.read_text()), decompose=False)
 
-    def add_autoattack(self, method: str, ratio: float) -> dict[str, Any] | None:
-        """AutoAttack (or APGD) accuracy of a finished cell's model, stored in its result; ``None`` when the cell is
-        missing."""
+    def _finished(self, method: str, ratio: float, key: str) -> tuple[dict[str, Any], nn.Module | None] | None:
+        """A finished cell's result and its fine-tuned model (``None`` when ``key`` is ``None`` or in the result
+        already); ``None`` when the cell is missing."""
         from cstar_fx.robust import load_checkpoint
 
         cell = self._cell(ratio, method)
@@ -357,8 +366,8 @@ class Bench:
         if not done.is_file():
             return None
         row = json.loads(done.read_text())
-        if self.prof.aa_attack in row or not self.args.aa_n:
-            return row
+        if key is None or key in row:
+            return row, None
         model = self.rebuild(method, ratio)
         ckpt = load_checkpoint(cell / "run" / "finetune") or load_checkpoint(cell / "run")
         model.load_state_dict(ckpt["model"])
@@ -366,9 +375,41 @@ class Bench:
         if abs(clean - row["clean"]) > 1e-6:
             raise RuntimeError(f"{cell}: the rebuilt model's clean accuracy {clean:.2f} differs from the recorded "
                                f"{row['clean']:.2f}; the checkpoint does not belong to this cell")
+        return row, model
+
+    def add_autoattack(self, method: str, ratio: float) -> dict[str, Any] | None:
+        """AutoAttack (or APGD) accuracy of a finished cell's model, stored in its result; ``None`` when the cell is
+        missing."""
+        found = self._finished(method, ratio, self.prof.aa_attack if self.args.aa_n else None)
+        if found is None or found[1] is None:
+            return found and found[0]
+        row, model = found
         row.update(self.evaluate(model, True))
-        atomic_write_text(done, json.dumps(row, indent=2))
+        atomic_write_text(self._cell(ratio, method) / "result.json", json.dumps(row, indent=2))
         return row
+
+    def add_heldout(self, method: str, ratio: float, heldout: Any) -> dict[str, Any] | None:
+        """Clean and PGD-20 accuracy of a finished cell's model (or of the teacher, ``method="teacher"``) on the
+        held-out test images, stored in its result (``clean heldout`` / ``pgd20 heldout``); ``None`` when the cell
+        is missing."""
+        if method == "teacher":
+            done = self.dir / "teacher" / "result.json"
+            row = json.loads(done.read_text())
+            model = None if "pgd20 heldout" in row else self.teacher
+        else:
+            found = self._finished(method, ratio, "pgd20 heldout")
+            if found is None:
+                return None
+            (row, model), done = found, self._cell(ratio, method) / "result.json"
+        if model is not None:
+            row.update(self.evaluate_heldout(model, heldout))
+            atomic_write_text(done, json.dumps(row, indent=2))
+        return row
+
+    def evaluate_heldout(self, model: nn.Module, heldout: Any) -> dict[str, Any]:
+        res = evaluate(model, heldout, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20), sanity=False,
+                       seed=self.seed, progress=False)
+        return {"clean heldout": 100 * res.clean, "pgd20 heldout": 100 * res.pgd, "heldout n": len(heldout)}
 
     def teacher_row(self) -> dict[str, Any]:
         done = self.dir / "teacher" / "result.json"
@@ -392,6 +433,22 @@ class Bench:
     @property
     def dense_flops(self) -> float:
         return cstar_fx.count_flops(self.teacher, self.example)
+
+
+def heldout_split(args: argparse.Namespace, prof: Profile, test: Any) -> Any:
+    """The profile's held-out test images: per class, the ``heldout_per_class`` after the first ``test_per_class``
+    (the table's own test images), so no choice made on the table has seen them."""
+    if not prof.heldout_per_class or prof.test_per_class is None:
+        raise SystemExit(f"--heldout: the {args.profile} profile has no held-out test images")
+    _, wide = cifar10_jpeg(args.archive, cache_dir=args.cache_dir,
+                           per_class=(prof.train_per_class, prof.test_per_class + prof.heldout_per_class))
+    rank = torch.zeros_like(wide.y)  # each image's position within its class (the split is sorted by file name)
+    for c in wide.y.unique():
+        where = (wide.y == c).nonzero().flatten()
+        rank[where] = torch.arange(len(where))
+    if not torch.equal(wide.x[rank < prof.test_per_class].to(test.x.device), test.x):
+        raise RuntimeError("the held-out split's first images per class are not the table's test images")
+    return wide.subset((rank >= prof.test_per_class).nonzero().flatten())
 
 
 def aa_subset(test: Any, n: int) -> Any:
@@ -465,12 +522,13 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
             if not seeds:
                 continue
             row = {"ratio": f"{ratio:g}x", "vs": LABELS[method], "seeds": len(seeds)}
-            for key, col in (("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), (aa_key, f"Δ {aa_col}")):
+            for key, col in (("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), (aa_key, f"Δ {aa_col}"),
+                             ("pgd20 heldout", "Δ PGD-20 held-out"), ("clean heldout", "Δ clean held-out")):
                 diffs = [rec[s][key] - other[s][key] for s in seeds if key in rec[s] and key in other[s]]
                 row[col] = _mean_std(diffs)
-                if key == "pgd20" and len(diffs) > 1:
+                if key.startswith("pgd20") and len(diffs) > 1:
                     sd = statistics.stdev(diffs)
-                    row["PGD-20 gain > 2 sd"] = "yes" if statistics.mean(diffs) > 2 * sd else "no"
+                    row[f"{col[2:]} gain > 2 sd"] = "yes" if statistics.mean(diffs) > 2 * sd else "no"
             paired.append(row)
     return table, paired
 
@@ -484,6 +542,8 @@ def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) ->
             "teacher fwd": first.get("teacher forwards", 0), "calib passes": first.get("calibration passes", 0),
             "clean %": _mean_std([c["clean"] for c in cells]), "PGD-20 %": _mean_std([c["pgd20"] for c in cells]),
             f"{AA_LABELS[aa_key]} %": _mean_std([c[aa_key] for c in cells if aa_key in c]),
+            "clean % held-out": _mean_std([c["clean heldout"] for c in cells if "clean heldout" in c]),
+            "PGD-20 % held-out": _mean_std([c["pgd20 heldout"] for c in cells if "pgd20 heldout" in c]),
             "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",
             "train s": f"{statistics.mean(c['train s'] for c in cells):.0f}"}
 
@@ -522,19 +582,34 @@ def main(argv: list[str] | None = None) -> int:
         row = bench.teacher_row()
         rows.append(row)
         _log(f"seed {seed} teacher: clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f}")
-    if args.autoattack and not args.report:
+    if (args.autoattack or args.heldout) and not args.report:
+        heldout = heldout_split(args, prof, test) if args.heldout else None
+        if heldout is not None:
+            _log(f"held-out: {len(heldout)} test images ({prof.heldout_per_class} per class after the first "
+                 f"{prof.test_per_class})")
+            for seed in args.seeds:
+                bench = Bench(args, prof, seed, train, test, device)
+                bench.train_teacher()
+                row = bench.add_heldout("teacher", 1.0, heldout)
+                _log(f"seed {seed} teacher held-out: clean {row['clean heldout']:.2f} PGD-20 {row['pgd20 heldout']:.2f}")
         for ratio in args.ratios:
             for seed in args.seeds:
                 bench = Bench(args, prof, seed, train, test, device)
                 bench.train_teacher()
-                for method in [m for m in args.methods if m in AA_METHODS]:
+                for method in args.methods:
                     t0 = time.perf_counter()
-                    row = bench.add_autoattack(method, ratio)
-                    if row is not None:
-                        _log(f"seed {seed} {ratio:g}x {method:<18} {aa_col} {row.get(prof.aa_attack, '-')} "
-                             f"({time.perf_counter() - t0:.0f} s)")
-        rows = [r for r in rows if r["method"] == "teacher"]
+                    if args.autoattack and method in AA_METHODS:
+                        row = bench.add_autoattack(method, ratio)
+                        if row is not None:
+                            _log(f"seed {seed} {ratio:g}x {method:<18} {aa_col} {row.get(prof.aa_attack, '-')} "
+                                 f"({time.perf_counter() - t0:.0f} s)")
+                    if heldout is not None:
+                        row = bench.add_heldout(method, ratio, heldout)
+                        if row is not None:
+                            _log(f"seed {seed} {ratio:g}x {method:<18} held-out: clean {row['clean heldout']:.2f} "
+                                 f"PGD-20 {row['pgd20 heldout']:.2f} ({time.perf_counter() - t0:.0f} s)")
         args.report = True
+        rows = [json.loads((args.runs / f"seed{seed}" / "teacher" / "result.json").read_text()) for seed in args.seeds]
         for seed in args.seeds:
             rows += [json.loads(p.read_text()) for p in sorted((args.runs / f"seed{seed}").glob("*x/result.json"))]
     if not args.report:
@@ -566,8 +641,13 @@ def main(argv: list[str] | None = None) -> int:
     name = f"robust_table_{args.profile}" + ("_handoff" if args.handoff else "")
     columns = ["method", "ratio", "seeds", "ratio params", "ratio FLOPs", "student passes", "dense passes",
                "teacher fwd", "calib passes", "clean %", "PGD-20 %", f"{aa_col} %", "sanity", "train s"]
-    md = write(name, table, columns, meta)
     pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", f"Δ {aa_col}"]
+    if any("pgd20 heldout" in r for r in rows):
+        columns[-2:-2] = ["clean % held-out", "PGD-20 % held-out"]
+        pcols += ["Δ PGD-20 held-out", "PGD-20 held-out gain > 2 sd", "Δ clean held-out"]
+        meta["held-out"] = (f"{prof.heldout_per_class} test images per class after the first {prof.test_per_class} "
+                            "(never used for a choice), PGD-20 as above, no sanity checks")
+    md = write(name, table, columns, meta)
     paired_md = markdown_table(paired, pcols)
     with open(OUT / f"{name}.md", "a") as fh:
         fh.write(f"\nPaired per-seed differences, {LABELS[args.reference]} minus each method (mean ± std over seeds):\n\n"

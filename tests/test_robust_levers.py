@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import cstar_fx
 from cstar_fx.analysis import count_params
-from cstar_fx.data import digits
+from cstar_fx.data import TensorData, digits
 from cstar_fx.decompose import (svd_factors, svd_factors_data, svd_reconstruct, tucker2_factors,
                                 tucker2_factors_data, tucker2_reconstruct)
 from cstar_fx.models import small_cnn
@@ -210,14 +210,17 @@ def test_decompose_finetune_with_calibration_and_distillation_runs_and_keeps_the
         decompose_finetune(model, train, 4, cfg, calibrate=-1)
 
 
-def test_prune_share_prunes_channels_then_factorizes_to_the_total_ratio() -> None:
-    pytest.importorskip("torch_pruning", reason="Torch-Pruning is not installed (pip install 'cstar-fx[pruning]')")
+def _pruning_case(epochs: int = 1) -> tuple[TensorData, nn.Module, dict, TrainConfig]:
+    """Digits, a small_cnn of width 16, a copy of its weights and a short PGD fine-tune, for the prune-first tests."""
     torch.manual_seed(0)
-    train = digits()[0].subset(128)
     model = small_cnn(width=16)
-    before = copy.deepcopy(model.state_dict())
-    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, progress=False,
+    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.01, progress=False,
                       loss=LossConfig("pgd", attack=AttackConfig(eps=0.1, alpha=0.05, steps=1)))
+    return digits()[0].subset(128), model, copy.deepcopy(model.state_dict()), cfg
+
+
+def test_prune_share_prunes_channels_then_factorizes_to_the_total_ratio() -> None:
+    train, model, before, cfg = _pruning_case()
     gm = decompose_finetune(model, train, 8, cfg, calibrate=64, prune=0.5, round_to=1)
     dense = sum(p.numel() for p in model.parameters())
     assert abs(dense / sum(p.numel() for p in gm.parameters()) / 8 - 1) < 0.05  # the total ratio, both steps together
@@ -233,13 +236,8 @@ def test_prune_share_prunes_channels_then_factorizes_to_the_total_ratio() -> Non
 
 
 def test_prune_share_with_budget_both_reaches_the_ratio_in_params_and_flops() -> None:
-    pytest.importorskip("torch_pruning", reason="Torch-Pruning is not installed (pip install 'cstar-fx[pruning]')")
-    torch.manual_seed(0)
-    train = digits()[0].subset(128)
-    model = small_cnn(width=16)
+    train, model, _, cfg = _pruning_case()
     example = torch.rand(1, 1, 8, 8)
-    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.01, progress=False,
-                      loss=LossConfig("pgd", attack=AttackConfig(eps=0.1, alpha=0.05, steps=1)))
     gm = decompose_finetune(model, train, 6, cfg, prune=0.5, budget="both", example_inputs=example, round_to=1)
     by_params = count_params(model) / count_params(gm)
     by_flops = cstar_fx.count_flops(model, example) / cstar_fx.count_flops(gm, example)
@@ -249,6 +247,29 @@ def test_prune_share_with_budget_both_reaches_the_ratio_in_params_and_flops() ->
     assert max(by_params, by_flops) > 6 * 1.03  # the measure pruning favoured overshoots: the other one binds
     assert [m.out_channels for m in gm.modules() if isinstance(m, nn.Conv2d)] != \
         [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_prune_epochs_train_the_pruned_network_first_within_the_same_epochs(tmp_path) -> None:
+    train, model, before, cfg = _pruning_case(epochs=2)
+    gm = decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=1, round_to=1, run_dir=tmp_path)
+    rec = gm.meta["cstar_training"]
+    first, rest = rec["pruned_finetune"]["epochs"], rec["finetune"]["epochs"]
+    assert len(first) == 1 and len(rest) == 1  # the same two epochs in all, one per network
+    assert first[0]["lr"] == pytest.approx(0.01)  # held constant on the pruned network
+    assert rec["config"]["epochs"] == 2 and rec["prune_epochs"] == 1
+    assert (tmp_path / "prune_finetune").is_dir() and (tmp_path / "finetune").is_dir()
+    dense = count_params(model)
+    assert abs(dense / count_params(gm) / 8 - 1) < 0.05
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    again = decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=1, round_to=1, run_dir=tmp_path,
+                               resume=True)  # both stages resume from their checkpoints: the same network
+    assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="needs prune > 0"):
+        decompose_finetune(model, train, 8, cfg, prune_epochs=1)
+    with pytest.raises(ValueError, match="must be fewer than cfg.epochs"):
+        decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=2)
+    with pytest.raises(ValueError, match="prune_epochs must be a number of epochs"):
+        decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=-1)
 
 
 # -- the joint phase ------------------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
 def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg: TrainConfig | None = None,
                        *, example_inputs: Any = None, run_dir: str | os.PathLike[str] | None = None,
                        resume: bool = False, device: str | torch.device | None = None, calibrate: int = 0,
-                       sensitivity: int = 0, prune: float = 0.0, **plan_options: Any) -> fx.GraphModule:
+                       sensitivity: int = 0, prune: float = 0.0, prune_epochs: int = 0,
+                       **plan_options: Any) -> fx.GraphModule:
     """``transform`` at ``ratio`` (no ADMM), batch-norm re-estimation, then adversarial fine-tuning with ``cfg``.
 
     Arguments as in :func:`cstar`; ``cfg`` is the fine-tune :class:`TrainConfig`, checkpointed under
@@ -167,8 +168,11 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     network is factorized for the rest, so the result is ``ratio`` times smaller in all (with
     ``budget="both"``: at least ``ratio`` times in parameters and in FLOPs). Calibration and
     sensitivity are then measured on the pruned network; distillation stays from ``model``. Needs
-    ``pip install 'cstar-fx[pruning]'`` and a numeric ``ratio`` with budget ``"params"``, ``"flops"``
-    or ``"both"``.
+    a numeric ``ratio`` with budget ``"params"``, ``"flops"`` or ``"both"``. ``prune_epochs=k``
+    (``0 <= k < cfg.epochs``) spends the first ``k`` of ``cfg.epochs`` on the pruned network, at
+    ``cfg.lr`` held constant (checkpointed under ``run_dir/prune_finetune``), before it is factorized;
+    the factorized network gets the other ``cfg.epochs - k`` with ``cfg``'s schedule: the same
+    training compute, compressed in two steps.
 
     Example:
         >>> from cstar_fx.data import digits
@@ -183,12 +187,26 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     _check_count("calibrate", calibrate)
     _check_count("sensitivity", sensitivity)
     prune = check_prune_share(prune)
+    _check_count("prune_epochs", prune_epochs, "a number of epochs")
+    if prune_epochs and not prune:
+        raise ValueError(f"prune_epochs={prune_epochs} trains the pruned network, so it needs prune > 0 (the share of "
+                         "the compression given to channel pruning)")
+    if prune_epochs and prune_epochs >= cfg.epochs:
+        raise ValueError(f"prune_epochs ({prune_epochs}) must be fewer than cfg.epochs ({cfg.epochs}): the "
+                         "factorized network needs the rest of the fine-tune")
     dev = torch.device(device) if device is not None else model_device(model)
     example_inputs = _on(example_inputs, dev)
     teacher = model_on(model, dev)
     base = teacher
+    pruned_history = None
     if prune:
         base, ratio = _prune_first(teacher, train_data, ratio, prune, cfg, example_inputs, dev, plan_options)
+    if prune_epochs:
+        first = cfg.replace(epochs=prune_epochs, schedule="constant", warmup_epochs=min(cfg.warmup_epochs,
+                                                                                          prune_epochs))
+        pruned_history = finetune(base, train_data, first, run_dir=_sub(run_dir, "prune_finetune"), resume=resume,
+                                  device=dev, teacher=teacher if cfg.loss.distill > 0 else None).to_dict()
+    rest = cfg.replace(epochs=cfg.epochs - prune_epochs, warmup_epochs=max(0.0, cfg.warmup_epochs - prune_epochs))
     calibration = calibration_batches(base, train_data, calibrate, cfg, device=dev) if calibrate else None
     weights = None
     if sensitivity:
@@ -201,10 +219,11 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
         gm.meta["cstar_report"] = dataclasses.replace(report, dense_params=count_params(teacher), dense_flops=(
             None if report.dense_flops is None else count_flops(teacher, example_inputs)))
     recalibrate_bn(gm, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
-    tuned = finetune(gm, train_data, cfg, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
+    tuned = finetune(gm, train_data, rest, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=teacher if cfg.loss.distill > 0 else None)
     gm.meta["cstar_training"] = {"method": "decompose_finetune", "finetune": tuned.to_dict(), "config": cfg.to_dict(),
-                                 "calibrate": calibrate, "sensitivity": weights, "prune": prune}
+                                 "calibrate": calibrate, "sensitivity": weights, "prune": prune,
+                                 "prune_epochs": prune_epochs, "pruned_finetune": pruned_history}
     return gm
 
 
@@ -229,9 +248,9 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
     return pruned, max(ratio * cost / dense[k] for k, cost in budget_costs(pruned, example_inputs, budget).items())
 
 
-def _check_count(name: str, value: Any) -> None:
+def _check_count(name: str, value: Any, what: str = "a number of training images") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a number of training images >= 0 (0: off), got {value!r}")
+        raise ValueError(f"{name} must be {what} >= 0 (0: off), got {value!r}")
 
 
 def model_on(model: nn.Module, device: torch.device) -> nn.Module:
