@@ -442,13 +442,20 @@ def heldout_split(args: argparse.Namespace, prof: Profile, test: Any) -> Any:
         raise SystemExit(f"--heldout: the {args.profile} profile has no held-out test images")
     _, wide = cifar10_jpeg(args.archive, cache_dir=args.cache_dir,
                            per_class=(prof.train_per_class, prof.test_per_class + prof.heldout_per_class))
-    rank = torch.zeros_like(wide.y)  # each image's position within its class (the split is sorted by file name)
+    return images_after(wide, test, prof.test_per_class)
+
+
+def images_after(wide: Any, test: Any, first: int) -> Any:
+    """The images of ``wide`` after the first ``first`` of each class (in ``wide``'s order); those first ones must
+    be ``test``, the table's own test images, or the held-out images could overlap them."""
+    rank = torch.zeros_like(wide.y)  # each image's position within its class
     for c in wide.y.unique():
         where = (wide.y == c).nonzero().flatten()
-        rank[where] = torch.arange(len(where))
-    if not torch.equal(wide.x[rank < prof.test_per_class].to(test.x.device), test.x):
-        raise RuntimeError("the held-out split's first images per class are not the table's test images")
-    return wide.subset((rank >= prof.test_per_class).nonzero().flatten())
+        rank[where] = torch.arange(len(where), device=where.device)
+    if not torch.equal(wide.x[rank < first].to(test.x.device), test.x):
+        raise RuntimeError("the first images per class of the wider test split are not the table's test images, so "
+                           "the held-out images could overlap them")
+    return wide.subset((rank >= first).nonzero().flatten())
 
 
 def aa_subset(test: Any, n: int) -> Any:

@@ -96,3 +96,29 @@ def test_autoattack_subset_covers_every_class_of_a_class_sorted_test_set(table) 
     y = torch.arange(10).repeat_interleave(100)  # sorted by class, as the CPU profile's subset is
     sub = table.aa_subset(TensorData(torch.zeros(1000, 1, 2, 2), y), 200)
     assert len(sub) == 200 and sub.y.bincount().tolist() == [20] * 10
+
+
+def test_held_out_images_are_the_ones_after_the_tables_own_per_class(table) -> None:  # noqa: ANN001
+    from cstar_fx.data import TensorData
+
+    y = torch.arange(3).repeat(5)  # interleaved classes: position within a class, not in the file
+    x = torch.arange(15, dtype=torch.uint8).view(15, 1, 1, 1)
+    wide = TensorData(x, y)
+    first = wide.subset(torch.tensor([0, 1, 2, 3, 4, 5]))  # the first two of each class
+    held = table.images_after(wide, first, 2)
+    assert held.x.flatten().tolist() == list(range(6, 15)) and held.y.bincount().tolist() == [3, 3, 3]
+    with pytest.raises(RuntimeError, match="could overlap"):
+        table.images_after(wide, wide.subset(torch.tensor([0, 1, 2, 3, 4, 6])), 2)
+
+
+def test_paired_differences_on_the_held_out_images_have_their_own_verdict(table) -> None:  # noqa: ANN001
+    rows = [_row(0, "hybrid_both", 40, 25), _row(1, "hybrid_both", 42, 27), _row(2, "hybrid_both", 41, 26),
+            _row(0, "prune_ft", 39, 23), _row(1, "prune_ft", 41, 25), _row(2, "prune_ft", 40, 24)]
+    for r, (clean, pgd) in zip(rows, ((38, 24), (40, 25), (39, 26), (37, 24), (40, 24), (38, 25))):
+        r["clean heldout"], r["pgd20 heldout"] = clean, pgd
+    agg, paired = table.summarise(rows, (16.0,), ["hybrid_both", "prune_ft"], reference="hybrid_both")
+    assert paired[0]["PGD-20 gain > 2 sd"] == "yes"  # +2 on every seed of the table's own images
+    assert paired[0]["Δ PGD-20 held-out"] == f"{statistics.mean([0, 1, 1]):.2f} ± {statistics.stdev([0, 1, 1]):.2f}"
+    assert paired[0]["PGD-20 held-out gain > 2 sd"] == "no"  # the held-out images disagree
+    assert paired[0]["Δ clean held-out"] == f"{statistics.mean([1, 0, 1]):.2f} ± {statistics.stdev([1, 0, 1]):.2f}"
+    assert next(r for r in agg if r["method"] == table.LABELS["prune_ft"])["PGD-20 % held-out"] == "24.33 ± 0.58"
