@@ -44,7 +44,7 @@ from .models import TORCHVISION_NAMES, build_model, small_cnn
 from .passes.prune import PRUNE_BUDGETS
 from .robust.cstar import model_on
 from .robust.config import (RECOMMENDED, AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig,
-                            check_prune_share)
+                            check_prune_epochs, check_prune_share)
 from .robust.distributed import is_main_process
 from .runreport import RESULTS_FORMAT
 from .sysinfo import describe
@@ -124,7 +124,8 @@ class PipelineConfig:
     Compression: ``ratios``, ``methods`` (of :data:`METHODS`), ``budget`` ("params", "flops" or "both", the
     default), ``round_to``, ``skip`` (layer names or globs kept dense), ``calibrate`` (data-aware factorization images) and
     ``distill`` (robust distillation weight in every fine-tune), ``prune_share`` (share of the compression given to
-    channel pruning before the factorization, method "decompose" only). Training: ``teacher_epochs`` (0: the model
+    channel pruning before the factorization, method "decompose" only), ``prune_epochs`` (fine-tune epochs spent on
+    the pruned network before it is factorized, out of ``finetune_epochs``). Training: ``teacher_epochs`` (0: the model
     is the teacher as given), ``joint_epochs`` (CSTAR's ADMM phase), ``finetune_epochs``, ``loss``, ``lr``
     (the teacher's; compression phases use lr/5), ``batch_size`` (global under torchrun), ``rho``.
     Attack: ``eps``, ``alpha`` (default eps/4), ``train_steps``, ``eval_steps``, ``eval_n`` test images,
@@ -146,6 +147,7 @@ class PipelineConfig:
     calibrate: int = RECOMMENDED.calibrate
     distill: float = RECOMMENDED.distill
     prune_share: float = RECOMMENDED.prune
+    prune_epochs: int = RECOMMENDED.prune_epochs
     teacher_epochs: int = 10
     joint_epochs: int = 5
     finetune_epochs: int = 5
@@ -183,6 +185,9 @@ class PipelineConfig:
             raise ValueError(f"prune share {self.prune_share:g} splits the ratio of the decompose method between "
                              f"pruning and low rank, which budget {self.budget!r} cannot count; use budget 'params', "
                              f"'flops' or 'both', or set the prune share to 0")
+        decompose = "decompose" in self.methods  # the only method the pruning share and its epochs apply to
+        object.__setattr__(self, "prune_epochs", check_prune_epochs(
+            self.prune_epochs, self.prune_share if decompose else None, self.finetune_epochs if decompose else None))
         self.joint_config  # noqa: B018 - builds (and so checks) every training and attack setting now
 
     @property
@@ -452,7 +457,7 @@ def _compress(method: str, model: nn.Module, train: Any, ratio: float, cfg: Pipe
         if method == "decompose":
             gm = robust.decompose_finetune(model, train, ratio, cfg.tune_config, example_inputs=ex, run_dir=run_dir,
                                            device=device, calibrate=cfg.calibrate, prune=cfg.prune_share,
-                                           **plan_options)
+                                           prune_epochs=cfg.prune_epochs, **plan_options)
             return gm, get_plan(gm), None
         tune = cfg.tune_config
         pruned, used = prune_to_ratio_finer(model, ratio, ex, round_to=prune_round_to, budget=cfg.budget)

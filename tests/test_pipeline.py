@@ -48,6 +48,11 @@ def test_config_is_typed_and_checked():
         PipelineConfig(ratios=(4, 4))
     with pytest.raises(ValueError, match="distill"):
         PipelineConfig(loss="trades", distill=0.5)
+    with pytest.raises(ValueError, match="must be fewer than the fine-tune's epochs"):
+        PipelineConfig(prune_epochs=5, finetune_epochs=5)
+    with pytest.raises(ValueError, match="needs a prune share > 0"):
+        PipelineConfig(prune_epochs=1, prune_share=0)
+    assert PipelineConfig(methods=["prune"], prune_epochs=5, finetune_epochs=5).prune_epochs == 5  # not decompose's
 
 
 def test_unreachable_ratio_is_refused_before_training(data):

@@ -264,9 +264,9 @@ def test_prune_epochs_train_the_pruned_network_first_within_the_same_epochs(tmp_
     again = decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=1, round_to=1, run_dir=tmp_path,
                                resume=True)  # both stages resume from their checkpoints: the same network
     assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), again.state_dict().values()))
-    with pytest.raises(ValueError, match="needs prune > 0"):
+    with pytest.raises(ValueError, match="needs a prune share > 0"):
         decompose_finetune(model, train, 8, cfg, prune_epochs=1)
-    with pytest.raises(ValueError, match="must be fewer than cfg.epochs"):
+    with pytest.raises(ValueError, match="must be fewer than the fine-tune's epochs"):
         decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=2)
     with pytest.raises(ValueError, match="prune_epochs must be a number of epochs"):
         decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=-1)

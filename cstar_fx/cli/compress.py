@@ -86,6 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prune-share", type=fraction(), default=d.prune_share,
                    help="share of the compression given to Torch-Pruning channel pruning before the factorization "
                         "(decompose only; any --budget but latency; 0: low rank alone, 0.5: sqrt(ratio) each)")
+    g.add_argument("--prune-epochs", type=count, default=d.prune_epochs,
+                   help="fine-tune epochs spent on the pruned network before it is factorized, out of "
+                        "--finetune-epochs (decompose with --prune-share > 0 only)")
     g.add_argument("--distill", type=fraction(), default=d.distill,
                    help="weight of robust distillation from the teacher in every method's fine-tune, pruning "
                         "included (0: plain adversarial fine-tune)")
@@ -167,6 +170,16 @@ def _check(args: argparse.Namespace) -> None:
     if "prune_share" in _explicit(args) and args.prune_share and "decompose" not in args.methods:
         raise UsageError(f"--prune-share {args.prune_share:g} splits the ratio of the decompose method; add "
                          f"decompose to --methods or drop --prune-share")
+    if args.prune_epochs and "decompose" in args.methods:
+        if not args.prune_share:
+            raise UsageError(f"--prune-epochs {args.prune_epochs} trains the pruned network, so it needs "
+                             f"--prune-share > 0; pass --prune-epochs 0 or a prune share")
+        if args.prune_epochs >= args.finetune_epochs:
+            raise UsageError(f"--prune-epochs {args.prune_epochs} must be fewer than --finetune-epochs "
+                             f"{args.finetune_epochs}: the factorized network needs the rest")
+    elif "prune_epochs" in _explicit(args) and args.prune_epochs:
+        raise UsageError(f"--prune-epochs {args.prune_epochs} trains the pruned network of the decompose method; "
+                         f"add decompose to --methods or drop --prune-epochs")
     if args.int8 and args.no_export:
         raise UsageError("--int8 quantizes the exported ONNX models; drop --no-export")
     if args.distill > 0 and args.loss == "trades":

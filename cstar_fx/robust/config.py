@@ -19,7 +19,7 @@ from typing import Any
 from ..costs import budget_names
 
 __all__ = ["AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig", "Recipe", "RECOMMENDED",
-           "NORMS", "LOSSES", "SCHEDULES", "check_prune_share"]
+           "NORMS", "LOSSES", "SCHEDULES", "check_prune_share", "check_prune_epochs"]
 
 NORMS = ("linf", "l2")
 LOSSES = ("pgd", "trades", "fast", "clean")
@@ -50,6 +50,25 @@ def check_prune_share(value: Any) -> float:
         raise ValueError(f"prune must be the share of the compression given to channel pruning, 0 <= prune < 1 "
                          f"(0: off; 1 would leave nothing to factorize), got {value!r}")
     return float(value)
+
+
+def check_prune_epochs(value: Any, prune: float | None = None, epochs: int | None = None) -> int:
+    """``value`` as the number of fine-tune epochs spent on the pruned network before it is factorized: an int
+    ``>= 0``; when given, 0 unless ``prune`` (the pruning share) is on, and fewer than the fine-tune's ``epochs``.
+
+    Example:
+        >>> check_prune_epochs(1, 0.5, epochs=3)
+        1
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"prune_epochs must be a number of epochs >= 0 (0: off), got {value!r}")
+    if value and prune is not None and not prune:
+        raise ValueError(f"prune_epochs={value} trains the pruned network, so it needs a prune share > 0 (the share "
+                         "of the compression given to channel pruning)")
+    if value and epochs is not None and value >= epochs:
+        raise ValueError(f"prune_epochs ({value}) must be fewer than the fine-tune's epochs ({epochs}): the "
+                         "factorized network needs the rest")
+    return int(value)
 
 
 def _int(obj: Any, name: str, low: int) -> int:
@@ -288,6 +307,8 @@ class Recipe(_Replace):
       rank allocation (0: spectral energy alone).
     * ``prune``: share of the compression (in log terms) given to Torch-Pruning channel pruning before
       the factorization (0: low rank alone; 0.5: ``sqrt(ratio)`` each).
+    * ``prune_epochs``: fine-tune epochs spent on the pruned network before it is factorized (they come out
+      of the fine-tune's epochs; 0: the pruned network is factorized at once). Needs ``prune > 0``.
     * ``budget``: what the ratio counts (:func:`cstar_fx.costs.budget_names`; ``"both"``: parameters and
       FLOPs alike, so it needs example inputs).
 
@@ -300,6 +321,7 @@ class Recipe(_Replace):
     distill: float = 0.0
     sensitivity: int = 0
     prune: float = 0.0
+    prune_epochs: int = 0
     budget: str = "params"
 
     def __post_init__(self) -> None:
@@ -307,6 +329,7 @@ class Recipe(_Replace):
         _number(self, "distill", low=0.0, high=1.0)
         _int(self, "sensitivity", 0)
         object.__setattr__(self, "prune", check_prune_share(self.prune))
+        check_prune_epochs(self.prune_epochs, self.prune)
         if self.budget not in budget_names():
             raise ValueError(f"budget must be one of {budget_names()}, got {self.budget!r}")
 

@@ -40,7 +40,7 @@ from ..report import get_report
 from ..torchutil import as_tuple, model_device, private_rng
 from .admm import Admm, auto_rho
 from .attacks import pgd_attack
-from .config import JointConfig, TrainConfig, check_prune_share
+from .config import JointConfig, TrainConfig, check_prune_epochs, check_prune_share
 from .finetune import finetune, recalibrate_bn
 from .sensitivity import layer_sensitivity
 
@@ -187,13 +187,7 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     _check_count("calibrate", calibrate)
     _check_count("sensitivity", sensitivity)
     prune = check_prune_share(prune)
-    _check_count("prune_epochs", prune_epochs, "a number of epochs")
-    if prune_epochs and not prune:
-        raise ValueError(f"prune_epochs={prune_epochs} trains the pruned network, so it needs prune > 0 (the share of "
-                         "the compression given to channel pruning)")
-    if prune_epochs and prune_epochs >= cfg.epochs:
-        raise ValueError(f"prune_epochs ({prune_epochs}) must be fewer than cfg.epochs ({cfg.epochs}): the "
-                         "factorized network needs the rest of the fine-tune")
+    prune_epochs = check_prune_epochs(prune_epochs, prune, cfg.epochs)
     dev = torch.device(device) if device is not None else model_device(model)
     example_inputs = _on(example_inputs, dev)
     teacher = model_on(model, dev)
@@ -248,9 +242,9 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
     return pruned, max(ratio * cost / dense[k] for k, cost in budget_costs(pruned, example_inputs, budget).items())
 
 
-def _check_count(name: str, value: Any, what: str = "a number of training images") -> None:
+def _check_count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be {what} >= 0 (0: off), got {value!r}")
+        raise ValueError(f"{name} must be a number of training images >= 0 (0: off), got {value!r}")
 
 
 def model_on(model: nn.Module, device: torch.device) -> nn.Module:
