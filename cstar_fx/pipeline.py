@@ -125,7 +125,8 @@ class PipelineConfig:
     default), ``round_to``, ``skip`` (layer names or globs kept dense), ``calibrate`` (data-aware factorization images) and
     ``distill`` (robust distillation weight in every fine-tune), ``prune_share`` (share of the compression given to
     channel pruning before the factorization, method "decompose" only), ``prune_epochs`` (fine-tune epochs spent on
-    the pruned network before it is factorized, out of ``finetune_epochs``). Training: ``teacher_epochs`` (0: the model
+    the pruned network before it is factorized, out of ``finetune_epochs``; ``None``: the recommended recipe's
+    where it applies, i.e. with a prune share and more fine-tune epochs than that, else 0). Training: ``teacher_epochs`` (0: the model
     is the teacher as given), ``joint_epochs`` (CSTAR's ADMM phase), ``finetune_epochs``, ``loss``, ``lr``
     (the teacher's; compression phases use lr/5), ``batch_size`` (global under torchrun), ``rho``.
     Attack: ``eps``, ``alpha`` (default eps/4), ``train_steps``, ``eval_steps``, ``eval_n`` test images,
@@ -147,7 +148,7 @@ class PipelineConfig:
     calibrate: int = RECOMMENDED.calibrate
     distill: float = RECOMMENDED.distill
     prune_share: float = RECOMMENDED.prune
-    prune_epochs: int = RECOMMENDED.prune_epochs
+    prune_epochs: int | None = None
     teacher_epochs: int = 10
     joint_epochs: int = 5
     finetune_epochs: int = 5
@@ -186,6 +187,9 @@ class PipelineConfig:
                              f"pruning and low rank, which budget {self.budget!r} cannot count; use budget 'params', "
                              f"'flops' or 'both', or set the prune share to 0")
         decompose = "decompose" in self.methods  # the only method the pruning share and its epochs apply to
+        if self.prune_epochs is None:  # the recipe's, where there is a pruned network and epochs left after it
+            auto = RECOMMENDED.prune_epochs if self.prune_share and self.finetune_epochs > RECOMMENDED.prune_epochs else 0
+            object.__setattr__(self, "prune_epochs", auto)
         object.__setattr__(self, "prune_epochs", check_prune_epochs(
             self.prune_epochs, self.prune_share if decompose else None, self.finetune_epochs if decompose else None))
         self.joint_config  # noqa: B018 - builds (and so checks) every training and attack setting now

@@ -53,6 +53,10 @@ def test_config_is_typed_and_checked():
     with pytest.raises(ValueError, match="needs a prune share > 0"):
         PipelineConfig(prune_epochs=1, prune_share=0)
     assert PipelineConfig(methods=["prune"], prune_epochs=5, finetune_epochs=5).prune_epochs == 5  # not decompose's
+    from cstar_fx.robust import RECOMMENDED  # the documented import
+
+    assert PipelineConfig().prune_epochs == RECOMMENDED.prune_epochs  # unset: the recipe's, where it applies
+    assert PipelineConfig(prune_share=0).prune_epochs == 0 and PipelineConfig(finetune_epochs=1).prune_epochs == 0
 
 
 def test_unreachable_ratio_is_refused_before_training(data):

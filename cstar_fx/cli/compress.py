@@ -21,6 +21,7 @@ from .options import config_values, explicit_dests, fraction, integer, number
 from .runfolder import RunFolder
 from ..allocate import UnreachableBudgetError
 from ..io import CheckpointError, load_weights
+from ..robust.config import RECOMMENDED
 from ..pipeline import (DATASETS, METHODS, MODELS, Directory, Pipeline, PipelineConfig, PipelineResult, default_eps,
                         load_data, model_for, run_label)
 
@@ -86,9 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prune-share", type=fraction(), default=d.prune_share,
                    help="share of the compression given to Torch-Pruning channel pruning before the factorization "
                         "(decompose only; any --budget but latency; 0: low rank alone, 0.5: sqrt(ratio) each)")
-    g.add_argument("--prune-epochs", type=count, default=d.prune_epochs,
+    g.add_argument("--prune-epochs", type=count, default=None,
                    help="fine-tune epochs spent on the pruned network before it is factorized, out of "
-                        "--finetune-epochs (decompose with --prune-share > 0 only)")
+                        "--finetune-epochs (decompose with --prune-share > 0 only; default: the recommended "
+                        f"recipe's {RECOMMENDED.prune_epochs} where the prune share and the epochs allow, else 0)")
     g.add_argument("--distill", type=fraction(), default=d.distill,
                    help="weight of robust distillation from the teacher in every method's fine-tune, pruning "
                         "included (0: plain adversarial fine-tune)")
@@ -176,7 +178,7 @@ def _check(args: argparse.Namespace) -> None:
                              f"--prune-share > 0; pass --prune-epochs 0 or a prune share")
         if args.prune_epochs >= args.finetune_epochs:
             raise UsageError(f"--prune-epochs {args.prune_epochs} must be fewer than --finetune-epochs "
-                             f"{args.finetune_epochs}: the factorized network needs the rest")
+                             f"{args.finetune_epochs}: the factorized network needs the rest; lower --prune-epochs")
     elif "prune_epochs" in _explicit(args) and args.prune_epochs:
         raise UsageError(f"--prune-epochs {args.prune_epochs} trains the pruned network of the decompose method; "
                          f"add decompose to --methods or drop --prune-epochs")

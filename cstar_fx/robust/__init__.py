@@ -6,7 +6,7 @@ Example:
 
 from .admm import Admm, AdmmRecord, auto_rho
 from .attacks import fgsm, pgd, pgd_attack
-from .config import AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig
+from .config import RECOMMENDED, AdmmConfig, AttackConfig, JointConfig, LossConfig, Recipe, TrainConfig
 from .cstar import calibration_batches, cstar, decompose_finetune
 from .distributed import World, init_from_env, is_main_process, process_group
 from .evaluate import MissingExtraError, RobustResult, SanityReport, autoattack, evaluate
@@ -17,7 +17,7 @@ from .sensitivity import layer_sensitivity
 __all__ = [
     "pgd", "pgd_attack", "fgsm",
     "adversarial_loss", "adversarial_step", "LossOutput",
-    "AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig",
+    "AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig", "Recipe", "RECOMMENDED",
     "finetune", "TrainHook", "TrainHistory", "RunDirError", "load_checkpoint", "recalibrate_bn",
     "Admm", "AdmmRecord", "auto_rho",
     "cstar", "decompose_finetune", "calibration_batches", "layer_sensitivity",
