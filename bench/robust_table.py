@@ -60,7 +60,7 @@ from cstar_fx.robust import (AdmmConfig, AttackConfig, JointConfig, LossConfig, 
                              decompose_finetune, evaluate, finetune, recalibrate_bn)
 
 EPS = 8 / 255
-RECOMMENDED = "hybrid_both"  # the library's RECOMMENDED recipe (cstar_fx.robust.RECOMMENDED)
+RECOMMENDED = "hybrid_staged"  # the library's RECOMMENDED recipe (cstar_fx.robust.RECOMMENDED)
 
 
 @dataclass(frozen=True)

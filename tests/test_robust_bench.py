@@ -71,6 +71,14 @@ def test_every_method_is_given_the_same_adversarial_epochs(table) -> None:  # no
     assert set(table.METHODS) <= set(table.LABELS) and table.RECOMMENDED in table.METHODS
 
 
+def test_the_benchs_reference_row_is_the_librarys_recommended_recipe(table) -> None:  # noqa: ANN001
+    from cstar_fx.robust import RECOMMENDED
+
+    budget, share, epochs = table.PRUNED_FIRST[table.RECOMMENDED]
+    assert (budget, share, epochs) == (RECOMMENDED.budget, RECOMMENDED.prune, RECOMMENDED.prune_epochs)
+    assert table.PROFILES["cpu"].calibrate == RECOMMENDED.calibrate and RECOMMENDED.distill == 0
+
+
 def test_paired_differences_against_another_reference_and_the_apgd_column(table) -> None:  # noqa: ANN001
     rows = [_row(0, "hybrid_ft", 40, 25), _row(1, "hybrid_ft", 42, 27), _row(0, "prune_ft", 39, 24),
             _row(1, "prune_ft", 41, 25)]

@@ -1,8 +1,8 @@
 """``cstar-fx demo``: the whole pipeline on the embedded digits dataset, no arguments needed.
 
 Trains a small CNN with PGD adversarial training on scikit-learn's 8x8 digits, compresses it with
-the recommended recipe (:data:`cstar_fx.robust.RECOMMENDED`: channel pruning for part of the ratio,
-then data-aware factorization calibrated on clean and adversarial training images, together the ratio
+the recommended recipe (:data:`cstar_fx.robust.RECOMMENDED`: channel pruning for part of the ratio and
+a first fine-tune epoch on the pruned network, then data-aware factorization calibrated on clean and adversarial training images, together the ratio
 smaller in parameters and FLOPs alike, then an adversarial fine-tune) and with the plain transform (parameter budget) + adversarial
 fine-tune, both with the same number of fine-tune epochs, evaluates clean and PGD-20 accuracy and
 prints one table.
@@ -84,13 +84,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"1/4 PGD-AT teacher on digits ({len(train)} train images, eps={args.eps:g}, {args.epochs} epochs)")
         finetune(dense, train, teacher_cfg)
         rows.append(("dense PGD-AT teacher", dense, 1.0, f"{args.epochs} ep"))
-        pruning = f"channel pruning for {args.ratio ** recipe.prune:.3g}x, then " if recipe.prune else ""
+        pruning = f"channel pruning for {args.ratio ** recipe.prune:.3g}x" if recipe.prune else ""
+        if pruning:
+            tuned = f" and {recipe.prune_epochs} fine-tune epoch(s) on the pruned network" if recipe.prune_epochs else ""
+            pruning += tuned + ", then "
         print(f"2/4 recommended recipe at {args.ratio:g}x: {pruning}data-aware transform ({recipe.calibrate} "
               f"calibration images, budget {recipe.budget!r}) + adversarial fine-tune ({args.epochs} ep)")
         try:
             gm = decompose_finetune(dense, train, args.ratio, tune.replace(loss=loss.replace(distill=recipe.distill)),
                                     calibrate=min(recipe.calibrate, len(train)), prune=recipe.prune,
-                                    budget=recipe.budget, example_inputs=train.x[:1], round_to=1)
+                                    prune_epochs=recipe.prune_epochs, budget=recipe.budget,
+                                    example_inputs=train.x[:1], round_to=1)
         except cstar_fx.UnreachableBudgetError as exc:
             raise UsageError(str(exc).replace("\n", " ")) from None
         rows.append((f"recipe {args.ratio:g}x", gm, cstar_fx.get_report(gm).ratio_params, f"+{args.epochs} ep"))
