@@ -28,7 +28,8 @@ sensitivity of the adversarial loss) and ``cstar`` (ADMM joint epochs on the den
 transform and fine-tune, same total epochs). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``:
 every cell, mean +- std per method and ratio, and per-seed paired differences of ``--reference`` (default:
 the recipe) against every other method. ``--autoattack`` adds AutoAttack (the CPU profile: its APGD-CE and
-APGD-T) to the finished cells of the methods in ``AA_METHODS``.
+APGD-T) to the finished cells of the methods in ``AA_METHODS``; ``--heldout`` adds clean and PGD-20 accuracy on
+the profile's held-out test images.
 """
 
 from __future__ import annotations
@@ -356,9 +357,11 @@ class Bench:
             return self._pruned(ratio, "both" if method == "prune_both" else "params")
         return cstar_fx.transform(base, plan=cstar_fx.RankPlan.from_json(plan.read_text()), decompose=False)
 
-    def _finished(self, method: str, ratio: float, key: str) -> tuple[dict[str, Any], nn.Module | None] | None:
-        """A finished cell's result and its fine-tuned model (``None`` when ``key`` is ``None`` or in the result
-        already); ``None`` when the cell is missing."""
+    def add_evaluations(self, method: str, ratio: float, heldout: Any = None) -> dict[str, Any] | None:
+        """The later evaluations of a finished cell's model, stored in its result: AutoAttack (or APGD) with
+        ``--autoattack`` for ``AA_METHODS``, clean and PGD-20 on ``heldout`` (``clean heldout`` / ``pgd20 heldout``)
+        when given. The model is rebuilt from its checkpoint once, only if a result is missing; ``None`` when the
+        cell is missing."""
         from cstar_fx.robust import load_checkpoint
 
         cell = self._cell(ratio, method)
@@ -366,8 +369,10 @@ class Bench:
         if not done.is_file():
             return None
         row = json.loads(done.read_text())
-        if key is None or key in row:
-            return row, None
+        aa = bool(self.args.autoattack and self.args.aa_n) and method in AA_METHODS and self.prof.aa_attack not in row
+        held = heldout is not None and "pgd20 heldout" not in row
+        if not (aa or held):
+            return row
         model = self.rebuild(method, ratio)
         ckpt = load_checkpoint(cell / "run" / "finetune") or load_checkpoint(cell / "run")
         model.load_state_dict(ckpt["model"])
@@ -375,34 +380,19 @@ class Bench:
         if abs(clean - row["clean"]) > 1e-6:
             raise RuntimeError(f"{cell}: the rebuilt model's clean accuracy {clean:.2f} differs from the recorded "
                                f"{row['clean']:.2f}; the checkpoint does not belong to this cell")
-        return row, model
-
-    def add_autoattack(self, method: str, ratio: float) -> dict[str, Any] | None:
-        """AutoAttack (or APGD) accuracy of a finished cell's model, stored in its result; ``None`` when the cell is
-        missing."""
-        found = self._finished(method, ratio, self.prof.aa_attack if self.args.aa_n else None)
-        if found is None or found[1] is None:
-            return found and found[0]
-        row, model = found
-        row.update(self.evaluate(model, True))
-        atomic_write_text(self._cell(ratio, method) / "result.json", json.dumps(row, indent=2))
+        if aa:
+            row.update(self.evaluate(model, True))
+        if held:
+            row.update(self.evaluate_heldout(model, heldout))
+        atomic_write_text(done, json.dumps(row, indent=2))
         return row
 
-    def add_heldout(self, method: str, ratio: float, heldout: Any) -> dict[str, Any] | None:
-        """Clean and PGD-20 accuracy of a finished cell's model (or of the teacher, ``method="teacher"``) on the
-        held-out test images, stored in its result (``clean heldout`` / ``pgd20 heldout``); ``None`` when the cell
-        is missing."""
-        if method == "teacher":
-            done = self.dir / "teacher" / "result.json"
-            row = json.loads(done.read_text())
-            model = None if "pgd20 heldout" in row else self.teacher
-        else:
-            found = self._finished(method, ratio, "pgd20 heldout")
-            if found is None:
-                return None
-            (row, model), done = found, self._cell(ratio, method) / "result.json"
-        if model is not None:
-            row.update(self.evaluate_heldout(model, heldout))
+    def teacher_heldout(self, heldout: Any) -> dict[str, Any]:
+        """The teacher's row with its clean and PGD-20 accuracy on ``heldout`` (measured once, then stored)."""
+        done = self.dir / "teacher" / "result.json"
+        row = json.loads(done.read_text())
+        if "pgd20 heldout" not in row:
+            row.update(self.evaluate_heldout(self.teacher, heldout))
             atomic_write_text(done, json.dumps(row, indent=2))
         return row
 
@@ -597,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 bench = Bench(args, prof, seed, train, test, device)
                 bench.train_teacher()
-                row = bench.add_heldout("teacher", 1.0, heldout)
+                row = bench.teacher_heldout(heldout)
                 _log(f"seed {seed} teacher held-out: clean {row['clean heldout']:.2f} PGD-20 {row['pgd20 heldout']:.2f}")
         for ratio in args.ratios:
             for seed in args.seeds:
@@ -605,16 +595,16 @@ def main(argv: list[str] | None = None) -> int:
                 bench.train_teacher()
                 for method in args.methods:
                     t0 = time.perf_counter()
+                    row = bench.add_evaluations(method, ratio, heldout)
+                    if row is None:
+                        continue
+                    found = []
                     if args.autoattack and method in AA_METHODS:
-                        row = bench.add_autoattack(method, ratio)
-                        if row is not None:
-                            _log(f"seed {seed} {ratio:g}x {method:<18} {aa_col} {row.get(prof.aa_attack, '-')} "
-                                 f"({time.perf_counter() - t0:.0f} s)")
+                        found.append(f"{aa_col} {row.get(prof.aa_attack, '-')}")
                     if heldout is not None:
-                        row = bench.add_heldout(method, ratio, heldout)
-                        if row is not None:
-                            _log(f"seed {seed} {ratio:g}x {method:<18} held-out: clean {row['clean heldout']:.2f} "
-                                 f"PGD-20 {row['pgd20 heldout']:.2f} ({time.perf_counter() - t0:.0f} s)")
+                        found.append(f"held-out: clean {row['clean heldout']:.2f} PGD-20 {row['pgd20 heldout']:.2f}")
+                    if found:
+                        _log(f"seed {seed} {ratio:g}x {method:<18} {'; '.join(found)} ({time.perf_counter() - t0:.0f} s)")
         args.report = True
         rows = [json.loads((args.runs / f"seed{seed}" / "teacher" / "result.json").read_text()) for seed in args.seeds]
         for seed in args.seeds:

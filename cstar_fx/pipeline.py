@@ -187,11 +187,11 @@ class PipelineConfig:
                              f"pruning and low rank, which budget {self.budget!r} cannot count; use budget 'params', "
                              f"'flops' or 'both', or set the prune share to 0")
         decompose = "decompose" in self.methods  # the only method the pruning share and its epochs apply to
-        if self.prune_epochs is None:  # the recipe's, where there is a pruned network and epochs left after it
-            auto = RECOMMENDED.prune_epochs if self.prune_share and self.finetune_epochs > RECOMMENDED.prune_epochs else 0
-            object.__setattr__(self, "prune_epochs", auto)
+        epochs = self.prune_epochs
+        if epochs is None:  # the recipe's, where there is a pruned network and epochs left after it
+            epochs = RECOMMENDED.prune_epochs if self.prune_share and self.finetune_epochs > RECOMMENDED.prune_epochs else 0
         object.__setattr__(self, "prune_epochs", check_prune_epochs(
-            self.prune_epochs, self.prune_share if decompose else None, self.finetune_epochs if decompose else None))
+            epochs, self.prune_share if decompose else None, self.finetune_epochs if decompose else None))
         self.joint_config  # noqa: B018 - builds (and so checks) every training and attack setting now
 
     @property

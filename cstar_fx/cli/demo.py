@@ -84,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"1/4 PGD-AT teacher on digits ({len(train)} train images, eps={args.eps:g}, {args.epochs} epochs)")
         finetune(dense, train, teacher_cfg)
         rows.append(("dense PGD-AT teacher", dense, 1.0, f"{args.epochs} ep"))
-        pruning = f"channel pruning for {args.ratio ** recipe.prune:.3g}x" if recipe.prune else ""
-        if pruning:
-            tuned = f" and {recipe.prune_epochs} fine-tune epoch(s) on the pruned network" if recipe.prune_epochs else ""
-            pruning += tuned + ", then "
+        steps = [f"channel pruning for {args.ratio ** recipe.prune:.3g}x"] if recipe.prune else []
+        if recipe.prune_epochs:
+            steps.append(f"{recipe.prune_epochs} fine-tune epoch(s) on the pruned network")
+        pruning = " and ".join(steps) + ", then " if steps else ""
         print(f"2/4 recommended recipe at {args.ratio:g}x: {pruning}data-aware transform ({recipe.calibrate} "
               f"calibration images, budget {recipe.budget!r}) + adversarial fine-tune ({args.epochs} ep)")
         try:
