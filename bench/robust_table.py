@@ -29,7 +29,9 @@ transform and fine-tune, same total epochs). Writes ``bench/out/robust_table_<pr
 every cell, mean +- std per method and ratio, and per-seed paired differences of ``--reference`` (default:
 the recipe) against every other method. ``--autoattack`` adds AutoAttack (the CPU profile: its APGD-CE and
 APGD-T) to the finished cells of the methods in ``AA_METHODS``; ``--heldout`` adds clean and PGD-20 accuracy on
-the profile's held-out test images.
+the profile's held-out test images (the ones after the table's own in each class) and ``--confirm`` on its
+confirmation images (the ones after those), each with its own paired differences. The held-out images have
+chosen between recipes; the confirmation images are kept for checking such a choice once it is made.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ class Profile:
     seeds: tuple[int, ...]
     sanity_n: int = 128
     aa_attack: str = "autoattack"  # or "apgd": AutoAttack's APGD-CE + APGD-T only (a tenth of the CPU time)
-    heldout_per_class: int = 0  # --heldout: test images per class after the first test_per_class, never looked at
+    heldout_per_class: int = 0  # --heldout: test images per class after the first test_per_class
+    confirm_per_class: int = 0  # --confirm: test images per class after the held-out ones
 
 
 PROFILES = {
@@ -95,7 +98,7 @@ PROFILES = {
     "cpu": Profile(width=16, train_per_class=1000, test_per_class=100, teacher_epochs=10, ft_epochs=3,
                    joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
                    pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2, 3, 4),
-                   aa_attack="apgd", heldout_per_class=400),
+                   aa_attack="apgd", heldout_per_class=400, confirm_per_class=500),
     "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
                    joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
                    pgd_n=2000, aa_n=500, calibrate=2048, distill=0.8, ratios=(8.0, 16.0, 32.0), seeds=(0, 1, 2),
@@ -136,6 +139,8 @@ PRUNED_FIRST = {"hybrid_ft": ("params", 0.5, 0), "hybrid_both": ("both", 0.5, 0)
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
               "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
+# the test images after the table's own, per class, in this order: result keys "clean <split>" / "pgd20 <split>"
+SPLITS = {"heldout": "held-out", "confirm": "confirmation"}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,6 +164,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="add clean and PGD-20 accuracy on the held-out test images (the profile's heldout_per_class "
                         "per class after the ones the table uses) to the finished cells of --methods; the paired "
                         "differences are then also given on them")
+    p.add_argument("--confirm", action="store_true",
+                   help="the same on the confirmation test images (the profile's confirm_per_class per class after "
+                        "the held-out ones), for checking a choice made on the held-out images")
     p.add_argument("--handoff", action="store_true",
                    help="evaluate each method's compressed model before its fine-tune (batch norm re-estimated), into "
                         "seed*/handoff/ and robust_table_<profile>_handoff.md (the same teachers; CSTAR excluded)")
@@ -169,8 +177,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = args.runs or OUT / "runs" / f"robust_{args.profile}"
     if args.threads < 1:
         p.error("--threads must be >= 1")
-    if args.handoff and (args.autoattack or "cstar" in args.methods):
-        p.error("--handoff evaluates the compressed models before training: drop --autoattack and the cstar method")
+    if args.handoff and (args.autoattack or args.heldout or args.confirm or "cstar" in args.methods):
+        p.error("--handoff evaluates the compressed models before training: drop --autoattack, --heldout, --confirm "
+                "and the cstar method")
+    args.splits = tuple(s for s in SPLITS if getattr(args, s))
     return args
 
 
@@ -357,11 +367,11 @@ class Bench:
             return self._pruned(ratio, "both" if method == "prune_both" else "params")
         return cstar_fx.transform(base, plan=cstar_fx.RankPlan.from_json(plan.read_text()), decompose=False)
 
-    def add_evaluations(self, method: str, ratio: float, heldout: Any = None) -> dict[str, Any] | None:
+    def add_evaluations(self, method: str, ratio: float, splits: dict[str, Any]) -> dict[str, Any] | None:
         """The later evaluations of a finished cell's model, stored in its result: AutoAttack (or APGD) with
-        ``--autoattack`` for ``AA_METHODS``, clean and PGD-20 on ``heldout`` (``clean heldout`` / ``pgd20 heldout``)
-        when given. The model is rebuilt from its checkpoint once, only if a result is missing; ``None`` when the
-        cell is missing."""
+        ``--autoattack`` for ``AA_METHODS``, clean and PGD-20 on each of ``splits`` (name -> images; result keys
+        ``clean <name>`` / ``pgd20 <name>``). The model is rebuilt from its checkpoint once, only if a result is
+        missing; ``None`` when the cell is missing."""
         from cstar_fx.robust import load_checkpoint
 
         cell = self._cell(ratio, method)
@@ -370,8 +380,8 @@ class Bench:
             return None
         row = json.loads(done.read_text())
         aa = bool(self.args.autoattack and self.args.aa_n) and method in AA_METHODS and self.prof.aa_attack not in row
-        held = heldout is not None and "pgd20 heldout" not in row
-        if not (aa or held):
+        todo = {name: data for name, data in splits.items() if f"pgd20 {name}" not in row}
+        if not (aa or todo):
             return row
         model = self.rebuild(method, ratio)
         ckpt = load_checkpoint(cell / "run" / "finetune") or load_checkpoint(cell / "run")
@@ -382,24 +392,26 @@ class Bench:
                                f"{row['clean']:.2f}; the checkpoint does not belong to this cell")
         if aa:
             row.update(self.evaluate(model, True))
-        if held:
-            row.update(self.evaluate_heldout(model, heldout))
+        for name, data in todo.items():
+            row.update(self.evaluate_split(model, name, data))
         atomic_write_text(done, json.dumps(row, indent=2))
         return row
 
-    def teacher_heldout(self, heldout: Any) -> dict[str, Any]:
-        """The teacher's row with its clean and PGD-20 accuracy on ``heldout`` (measured once, then stored)."""
+    def teacher_splits(self, splits: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's row with its clean and PGD-20 accuracy on each of ``splits`` (measured once, then stored)."""
         done = self.dir / "teacher" / "result.json"
         row = json.loads(done.read_text())
-        if "pgd20 heldout" not in row:
-            row.update(self.evaluate_heldout(self.teacher, heldout))
+        todo = {name: data for name, data in splits.items() if f"pgd20 {name}" not in row}
+        for name, data in todo.items():
+            row.update(self.evaluate_split(self.teacher, name, data))
+        if todo:
             atomic_write_text(done, json.dumps(row, indent=2))
         return row
 
-    def evaluate_heldout(self, model: nn.Module, heldout: Any) -> dict[str, Any]:
-        res = evaluate(model, heldout, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20), sanity=False,
+    def evaluate_split(self, model: nn.Module, name: str, data: Any) -> dict[str, Any]:
+        res = evaluate(model, data, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20), sanity=False,
                        seed=self.seed, progress=False)
-        return {"clean heldout": 100 * res.clean, "pgd20 heldout": 100 * res.pgd, "heldout n": len(heldout)}
+        return {f"clean {name}": 100 * res.clean, f"pgd20 {name}": 100 * res.pgd, f"{name} n": len(data)}
 
     def teacher_row(self) -> dict[str, Any]:
         done = self.dir / "teacher" / "result.json"
@@ -425,19 +437,22 @@ class Bench:
         return cstar_fx.count_flops(self.teacher, self.example)
 
 
-def heldout_split(args: argparse.Namespace, prof: Profile, test: Any) -> Any:
-    """The profile's held-out test images: per class, the ``heldout_per_class`` after the first ``test_per_class``
-    (the table's own test images), so no choice made on the table has seen them."""
-    if not prof.heldout_per_class or prof.test_per_class is None:
-        raise SystemExit(f"--heldout: the {args.profile} profile has no held-out test images")
+def split_images(args: argparse.Namespace, prof: Profile, test: Any, name: str) -> Any:
+    """The profile's test images of split ``name`` (one of ``SPLITS``): per class, the held-out images are the
+    ``heldout_per_class`` after the first ``test_per_class`` (the table's own test images), so no choice made on the
+    table has seen them; the confirmation images are the ``confirm_per_class`` after those."""
+    sizes = {s: getattr(prof, f"{s}_per_class") for s in SPLITS}
+    if not sizes[name] or prof.test_per_class is None:
+        raise SystemExit(f"--{name}: the {args.profile} profile has no {SPLITS[name]} test images")
+    skip = sum(sizes[s] for s in list(SPLITS)[:list(SPLITS).index(name)])  # the splits before this one
     _, wide = cifar10_jpeg(args.archive, cache_dir=args.cache_dir,
-                           per_class=(prof.train_per_class, prof.test_per_class + prof.heldout_per_class))
-    return images_after(wide, test, prof.test_per_class)
+                           per_class=(prof.train_per_class, prof.test_per_class + skip + sizes[name]))
+    return images_after(wide, test, prof.test_per_class, skip)
 
 
-def images_after(wide: Any, test: Any, first: int) -> Any:
-    """The images of ``wide`` after the first ``first`` of each class (in ``wide``'s order); those first ones must
-    be ``test``, the table's own test images, or the held-out images could overlap them."""
+def images_after(wide: Any, test: Any, first: int, skip: int = 0) -> Any:
+    """The images of ``wide`` after the first ``first + skip`` of each class (in ``wide``'s order); the first
+    ``first`` must be ``test``, the table's own test images, or the images returned could overlap them."""
     rank = torch.zeros_like(wide.y)  # each image's position within its class
     for c in wide.y.unique():
         where = (wide.y == c).nonzero().flatten()
@@ -445,7 +460,7 @@ def images_after(wide: Any, test: Any, first: int) -> Any:
     if not torch.equal(wide.x[rank < first].to(test.x.device), test.x):
         raise RuntimeError("the first images per class of the wider test split are not the table's test images, so "
                            "the held-out images could overlap them")
-    return wide.subset((rank >= first).nonzero().flatten())
+    return wide.subset((rank >= first + skip).nonzero().flatten())
 
 
 def aa_subset(test: Any, n: int) -> Any:
@@ -519,8 +534,10 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
             if not seeds:
                 continue
             row = {"ratio": f"{ratio:g}x", "vs": LABELS[method], "seeds": len(seeds)}
-            for key, col in (("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), (aa_key, f"Δ {aa_col}"),
-                             ("pgd20 heldout", "Δ PGD-20 held-out"), ("clean heldout", "Δ clean held-out")):
+            keys = [("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), (aa_key, f"Δ {aa_col}")]
+            for split, label in SPLITS.items():
+                keys += [(f"pgd20 {split}", f"Δ PGD-20 {label}"), (f"clean {split}", f"Δ clean {label}")]
+            for key, col in keys:
                 diffs = [rec[s][key] - other[s][key] for s in seeds if key in rec[s] and key in other[s]]
                 row[col] = _mean_std(diffs)
                 if key.startswith("pgd20") and len(diffs) > 1:
@@ -539,8 +556,8 @@ def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) ->
             "teacher fwd": first.get("teacher forwards", 0), "calib passes": first.get("calibration passes", 0),
             "clean %": _mean_std([c["clean"] for c in cells]), "PGD-20 %": _mean_std([c["pgd20"] for c in cells]),
             f"{AA_LABELS[aa_key]} %": _mean_std([c[aa_key] for c in cells if aa_key in c]),
-            "clean % held-out": _mean_std([c["clean heldout"] for c in cells if "clean heldout" in c]),
-            "PGD-20 % held-out": _mean_std([c["pgd20 heldout"] for c in cells if "pgd20 heldout" in c]),
+            **{f"{m} % {label}": _mean_std([c[f"{key} {split}"] for c in cells if f"{key} {split}" in c])
+               for split, label in SPLITS.items() for key, m in (("clean", "clean"), ("pgd20", "PGD-20"))},
             "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",
             "train s": f"{statistics.mean(c['train s'] for c in cells):.0f}"}
 
@@ -579,30 +596,31 @@ def main(argv: list[str] | None = None) -> int:
         row = bench.teacher_row()
         rows.append(row)
         _log(f"seed {seed} teacher: clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f}")
-    if (args.autoattack or args.heldout) and not args.report:
-        heldout = heldout_split(args, prof, test) if args.heldout else None
-        if heldout is not None:
-            _log(f"held-out: {len(heldout)} test images ({prof.heldout_per_class} per class after the first "
-                 f"{prof.test_per_class})")
+    if (args.autoattack or args.splits) and not args.report:
+        splits = {name: split_images(args, prof, test, name) for name in args.splits}
+        for name, data in splits.items():
+            _log(f"{SPLITS[name]}: {len(data)} test images ({len(data) // 10} per class)")
+        if splits:
             for seed in args.seeds:
                 bench = Bench(args, prof, seed, train, test, device)
                 bench.train_teacher()
-                row = bench.teacher_heldout(heldout)
-                _log(f"seed {seed} teacher held-out: clean {row['clean heldout']:.2f} PGD-20 {row['pgd20 heldout']:.2f}")
+                row = bench.teacher_splits(splits)
+                _log(f"seed {seed} teacher " + "; ".join(
+                    f"{SPLITS[n]}: clean {row[f'clean {n}']:.2f} PGD-20 {row[f'pgd20 {n}']:.2f}" for n in splits))
         for ratio in args.ratios:
             for seed in args.seeds:
                 bench = Bench(args, prof, seed, train, test, device)
                 bench.train_teacher()
                 for method in args.methods:
                     t0 = time.perf_counter()
-                    row = bench.add_evaluations(method, ratio, heldout)
+                    row = bench.add_evaluations(method, ratio, splits)
                     if row is None:
                         continue
                     found = []
                     if args.autoattack and method in AA_METHODS:
                         found.append(f"{aa_col} {row.get(prof.aa_attack, '-')}")
-                    if heldout is not None:
-                        found.append(f"held-out: clean {row['clean heldout']:.2f} PGD-20 {row['pgd20 heldout']:.2f}")
+                    found += [f"{SPLITS[n]}: clean {row[f'clean {n}']:.2f} PGD-20 {row[f'pgd20 {n}']:.2f}"
+                              for n in splits]
                     if found:
                         _log(f"seed {seed} {ratio:g}x {method:<18} {'; '.join(found)} ({time.perf_counter() - t0:.0f} s)")
         args.report = True
@@ -639,11 +657,13 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["method", "ratio", "seeds", "ratio params", "ratio FLOPs", "student passes", "dense passes",
                "teacher fwd", "calib passes", "clean %", "PGD-20 %", f"{aa_col} %", "sanity", "train s"]
     pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", f"Δ {aa_col}"]
-    if any("pgd20 heldout" in r for r in rows):
-        columns[-2:-2] = ["clean % held-out", "PGD-20 % held-out"]
-        pcols += ["Δ PGD-20 held-out", "PGD-20 held-out gain > 2 sd", "Δ clean held-out"]
-        meta["held-out"] = (f"{prof.heldout_per_class} test images per class after the first {prof.test_per_class} "
-                            "(never used for a choice), PGD-20 as above, no sanity checks")
+    about = {"heldout": f"{prof.heldout_per_class} test images per class after the first {prof.test_per_class}",
+             "confirm": f"{prof.confirm_per_class} test images per class after the held-out ones"}
+    for split, label in SPLITS.items():
+        if any(f"pgd20 {split}" in r for r in rows):
+            columns[-2:-2] = [f"clean % {label}", f"PGD-20 % {label}"]
+            pcols += [f"Δ PGD-20 {label}", f"PGD-20 {label} gain > 2 sd", f"Δ clean {label}"]
+            meta[label] = about[split] + ", PGD-20 as above, no sanity checks"
     md = write(name, table, columns, meta)
     paired_md = markdown_table(paired, pcols)
     with open(OUT / f"{name}.md", "a") as fh:

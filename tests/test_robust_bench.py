@@ -117,6 +117,14 @@ def test_held_out_images_are_the_ones_after_the_tables_own_per_class(table) -> N
     assert held.x.flatten().tolist() == list(range(6, 15)) and held.y.bincount().tolist() == [3, 3, 3]
     with pytest.raises(RuntimeError, match="could overlap"):
         table.images_after(wide, wide.subset(torch.tensor([0, 1, 2, 3, 4, 6])), 2)
+    after = table.images_after(wide, first, 2, skip=2)  # the confirmation images: after the held-out ones too
+    assert after.x.flatten().tolist() == list(range(12, 15))
+
+
+def test_the_cpu_profiles_test_splits_are_disjoint_and_fit_in_cifar10(table) -> None:  # noqa: ANN001
+    prof = table.PROFILES["cpu"]
+    sizes = [prof.test_per_class] + [getattr(prof, f"{s}_per_class") for s in table.SPLITS]
+    assert all(n > 0 for n in sizes) and sum(sizes) <= 1000  # CIFAR-10 has 1,000 test images per class
 
 
 def test_paired_differences_on_the_held_out_images_have_their_own_verdict(table) -> None:  # noqa: ANN001
@@ -130,3 +138,15 @@ def test_paired_differences_on_the_held_out_images_have_their_own_verdict(table)
     assert paired[0]["PGD-20 held-out gain > 2 sd"] == "no"  # the held-out images disagree
     assert paired[0]["Δ clean held-out"] == f"{statistics.mean([1, 0, 1]):.2f} ± {statistics.stdev([1, 0, 1]):.2f}"
     assert next(r for r in agg if r["method"] == table.LABELS["prune_ft"])["PGD-20 % held-out"] == "24.33 ± 0.58"
+
+
+def test_confirmation_images_get_their_own_columns_and_verdict(table) -> None:  # noqa: ANN001
+    rows = [_row(0, "hybrid_both", 40, 25), _row(1, "hybrid_both", 42, 27), _row(2, "hybrid_both", 41, 26),
+            _row(0, "prune_ft", 39, 23), _row(1, "prune_ft", 41, 25), _row(2, "prune_ft", 40, 24)]
+    for r, pgd in zip(rows, (25, 26, 27, 22, 23, 24)):
+        r["clean confirm"], r["pgd20 confirm"] = 40, pgd
+    agg, paired = table.summarise(rows, (16.0,), ["hybrid_both", "prune_ft"], reference="hybrid_both")
+    assert paired[0]["Δ PGD-20 confirmation"] == "3.00 ± 0.00"
+    assert paired[0]["PGD-20 confirmation gain > 2 sd"] == "yes"
+    assert "PGD-20 held-out gain > 2 sd" not in paired[0]  # no held-out results: no verdict on them
+    assert next(r for r in agg if r["method"] == table.LABELS["prune_ft"])["PGD-20 % confirmation"] == "23.00 ± 1.00"
