@@ -23,8 +23,8 @@ distillation from the teacher), ``flops_ft`` / ``flops_data`` (a FLOP-budget pla
 ``hybrid_ft`` / ``hybrid_both`` (channel pruning for ``sqrt(r)``, then data-aware low rank for the rest,
 at equal parameters / at ``budget="both"``; ``hybrid25_both`` / ``hybrid75_both`` prune ``r ** 0.25`` /
 ``r ** 0.75``; ``hybrid_staged`` spends the first fine-tune epoch on the pruned network before factorizing
-it), ``sens_distill`` (ranks weighted by each layer's measured
-sensitivity of the adversarial loss) and ``cstar`` (ADMM joint epochs on the dense weights, then
+it), ``sens_distill`` / ``sens_both`` (ranks weighted by each layer's measured sensitivity of the adversarial
+loss; the second is ``both_data`` with that weighting) and ``cstar`` (ADMM joint epochs on the dense weights, then
 transform and fine-tune, same total epochs). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``:
 every cell, mean +- std per method and ratio, and per-seed paired differences of ``--reference`` (default:
 the recipe) against every other method. ``--autoattack`` adds AutoAttack (the CPU profile: its APGD-CE and
@@ -110,7 +110,8 @@ PROFILES = {
 
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
-           "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged")
+           "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
+           "sens_both")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -131,6 +132,7 @@ LABELS = {
     "hybrid25_both": "prune r^0.25 + data-aware low rank, >= r fewer FLOPs and params + FT",
     "hybrid75_both": "prune r^0.75 + data-aware low rank, >= r fewer FLOPs and params + FT",
     "hybrid_staged": "prune r^0.5, FT 1 epoch, then data-aware low rank, >= r fewer FLOPs and params + FT 2 epochs",
+    "sens_both": "data-aware transform, sensitivity-weighted ranks, >= r fewer FLOPs and params + FT",
 }
 # the methods that prune first: the budget, the share of the compression (in log terms) given to pruning and the
 # number of the fine-tune's epochs spent on the pruned network before it is factorized
@@ -261,6 +263,11 @@ class Bench:
     def both_data(self, ratio: float) -> tuple[nn.Module, dict]:
         """At least ``ratio`` fewer FLOPs *and* parameters (``budget="both"``), data-aware: the library's recipe."""
         return self.transform_ft(ratio, calibrate=self.prof.calibrate, budget="both", example_inputs=self.example)
+
+    def sens_both(self, ratio: float) -> tuple[nn.Module, dict]:
+        """``both_data`` with the ranks weighted by each layer's measured adversarial-loss sensitivity."""
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, sensitivity=self.prof.calibrate, budget="both",
+                                 example_inputs=self.example)
 
     def _pruned_first(self, ratio: float) -> tuple[nn.Module, dict]:
         """Channel pruning for ``ratio ** share``, then data-aware low rank for the rest (``PRUNED_FIRST``)."""

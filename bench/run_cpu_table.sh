@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU profile of bench/robust_table.py in the order that answers the main question first:
-# the recommended recipe and the baselines, APGD-CE+T and the held-out test images on them, then the ablations
-# and the other rows.
+# the recommended recipe and the baselines, APGD-CE+T and the held-out and confirmation test images on them, then
+# the ablations and the other rows.
 # Resumable: re-running skips finished cells (and finished attacks).
 # Usage: nohup bench/run_cpu_table.sh > bench/out/robust_cpu.log 2>&1 &
 set -euo pipefail
@@ -10,9 +10,13 @@ py=${PYTHON:-.venv/bin/python}
 main=(hybrid_both both_data transform_ft prune_ft prune_both hybrid_staged)  # five seeds (the profile's)
 "$py" bench/robust_table.py --profile cpu --methods "${main[@]}"
 "$py" bench/robust_table.py --profile cpu --autoattack --heldout --methods "${main[@]}"
+# the confirmation images, kept for checking the choices the held-out images made: the recipe, the one it replaced
+# and the baselines
+"$py" bench/robust_table.py --profile cpu --confirm --methods hybrid_staged hybrid_both transform_ft prune_ft prune_both
 # the levers and ablations: three seeds
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods flops_data hybrid_ft
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --autoattack --heldout --methods flops_data hybrid_ft
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods data_ft data_distill flops_ft prune_distill \
   transform_distill sens_distill cstar uniform_ft
-"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --heldout --methods data_ft flops_ft cstar
+"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --heldout --methods data_ft flops_ft cstar data_distill \
+  prune_distill
