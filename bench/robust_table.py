@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -91,6 +91,7 @@ class Profile:
     aa_attack: str = "autoattack"  # or "apgd": AutoAttack's APGD-CE + APGD-T only (a tenth of the CPU time)
     heldout_per_class: int = 0  # --heldout: test images per class after the first test_per_class
     confirm_per_class: int = 0  # --confirm: test images per class after the held-out ones
+    unseen_per_class: int = 0  # --unseen: training images per class after the first train_per_class (never trained on)
 
 
 PROFILES = {
@@ -98,7 +99,7 @@ PROFILES = {
     "cpu": Profile(width=16, train_per_class=1000, test_per_class=100, teacher_epochs=10, ft_epochs=3,
                    joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
                    pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2, 3, 4),
-                   aa_attack="apgd", heldout_per_class=400, confirm_per_class=500),
+                   aa_attack="apgd", heldout_per_class=400, confirm_per_class=500, unseen_per_class=1000),
     "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
                    joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
                    pgd_n=2000, aa_n=500, calibrate=2048, distill=0.8, ratios=(8.0, 16.0, 32.0), seeds=(0, 1, 2),
@@ -141,8 +142,19 @@ PRUNED_FIRST = {"hybrid_ft": ("params", 0.5, 0), "hybrid_both": ("both", 0.5, 0)
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
               "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
-# the test images after the table's own, per class, in this order: result keys "clean <split>" / "pgd20 <split>"
-SPLITS = {"heldout": "held-out", "confirm": "confirmation"}
+
+
+class Split(NamedTuple):
+    """Images scored after training, from ``source`` ("test" or "train"): per class, the ones after the table's
+    own (the first ``test_per_class`` / ``train_per_class``) and after the earlier splits of the same source."""
+
+    label: str
+    source: str
+
+
+# in this order; result keys "clean <name>" / "pgd20 <name>", sizes the profile's "<name>_per_class"
+SPLITS = {"heldout": Split("held-out", "test"), "confirm": Split("confirmation", "test"),
+          "unseen": Split("unseen training", "train")}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -169,6 +181,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--confirm", action="store_true",
                    help="the same on the confirmation test images (the profile's confirm_per_class per class after "
                         "the held-out ones), for checking a choice made on the held-out images")
+    p.add_argument("--unseen", action="store_true",
+                   help="the same on training images no model was trained on (the profile's unseen_per_class per "
+                        "class after the ones the table trains on)")
     p.add_argument("--handoff", action="store_true",
                    help="evaluate each method's compressed model before its fine-tune (batch norm re-estimated), into "
                         "seed*/handoff/ and robust_table_<profile>_handoff.md (the same teachers; CSTAR excluded)")
@@ -179,9 +194,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = args.runs or OUT / "runs" / f"robust_{args.profile}"
     if args.threads < 1:
         p.error("--threads must be >= 1")
-    if args.handoff and (args.autoattack or args.heldout or args.confirm or "cstar" in args.methods):
-        p.error("--handoff evaluates the compressed models before training: drop --autoattack, --heldout, --confirm "
-                "and the cstar method")
+    if args.handoff and (args.autoattack or args.heldout or args.confirm or args.unseen or "cstar" in args.methods):
+        p.error("--handoff evaluates the compressed models before training: drop --autoattack, --heldout, --confirm, "
+                "--unseen and the cstar method")
     args.splits = tuple(s for s in SPLITS if getattr(args, s))
     return args
 
@@ -444,29 +459,37 @@ class Bench:
         return cstar_fx.count_flops(self.teacher, self.example)
 
 
-def split_images(args: argparse.Namespace, prof: Profile, test: Any, name: str) -> Any:
-    """The profile's test images of split ``name`` (one of ``SPLITS``): per class, the held-out images are the
-    ``heldout_per_class`` after the first ``test_per_class`` (the table's own test images), so no choice made on the
-    table has seen them; the confirmation images are the ``confirm_per_class`` after those."""
-    sizes = {s: getattr(prof, f"{s}_per_class") for s in SPLITS}
-    if not sizes[name] or prof.test_per_class is None:
-        raise SystemExit(f"--{name}: the {args.profile} profile has no {SPLITS[name]} test images")
-    skip = sum(sizes[s] for s in list(SPLITS)[:list(SPLITS).index(name)])  # the splits before this one
-    _, wide = cifar10_jpeg(args.archive, cache_dir=args.cache_dir,
-                           per_class=(prof.train_per_class, prof.test_per_class + skip + sizes[name]))
-    return images_after(wide, test, prof.test_per_class, skip)
+def split_images(args: argparse.Namespace, prof: Profile, train: Any, test: Any, name: str) -> Any:
+    """The profile's images of split ``name`` (one of ``SPLITS``), per class: the held-out images are the
+    ``heldout_per_class`` test images after the first ``test_per_class`` (the table's own test images), so no choice
+    made on the table has seen them; the confirmation images are the ``confirm_per_class`` after those; the unseen
+    training images the ``unseen_per_class`` after the first ``train_per_class``, which every model trains on."""
+    split = SPLITS[name]
+    first = {"train": prof.train_per_class, "test": prof.test_per_class}[split.source]
+    size = getattr(prof, f"{name}_per_class")
+    if not size or first is None:
+        raise SystemExit(f"--{name}: the {args.profile} profile has no {split.label} images")
+    earlier = list(SPLITS)[:list(SPLITS).index(name)]
+    skip = sum(getattr(prof, f"{s}_per_class") for s in earlier if SPLITS[s].source == split.source)
+    per_class = {"train": (first + skip + size, prof.test_per_class), "test": (prof.train_per_class, first + skip + size)}
+    wide_train, wide_test = cifar10_jpeg(args.archive, cache_dir=args.cache_dir, per_class=per_class[split.source],
+                                         augment=False)
+    if split.source == "train":
+        return images_after(wide_train, train, first, skip)
+    return images_after(wide_test, test, first, skip)
 
 
-def images_after(wide: Any, test: Any, first: int, skip: int = 0) -> Any:
+def images_after(wide: Any, own: Any, first: int, skip: int = 0) -> Any:
     """The images of ``wide`` after the first ``first + skip`` of each class (in ``wide``'s order); the first
-    ``first`` must be ``test``, the table's own test images, or the images returned could overlap them."""
+    ``first`` must be ``own``, the table's own images of that split (its training or test images), or the images
+    returned could overlap them."""
     rank = torch.zeros_like(wide.y)  # each image's position within its class
     for c in wide.y.unique():
         where = (wide.y == c).nonzero().flatten()
         rank[where] = torch.arange(len(where), device=where.device)
-    if not torch.equal(wide.x[rank < first].to(test.x.device), test.x):
-        raise RuntimeError("the first images per class of the wider test split are not the table's test images, so "
-                           "the held-out images could overlap them")
+    if not torch.equal(wide.x[rank < first].to(own.x.device), own.x):
+        raise RuntimeError("the first images per class of the wider split are not the table's own images, so the "
+                           "images after them could overlap them")
     return wide.subset((rank >= first + skip).nonzero().flatten())
 
 
@@ -542,7 +565,7 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
                 continue
             row = {"ratio": f"{ratio:g}x", "vs": LABELS[method], "seeds": len(seeds)}
             keys = [("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), (aa_key, f"Δ {aa_col}")]
-            for split, label in SPLITS.items():
+            for split, (label, _) in SPLITS.items():
                 keys += [(f"pgd20 {split}", f"Δ PGD-20 {label}"), (f"clean {split}", f"Δ clean {label}")]
             for key, col in keys:
                 diffs = [rec[s][key] - other[s][key] for s in seeds if key in rec[s] and key in other[s]]
@@ -564,7 +587,7 @@ def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) ->
             "clean %": _mean_std([c["clean"] for c in cells]), "PGD-20 %": _mean_std([c["pgd20"] for c in cells]),
             f"{AA_LABELS[aa_key]} %": _mean_std([c[aa_key] for c in cells if aa_key in c]),
             **{f"{m} % {label}": _mean_std([c[f"{key} {split}"] for c in cells if f"{key} {split}" in c])
-               for split, label in SPLITS.items() for key, m in (("clean", "clean"), ("pgd20", "PGD-20"))},
+               for split, (label, _) in SPLITS.items() for key, m in (("clean", "clean"), ("pgd20", "PGD-20"))},
             "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",
             "train s": f"{statistics.mean(c['train s'] for c in cells):.0f}"}
 
@@ -604,16 +627,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         _log(f"seed {seed} teacher: clean {row['clean']:.2f} PGD-20 {row['pgd20']:.2f}")
     if (args.autoattack or args.splits) and not args.report:
-        splits = {name: split_images(args, prof, test, name) for name in args.splits}
+        splits = {name: split_images(args, prof, train, test, name) for name in args.splits}
         for name, data in splits.items():
-            _log(f"{SPLITS[name]}: {len(data)} test images ({len(data) // 10} per class)")
+            _log(f"{SPLITS[name].label}: {len(data)} {SPLITS[name].source} images ({len(data) // 10} per class)")
         if splits:
             for seed in args.seeds:
                 bench = Bench(args, prof, seed, train, test, device)
                 bench.train_teacher()
                 row = bench.teacher_splits(splits)
                 _log(f"seed {seed} teacher " + "; ".join(
-                    f"{SPLITS[n]}: clean {row[f'clean {n}']:.2f} PGD-20 {row[f'pgd20 {n}']:.2f}" for n in splits))
+                    f"{SPLITS[n].label}: clean {row[f'clean {n}']:.2f} PGD-20 {row[f'pgd20 {n}']:.2f}" for n in splits))
         for ratio in args.ratios:
             for seed in args.seeds:
                 bench = Bench(args, prof, seed, train, test, device)
@@ -626,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                     found = []
                     if args.autoattack and method in AA_METHODS:
                         found.append(f"{aa_col} {row.get(prof.aa_attack, '-')}")
-                    found += [f"{SPLITS[n]}: clean {row[f'clean {n}']:.2f} PGD-20 {row[f'pgd20 {n}']:.2f}"
+                    found += [f"{SPLITS[n].label}: clean {row[f'clean {n}']:.2f} PGD-20 {row[f'pgd20 {n}']:.2f}"
                               for n in splits]
                     if found:
                         _log(f"seed {seed} {ratio:g}x {method:<18} {'; '.join(found)} ({time.perf_counter() - t0:.0f} s)")
@@ -665,8 +688,10 @@ def main(argv: list[str] | None = None) -> int:
                "teacher fwd", "calib passes", "clean %", "PGD-20 %", f"{aa_col} %", "sanity", "train s"]
     pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", f"Δ {aa_col}"]
     about = {"heldout": f"{prof.heldout_per_class} test images per class after the first {prof.test_per_class}",
-             "confirm": f"{prof.confirm_per_class} test images per class after the held-out ones"}
-    for split, label in SPLITS.items():
+             "confirm": f"{prof.confirm_per_class} test images per class after the held-out ones",
+             "unseen": f"{prof.unseen_per_class} training images per class after the first {prof.train_per_class} "
+                       "(never trained on)"}
+    for split, (label, _) in SPLITS.items():
         if any(f"pgd20 {split}" in r for r in rows):
             columns[-2:-2] = [f"clean % {label}", f"PGD-20 % {label}"]
             pcols += [f"Δ PGD-20 {label}", f"PGD-20 {label} gain > 2 sd", f"Δ clean {label}"]

@@ -123,8 +123,9 @@ def test_held_out_images_are_the_ones_after_the_tables_own_per_class(table) -> N
 
 def test_the_cpu_profiles_test_splits_are_disjoint_and_fit_in_cifar10(table) -> None:  # noqa: ANN001
     prof = table.PROFILES["cpu"]
-    sizes = [prof.test_per_class] + [getattr(prof, f"{s}_per_class") for s in table.SPLITS]
-    assert all(n > 0 for n in sizes) and sum(sizes) <= 1000  # CIFAR-10 has 1,000 test images per class
+    for source, first, available in (("test", prof.test_per_class, 1000), ("train", prof.train_per_class, 5000)):
+        sizes = [first] + [getattr(prof, f"{s}_per_class") for s, split in table.SPLITS.items() if split.source == source]
+        assert all(n > 0 for n in sizes) and sum(sizes) <= available  # CIFAR-10's images per class in that split
 
 
 def test_paired_differences_on_the_held_out_images_have_their_own_verdict(table) -> None:  # noqa: ANN001
