@@ -108,10 +108,11 @@ def test_without_a_workspace_nothing_is_kept(data):
 
 def test_cli_compress_int8(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["compress", "--teacher-epochs", "1", "--finetune-epochs", "1", "--eval-n", "24", "--limit", "96",
-                 "--train-steps", "1", "--eval-steps", "1", "--batch-size", "48", "--calibrate", "32",
-                 "--methods", "decompose", "--ratios", "4", "--providers", CPU, "--bench-batch", "1",
-                 "--threads", "1", "--int8", "--calib-samples", "32", "--out", str(out)])
+    argv = ["compress", "--teacher-epochs", "1", "--finetune-epochs", "1", "--eval-n", "24", "--limit", "96",
+            "--train-steps", "1", "--eval-steps", "1", "--batch-size", "48", "--calibrate", "32",
+            "--methods", "decompose", "--ratios", "4", "--providers", CPU, "--bench-batch", "1",
+            "--threads", "1", "--int8", "--calib-samples", "32", "--out", str(out)]
+    code = main(argv)
     stdout = capsys.readouterr().out
     assert code == 0
     assert "decompose 4x int8" in stdout and "PGD-1 transferred from the float model" in stdout
@@ -120,3 +121,11 @@ def test_cli_compress_int8(tmp_path, capsys):
     assert (out / "onnx" / "decompose_4x_int8.onnx").is_file() and (out / "onnx" / "dense_int8.onnx").is_file()
     assert "| decompose 4x int8 |" in (out / "report.md").read_text()
     assert "decompose_4x_int8" in (out / "bench.md").read_text()
+    # the finished run again with the int8 gate: nothing is redone, the gate is applied to the stored results
+    lowest = min(results["dense"]["int8"]["agreement"], results["runs"][0]["int8"]["agreement"])
+    assert main([*argv, "--min-agreement", str(lowest)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    if lowest < 1:
+        assert main([*argv, "--min-agreement", "1"]) == 1
+        failed = "int8 check FAILED: same class as float on less than 100.0% of the test images"
+        assert failed in capsys.readouterr().out

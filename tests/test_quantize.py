@@ -141,7 +141,8 @@ def test_cli_export_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (["--int8", "--calib-data", "missing.npy"], "--calib-data: no file at missing.npy"),
     (["--int8", "--dtype", "float16", "--calib-data", "x.npy"], "drop --dtype float16"),
     (["--int8", "--calib-data", "x.npy", "--calib-samples", "0"], "must be an integer >= 1"),
-    (["--int8", "--calib-data", "x.npy", "--min-agreement", "1.5"], "--min-agreement is a fraction in [0, 1]"),
+    (["--int8", "--calib-data", "x.npy", "--min-agreement", "1.5"],
+     "argument --min-agreement: must be a finite number >= 0 and <= 1"),
 ])
 def test_cli_int8_usage_errors(argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:

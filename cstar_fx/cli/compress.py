@@ -30,7 +30,7 @@ __all__ = ["register", "run", "parse_eps"]
 COMPLETE = "COMPLETE"
 _NOT_CONFIG = {"func", "command", "config", "overwrite", "out", "argv", "parser"}
 """Namespace entries that are not options of a run (never read from, nor written to, config.json)."""
-_RESUME_IGNORES = ("device",)
+_RESUME_IGNORES = ("device", "min_agreement")
 """Options a run folder may be resumed with a different value of (they do not change the results)."""
 
 
@@ -122,6 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "accuracy, transferred-PGD accuracy and agreement with the float model")
     g.add_argument("--calib-samples", type=positive, default=d.calib_samples,
                    help="training images that calibrate the int8 activation ranges (with --int8)")
+    g.add_argument("--min-agreement", type=number(at_least=0, at_most=1), default=None,
+                   help="exit 1 (after writing everything) when an int8 model predicts its float model's class on "
+                        "less than this fraction of the test images (with --int8)")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, default=None,
                    help="run folder (default runs/<date-time>); a run folder with the same options is resumed")
@@ -184,6 +187,8 @@ def _check(args: argparse.Namespace) -> None:
                          f"add decompose to --methods or drop --prune-epochs")
     if args.int8 and args.no_export:
         raise UsageError("--int8 quantizes the exported ONNX models; drop --no-export")
+    if args.min_agreement is not None and not args.int8:
+        raise UsageError(f"--min-agreement {args.min_agreement:g} checks the int8 models; add --int8 or drop it")
     if args.distill > 0 and args.loss == "trades":
         raise UsageError("--distill works with --loss pgd, fast or clean (TRADES has its own KL term); "
                          "pass --distill 0 with --loss trades")
@@ -338,8 +343,9 @@ def _run(args: argparse.Namespace) -> int:
         if _rank0():
             print(_summary(state["results"]))
             print(f"\nnothing to do: every run is done; report: {root / 'report.md'}")
+            return _agreement_check(state["results"], args.min_agreement)
         return 0
-    return _stages(pipeline, folder, path, state)
+    return _stages(pipeline, folder, path, state, args.min_agreement)
 
 
 def _saved_state(folder: RunFolder) -> dict[str, Any]:
@@ -361,7 +367,8 @@ def _saved_state(folder: RunFolder) -> dict[str, Any]:
     return state
 
 
-def _stages(pipeline: Pipeline, folder: RunFolder | None, out: Path, state: dict[str, Any]) -> int:
+def _stages(pipeline: Pipeline, folder: RunFolder | None, out: Path, state: dict[str, Any],
+            min_agreement: float | None) -> int:
     """Run the pipeline into the run folder (rank 0; the other ranks train and evaluate with it), then report."""
     import time
 
@@ -405,6 +412,19 @@ def _stages(pipeline: Pipeline, folder: RunFolder | None, out: Path, state: dict
     root = folder.finish()
     print(_summary(result))
     print(f"\nreport: {root / 'report.md'}")
+    return _agreement_check(result, min_agreement)
+
+
+def _agreement_check(result: PipelineResult, min_agreement: float | None) -> int:
+    """1 (after saying which) when an int8 model agrees with its float model on less than ``min_agreement``."""
+    if min_agreement is None:
+        return 0
+    quantized = [("dense", result.dense.int8)] + [(f"{r.method} {r.ratio:g}x", r.int8) for r in result.runs]
+    low = [f"{name} {q.agreement:.1%}" for name, q in quantized if q is not None and q.agreement < min_agreement]
+    if low:
+        print(f"int8 check FAILED: same class as float on less than {min_agreement:.1%} of the test images: "
+              + ", ".join(low))
+        return 1
     return 0
 
 

@@ -147,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "training images of the model's input size")
     q.add_argument("--calib-samples", type=integer(at_least=1), default=256,
                    help="number of calibration images used (the first ones of --calib-data)")
-    q.add_argument("--min-agreement", type=number(at_least=0), default=None,
+    q.add_argument("--min-agreement", type=number(at_least=0, at_most=1), default=None,
                    help="exit 1 when int8 and float predict the same class on less than this fraction of "
                         "the calibration images")
     p.set_defaults(func=run)
@@ -188,8 +188,6 @@ def _check_int8_args(args: argparse.Namespace) -> None:
         raise UsageError("--int8 quantizes the float32 export; drop --dtype float16")
     if args.calib_data is None:
         raise UsageError("--int8 needs --calib-data FILE (a .npy or .pt tensor of a few hundred training images)")
-    if args.min_agreement is not None and args.min_agreement > 1:
-        raise UsageError(f"--min-agreement is a fraction in [0, 1], got {args.min_agreement:g}")
 
 
 def run(args: argparse.Namespace) -> int:

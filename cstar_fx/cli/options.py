@@ -30,14 +30,14 @@ CONFIG_FORMAT = "cstar-fx/config/1"
 """The ``format`` field of the ``config.json`` a run writes."""
 
 
-def _bound_text(above: float | None, at_least: float | None, below: float | None) -> str:
+def _bound_text(above: float | None, at_least: float | None, below: float | None, at_most: float | None) -> str:
     parts = [f"> {above:g}" if above is not None else "", f">= {at_least:g}" if at_least is not None else "",
-             f"< {below:g}" if below is not None else ""]
+             f"< {below:g}" if below is not None else "", f"<= {at_most:g}" if at_most is not None else ""]
     return " and ".join(p for p in parts if p)
 
 
 def number(*, above: float | None = None, at_least: float | None = None, below: float | None = None,
-           fractions: bool = False) -> Callable[[str], float]:
+           at_most: float | None = None, fractions: bool = False) -> Callable[[str], float]:
     """An argparse ``type=``: a finite number within the bounds (NaN and Inf are refused).
 
     ``fractions=True`` also accepts ``8/255``.
@@ -50,7 +50,7 @@ def number(*, above: float | None = None, at_least: float | None = None, below: 
         ...
         argparse.ArgumentTypeError: must be a finite number > 0, got '0'
     """
-    bounds = _bound_text(above, at_least, below)
+    bounds = _bound_text(above, at_least, below, at_most)
     what = f"a finite number {bounds}".strip() + (" (a fraction like 8/255 is fine)" if fractions else "")
 
     def parse(text: str) -> float:
@@ -59,7 +59,8 @@ def number(*, above: float | None = None, at_least: float | None = None, below: 
         except (ValueError, ZeroDivisionError, TypeError):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
         if (not math.isfinite(value) or (above is not None and not value > above)
-                or (at_least is not None and not value >= at_least) or (below is not None and not value < below)):
+                or (at_least is not None and not value >= at_least) or (below is not None and not value < below)
+                or (at_most is not None and not value <= at_most)):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
