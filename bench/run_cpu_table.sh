@@ -7,16 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-main=(hybrid_both both_data transform_ft prune_ft prune_both hybrid_staged)  # five seeds (the profile's)
+main=(hybrid_both both_data transform_ft prune_ft prune_both hybrid_staged hybrid_ft)  # five seeds (the profile's)
 "$py" bench/robust_table.py --profile cpu --methods "${main[@]}"
 "$py" bench/robust_table.py --profile cpu --autoattack --heldout --methods "${main[@]}"
 # the confirmation images, kept for checking the choices the held-out images made: the recipe, the one it replaced
 # and the baselines
-"$py" bench/robust_table.py --profile cpu --confirm --methods hybrid_staged hybrid_both transform_ft prune_ft prune_both
+"$py" bench/robust_table.py --profile cpu --confirm --methods hybrid_staged hybrid_both transform_ft prune_ft hybrid_ft
 # the levers and ablations: three seeds
-"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods flops_data hybrid_ft
-"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --autoattack --heldout --methods flops_data hybrid_ft
+"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods flops_data
+"$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --autoattack --heldout --methods flops_data
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods data_ft data_distill flops_ft prune_distill \
-  transform_distill sens_distill cstar uniform_ft
+  transform_distill sens_distill cstar uniform_ft sens_both
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --heldout --methods data_ft flops_ft cstar data_distill \
-  prune_distill
+  prune_distill sens_both
