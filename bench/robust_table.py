@@ -194,10 +194,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = args.runs or OUT / "runs" / f"robust_{args.profile}"
     if args.threads < 1:
         p.error("--threads must be >= 1")
-    if args.handoff and (args.autoattack or args.heldout or args.confirm or args.unseen or "cstar" in args.methods):
+    args.splits = tuple(s for s in SPLITS if getattr(args, s))
+    if args.handoff and (args.autoattack or args.splits or "cstar" in args.methods):
         p.error("--handoff evaluates the compressed models before training: drop --autoattack, --heldout, --confirm, "
                 "--unseen and the cstar method")
-    args.splits = tuple(s for s in SPLITS if getattr(args, s))
     return args
 
 
@@ -471,12 +471,10 @@ def split_images(args: argparse.Namespace, prof: Profile, train: Any, test: Any,
         raise SystemExit(f"--{name}: the {args.profile} profile has no {split.label} images")
     earlier = list(SPLITS)[:list(SPLITS).index(name)]
     skip = sum(getattr(prof, f"{s}_per_class") for s in earlier if SPLITS[s].source == split.source)
-    per_class = {"train": (first + skip + size, prof.test_per_class), "test": (prof.train_per_class, first + skip + size)}
-    wide_train, wide_test = cifar10_jpeg(args.archive, cache_dir=args.cache_dir, per_class=per_class[split.source],
-                                         augment=False)
-    if split.source == "train":
-        return images_after(wide_train, train, first, skip)
-    return images_after(wide_test, test, first, skip)
+    counts = {"train": prof.train_per_class, "test": prof.test_per_class, split.source: first + skip + size}
+    wide = dict(zip(("train", "test"), cifar10_jpeg(args.archive, cache_dir=args.cache_dir, augment=False,
+                                                    per_class=(counts["train"], counts["test"]))))
+    return images_after(wide[split.source], {"train": train, "test": test}[split.source], first, skip)
 
 
 def images_after(wide: Any, own: Any, first: int, skip: int = 0) -> Any:

@@ -419,8 +419,7 @@ def _agreement_check(result: PipelineResult, min_agreement: float | None) -> int
     """1 (after saying which) when an int8 model agrees with its float model on less than ``min_agreement``."""
     if min_agreement is None:
         return 0
-    quantized = [("dense", result.dense.int8)] + [(f"{r.method} {r.ratio:g}x", r.int8) for r in result.runs]
-    low = [f"{name} {q.agreement:.1%}" for name, q in quantized if q is not None and q.agreement < min_agreement]
+    low = [f"{name} {q.agreement:.1%}" for name, q in _int8_results(result) if q.agreement < min_agreement]
     if low:
         print(f"int8 check FAILED: same class as float on less than {min_agreement:.1%} of the test images: "
               + ", ".join(low))
@@ -436,9 +435,13 @@ def _summary(result: PipelineResult) -> str:
     for r in result.runs:
         lines.append(f"{r.method + ' ' + format(r.ratio, 'g') + 'x':<18} {r.params:>10,} "
                      f"{r.ratio_params:>6.2f}x {pct(r.clean):>7} {pct(r.pgd):>7}")
-    quantized = [("dense", d.int8)] + [(f"{r.method} {r.ratio:g}x", r.int8) for r in result.runs]
-    for name, q in quantized:
-        if q is not None:
-            lines.append(f"{name + ' int8':<18} clean {pct(q.clean).strip()}%, {q.pgd_label} {pct(q.pgd).strip()}%, "
-                         f"same class as float on {q.agreement:.1%} of {q.n} images, {q.size_ratio:.2f}x smaller")
+    for name, q in _int8_results(result):
+        lines.append(f"{name + ' int8':<18} clean {pct(q.clean).strip()}%, {q.pgd_label} {pct(q.pgd).strip()}%, "
+                     f"same class as float on {q.agreement:.1%} of {q.n} images, {q.size_ratio:.2f}x smaller")
     return "\n".join(lines)
+
+
+def _int8_results(result: PipelineResult) -> list[tuple[str, Any]]:
+    """``(model name, Int8Result)`` of every model of the run that has an int8 file, the dense one first."""
+    named = [("dense", result.dense.int8)] + [(f"{r.method} {r.ratio:g}x", r.int8) for r in result.runs]
+    return [(name, q) for name, q in named if q is not None]

@@ -2,10 +2,10 @@
 
 Trains a small CNN with PGD adversarial training on scikit-learn's 8x8 digits, compresses it with
 the recommended recipe (:data:`cstar_fx.robust.RECOMMENDED`: channel pruning for part of the ratio and
-a first fine-tune epoch on the pruned network, then data-aware factorization calibrated on clean and adversarial training images, together the ratio
-smaller in parameters and FLOPs alike, then an adversarial fine-tune) and with the plain transform (parameter budget) + adversarial
-fine-tune, both with the same number of fine-tune epochs, evaluates clean and PGD-20 accuracy and
-prints one table.
+a first fine-tune epoch on the pruned network, then data-aware factorization calibrated on clean and
+adversarial training images, together the ratio smaller in parameters and FLOPs alike, then an
+adversarial fine-tune) and with the plain transform (parameter budget) + adversarial fine-tune, both
+with the same number of fine-tune epochs, evaluates clean and PGD-20 accuracy and prints one table.
 """
 
 from __future__ import annotations
