@@ -99,7 +99,7 @@ PROFILES = {
     "cpu": Profile(width=16, train_per_class=1000, test_per_class=100, teacher_epochs=10, ft_epochs=3,
                    joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
                    pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2, 3, 4),
-                   aa_attack="apgd", heldout_per_class=400, confirm_per_class=500, unseen_per_class=1000),
+                   aa_attack="apgd", heldout_per_class=400, confirm_per_class=500, unseen_per_class=500),
     "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
                    joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
                    pgd_n=2000, aa_n=500, calibrate=2048, distill=0.8, ratios=(8.0, 16.0, 32.0), seeds=(0, 1, 2),
@@ -112,7 +112,7 @@ PROFILES = {
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
            "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-           "sens_both")
+           "sens_both", "gradual_both")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -134,13 +134,16 @@ LABELS = {
     "hybrid75_both": "prune r^0.75 + data-aware low rank, >= r fewer FLOPs and params + FT",
     "hybrid_staged": "prune r^0.5, FT 1 epoch, then data-aware low rank, >= r fewer FLOPs and params + FT 2 epochs",
     "sens_both": "data-aware transform, sensitivity-weighted ranks, >= r fewer FLOPs and params + FT",
+    "gradual_both": "data-aware low rank at sqrt(r), FT 1 epoch, then re-truncated to r, >= r fewer FLOPs and params "
+                    "+ FT 2 epochs",
 }
 # the methods that prune first: the budget, the share of the compression (in log terms) given to pruning and the
 # number of the fine-tune's epochs spent on the pruned network before it is factorized
 PRUNED_FIRST = {"hybrid_ft": ("params", 0.5, 0), "hybrid_both": ("both", 0.5, 0), "hybrid25_both": ("both", 0.25, 0),
                 "hybrid75_both": ("both", 0.75, 0), "hybrid_staged": ("both", 0.5, 1)}
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
-              "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged")
+              "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
+              "gradual_both")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
@@ -251,8 +254,10 @@ class Bench:
         cfg = self.ft_distill if distill else self.ft
         gm = decompose_finetune(self.teacher, self.train, ratio, cfg, run_dir=self._cell(self._ratio) / "run",
                                 resume=True, calibrate=calibrate, sensitivity=sensitivity, round_to=1, **plan_options)
-        # calibration: one attack per image; sensitivity: an attack and one more forward/backward per image
-        passes = calibrate * (self.prof.train_steps + 1) + sensitivity * (self.prof.train_steps + 2)
+        # calibration: one attack per image; sensitivity: an attack and one more forward/backward per image;
+        # both once per factorization (twice with gradual rank reduction)
+        factorizations = 2 if plan_options.get("gradual_epochs") else 1
+        passes = factorizations * (calibrate * (self.prof.train_steps + 1) + sensitivity * (self.prof.train_steps + 2))
         return gm, self._compute(self.prof.ft_epochs, distill, calib_passes=passes)
 
     def sens_distill(self, ratio: float) -> tuple[nn.Module, dict]:
@@ -283,6 +288,11 @@ class Bench:
         """``both_data`` with the ranks weighted by each layer's measured adversarial-loss sensitivity."""
         return self.transform_ft(ratio, calibrate=self.prof.calibrate, sensitivity=self.prof.calibrate, budget="both",
                                  example_inputs=self.example)
+
+    def gradual_both(self, ratio: float) -> tuple[nn.Module, dict]:
+        """``both_data`` reached in two steps: an epoch at ``sqrt(ratio)``, then re-truncated to ``ratio``."""
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, budget="both", example_inputs=self.example,
+                                 gradual_epochs=min(1, self.prof.ft_epochs - 1))
 
     def _pruned_first(self, ratio: float) -> tuple[nn.Module, dict]:
         """Channel pruning for ``ratio ** share``, then data-aware low rank for the rest (``PRUNED_FIRST``)."""

@@ -12,7 +12,7 @@ Example:
 from . import latency  # noqa: F401  (registers budget="latency" with the cost models)
 from .allocate import UnreachableBudgetError
 from .analysis import count_flops
-from .api import get_plan, get_report, plan_ranks, transform
+from .api import get_plan, get_report, plan_ranks, refold, transform
 from .config import CstarConfig
 from .costs import CostModel, FlopCost, LayerSpec, ParamCost
 from .errors import CstarError, NoEligibleLayerError, PlanMismatchError
@@ -27,6 +27,7 @@ from .version import __version__
 __all__ = [
     "__version__",
     "transform",
+    "refold",
     "plan_ranks",
     "get_plan",
     "get_report",

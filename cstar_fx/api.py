@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -17,12 +18,12 @@ from .analysis import analyse, count_flops, count_params
 from .config import CstarConfig, resolve_config, resolve_options
 from .errors import NoEligibleLayerError, PlanMismatchError
 from .passes.discover import LayerSite, reads_metadata_only
-from .passes.factorize import factorize, factors_path
+from .passes.factorize import dense_weight, factorize, factors_path
 from .plan import RankPlan, check_plan, full_rank_plan, get_plan
 from .planner import plan_under
 from .report import build_report, get_report
 
-__all__ = ["plan_ranks", "transform", "full_rank_plan", "get_plan", "get_report", "PlanMismatchError",
+__all__ = ["plan_ranks", "transform", "refold", "full_rank_plan", "get_plan", "get_report", "PlanMismatchError",
            "NoEligibleLayerError"]
 
 
@@ -132,6 +133,59 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = None, *, pla
     gm.meta["cstar_plan"] = plan
     gm.meta["cstar_report"] = report
     return gm
+
+
+def refold(gm: fx.GraphModule, model: nn.Module, **options: Any) -> fx.GraphModule:
+    """The dense counterpart of ``gm`` (a :func:`transform` of ``model``): ``model``'s traced graph carrying
+    ``gm``'s weights, each factorized layer's weight set to the product its factors equal and its bias to theirs.
+
+    It computes the same function as ``gm`` (up to rounding), so a trained factorized model can be planned
+    and factorized again: ``transform(refold(gm, model), ratio=...)`` re-truncates it (gradual rank reduction
+    in :func:`cstar_fx.robust.decompose_finetune`). ``model`` only gives the architecture and is not
+    modified; ``options`` are the trace options ``gm`` was made with (``leaf_modules``, ``concrete_args``,
+    ``autowrap_functions``). Raises :class:`PlanMismatchError` when ``gm`` was not made from ``model``.
+
+    Example:
+        >>> import torch, torchvision, cstar_fx
+        >>> model = torchvision.models.resnet18(num_classes=10).eval()
+        >>> gm = cstar_fx.transform(model, ratio=8).eval()
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> bool(torch.allclose(refold(gm, model)(x), gm(x), atol=1e-4))
+        True
+    """
+    if not isinstance(gm, fx.GraphModule) or "cstar_plan" not in gm.meta:
+        raise TypeError(f"refold needs a model made by cstar_fx.transform (a GraphModule with its rank plan), got "
+                        f"{type(gm).__name__}")
+    plan = get_plan(gm)
+    cfg = resolve_options(options)
+    a = analyse(copy.deepcopy(cfg.trace.trace(model)), cfg.trace, need_spectra=False)
+    dense, sites = a.gm, {s.name: s for s in a.sites}
+    folded: set[int] = set()
+    with torch.no_grad():
+        for name, lp in plan.factorized.items():
+            site = sites.get(name)
+            if site is None or site.weight_shape != lp.weight_shape:
+                found = "no such layer" if site is None else f"its weight is {site.weight_shape}"
+                raise PlanMismatchError(f"layer {name!r} of the transformed model has a weight of shape "
+                                        f"{lp.weight_shape}, but in the model given {found}: pass the model it "
+                                        f"was transformed from (and the same trace options)")
+            factors = gm.get_submodule(lp.factor_path)
+            site.weight.copy_(dense_weight(factors))
+            folded.add(id(site.weight))
+            if site.bias is not None:
+                site.bias.copy_(factors[-1].bias)
+                folded.add(id(site.bias))
+        state = gm.state_dict()
+        for key, tensor in dense.state_dict(keep_vars=True).items():
+            if id(tensor) in folded:
+                continue
+            if key not in state or state[key].shape != tensor.shape:
+                raise PlanMismatchError(f"{key!r} of the model given has no counterpart of shape "
+                                        f"{tuple(tensor.shape)} in the transformed model: pass the model it was "
+                                        f"transformed from (and the same trace options)")
+            tensor.copy_(state[key])
+    dense.train(gm.training)
+    return dense
 
 
 def _retarget_metadata_reads(gm: fx.GraphModule, sites: list[LayerSite]) -> None:

@@ -272,6 +272,31 @@ def test_prune_epochs_train_the_pruned_network_first_within_the_same_epochs(tmp_
         decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=-1)
 
 
+def test_gradual_epochs_train_an_intermediate_factorization_then_retruncate(tmp_path) -> None:
+    train, model, before, cfg = _pruning_case(epochs=2)
+    gm = decompose_finetune(model, train, 8, cfg, gradual_epochs=1, calibrate=64, round_to=1, run_dir=tmp_path)
+    rec = gm.meta["cstar_training"]
+    first, rest = rec["gradual_finetune"]["epochs"], rec["finetune"]["epochs"]
+    assert len(first) == 1 and len(rest) == 1 and rec["gradual_epochs"] == 1  # the same two epochs in all
+    assert first[0]["lr"] == pytest.approx(0.01)  # held constant on the intermediate network
+    assert (tmp_path / "gradual_finetune").is_dir() and (tmp_path / "finetune").is_dir()
+    assert abs(count_params(model) / count_params(gm) / 8 - 1) < 0.05  # the final ratio
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    mid, final = rec["gradual_finetune"]["ranks"], cstar_fx.get_plan(gm).factorized
+    assert set(mid) <= set(final)  # re-truncated: at most the intermediate ranks, some lower (dense ones may go)
+    pairs = [(a, b) for name, ranks in mid.items() for a, b in zip(final[name].ranks, ranks)]
+    assert all(a <= b for a, b in pairs) and any(a < b for a, b in pairs)
+    again = decompose_finetune(model, train, 8, cfg, gradual_epochs=1, calibrate=64, round_to=1, run_dir=tmp_path,
+                               resume=True)  # both stages resume from their checkpoints: the same network
+    assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="plus prune_epochs .* must be fewer"):
+        decompose_finetune(model, train, 8, cfg, prune=0.5, prune_epochs=1, gradual_epochs=1)
+    with pytest.raises(ValueError, match="gradual_epochs must be a number of epochs"):
+        decompose_finetune(model, train, 8, cfg, gradual_epochs=-1)
+    with pytest.raises(TypeError, match="needs a numeric ratio"):
+        decompose_finetune(model, train, cstar_fx.CstarConfig(ratio=8), cfg, gradual_epochs=1)
+
+
 # -- the joint phase ------------------------------------------------------------------------------------------
 
 def test_admm_gives_a_layer_whose_ranks_change_a_fresh_dual_and_logs_the_worst_layer() -> None:

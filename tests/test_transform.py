@@ -293,3 +293,31 @@ def test_decompose_false_builds_the_same_architecture_with_zero_factors():
     assert cstar_fx.get_report(bare).errors == {}
     with pytest.raises(ValueError, match="pass plan="):
         cstar_fx.transform(model, 8, decompose=False)
+
+
+def test_refold_gives_the_dense_model_the_factors_equal_and_retruncates_exactly():
+    torch.manual_seed(0)
+    for model, x in ((Functional().double(), torch.randn(2, 3, 8, 8)), (Residual().double(), torch.randn(2, 6, 5, 5))):
+        model.eval()
+        before = copy.deepcopy(model.state_dict())
+        gm = cstar_fx.transform(model, 2, round_to=1).eval()
+        with torch.no_grad():  # trained factors: no longer the truncation of the model's weights
+            for p in gm.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        dense = cstar_fx.refold(gm, model)
+        assert set(dense.state_dict()) == set(model.state_dict())  # the model's own architecture
+        with torch.no_grad():
+            assert torch.allclose(dense(x.double()), gm(x.double()), atol=1e-10)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        # the folded weights have the plan's ranks, so factorizing them again at those ranks loses nothing
+        again = cstar_fx.transform(dense, plan=cstar_fx.get_plan(gm)).eval()
+        with torch.no_grad():
+            assert torch.allclose(again(x.double()), gm(x.double()), atol=1e-8)
+
+
+def test_refold_refuses_a_model_it_was_not_made_from():
+    gm = cstar_fx.transform(Residual(), 2, round_to=1)
+    with pytest.raises(cstar_fx.PlanMismatchError, match="pass the model it was transformed from"):
+        cstar_fx.refold(gm, Functional())
+    with pytest.raises(TypeError, match="made by cstar_fx.transform"):
+        cstar_fx.refold(Residual(), Residual())

@@ -71,6 +71,22 @@ def check_prune_epochs(value: Any, prune: float | None = None, epochs: int | Non
     return int(value)
 
 
+def check_gradual_epochs(value: Any, epochs: int | None = None, prune_epochs: int = 0) -> int:
+    """``value`` as the number of fine-tune epochs spent on an intermediate factorization before it is re-truncated
+    to the final ranks: an int ``>= 0``; when given, fewer than the fine-tune's ``epochs`` less ``prune_epochs``.
+
+    Example:
+        >>> check_gradual_epochs(1, epochs=3)
+        1
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"gradual_epochs must be a number of epochs >= 0 (0: off), got {value!r}")
+    if value and epochs is not None and value + prune_epochs >= epochs:
+        raise ValueError(f"gradual_epochs ({value}) plus prune_epochs ({prune_epochs}) must be fewer than the "
+                         f"fine-tune's epochs ({epochs}): the network at its final ranks needs the rest")
+    return int(value)
+
+
 def _int(obj: Any, name: str, low: int) -> int:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:

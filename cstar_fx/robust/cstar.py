@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..analysis import count_flops, count_params
-from ..api import plan_ranks, transform
+from ..api import get_plan, plan_ranks, refold, transform
 from ..config import CstarConfig
 from ..data import as_loader
 from ..passes.prune import PRUNE_BUDGETS, budget_costs, prune_to_ratio_finer
@@ -40,7 +40,7 @@ from ..report import get_report
 from ..torchutil import as_tuple, model_device, private_rng
 from .admm import Admm, auto_rho
 from .attacks import pgd_attack
-from .config import JointConfig, TrainConfig, check_prune_epochs, check_prune_share
+from .config import JointConfig, TrainConfig, check_gradual_epochs, check_prune_epochs, check_prune_share
 from .finetune import finetune, recalibrate_bn
 from .sensitivity import layer_sensitivity
 
@@ -150,7 +150,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
 def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg: TrainConfig | None = None,
                        *, example_inputs: Any = None, run_dir: str | os.PathLike[str] | None = None,
                        resume: bool = False, device: str | torch.device | None = None, calibrate: int = 0,
-                       sensitivity: int = 0, prune: float = 0.0, prune_epochs: int = 0,
+                       sensitivity: int = 0, prune: float = 0.0, prune_epochs: int = 0, gradual_epochs: int = 0,
                        **plan_options: Any) -> fx.GraphModule:
     """``transform`` at ``ratio`` (no ADMM), batch-norm re-estimation, then adversarial fine-tuning with ``cfg``.
 
@@ -174,6 +174,13 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     the factorized network gets the other ``cfg.epochs - k`` with ``cfg``'s schedule: the same
     training compute, compressed in two steps.
 
+    ``gradual_epochs=g`` reduces the ranks in two steps (gradual rank reduction): the network is first
+    factorized at the square root of the ratio left to the factorization (same plan options,
+    calibration and sensitivity), trained for ``g`` epochs at ``cfg.lr`` held constant (checkpointed
+    under ``run_dir/gradual_finetune``), folded back into dense weights (:func:`cstar_fx.refold`) and
+    factorized at the full ratio, which re-truncates what it learnt; then the rest of ``cfg.epochs``.
+    ``prune_epochs + gradual_epochs < cfg.epochs``; numeric ``ratio`` only.
+
     Example:
         >>> from cstar_fx.data import digits
         >>> from cstar_fx.models import small_cnn
@@ -188,6 +195,10 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     _check_count("sensitivity", sensitivity)
     prune = check_prune_share(prune)
     prune_epochs = check_prune_epochs(prune_epochs, prune, cfg.epochs)
+    gradual_epochs = check_gradual_epochs(gradual_epochs, cfg.epochs, prune_epochs)
+    if gradual_epochs and (isinstance(ratio, (CstarConfig, bool)) or not isinstance(ratio, (int, float))):
+        raise TypeError(f"gradual_epochs= needs a numeric ratio (its square root is the first step), got "
+                        f"{type(ratio).__name__}")
     dev = torch.device(device) if device is not None else model_device(model)
     example_inputs = _on(example_inputs, dev)
     teacher = model_on(model, dev)
@@ -195,30 +206,59 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     pruned_history = None
     if prune:
         base, ratio = _prune_first(teacher, train_data, ratio, prune, cfg, example_inputs, dev, plan_options)
+    distill_from = teacher if cfg.loss.distill > 0 else None
     if prune_epochs:
-        first = cfg.replace(epochs=prune_epochs, schedule="constant", warmup_epochs=min(cfg.warmup_epochs,
-                                                                                          prune_epochs))
-        pruned_history = finetune(base, train_data, first, run_dir=_sub(run_dir, "prune_finetune"), resume=resume,
-                                  device=dev, teacher=teacher if cfg.loss.distill > 0 else None).to_dict()
-    rest = cfg.replace(epochs=cfg.epochs - prune_epochs, warmup_epochs=max(0.0, cfg.warmup_epochs - prune_epochs))
-    calibration = calibration_batches(base, train_data, calibrate, cfg, device=dev) if calibrate else None
-    weights = None
-    if sensitivity:
-        weights = layer_sensitivity(base, train_data, cfg.loss.attack, n=sensitivity, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
-    gm = transform(base, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
-                   **plan_options)
+        pruned_history = finetune(base, train_data, _stage(cfg, prune_epochs, 0), run_dir=_sub(run_dir, "prune_finetune"),
+                                  resume=resume, device=dev, teacher=distill_from).to_dict()
+    trace_options = {k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS}
+    gradual_history = None
+    if gradual_epochs:
+        # the final ranks are planned after the first stage's training; an unreachable ratio fails before it
+        plan_ranks(base, ratio, example_inputs=example_inputs, **plan_options)
+        mid, _ = _factorize(base, train_data, ratio ** 0.5, cfg, calibrate, sensitivity, example_inputs, dev,
+                            plan_options)
+        recalibrate_bn(mid, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
+        gradual_history = finetune(mid, train_data, _stage(cfg, gradual_epochs, prune_epochs),
+                                   run_dir=_sub(run_dir, "gradual_finetune"), resume=resume, device=dev,
+                                   teacher=distill_from).to_dict()
+        gradual_history["ranks"] = {name: list(lp.ranks) for name, lp in get_plan(mid).factorized.items()}
+        base = refold(mid, base, **trace_options)
+    done = prune_epochs + gradual_epochs
+    rest = cfg.replace(epochs=cfg.epochs - done, warmup_epochs=max(0.0, cfg.warmup_epochs - done))
+    gm, weights = _factorize(base, train_data, ratio, cfg, calibrate, sensitivity, example_inputs, dev, plan_options)
     if prune:  # the report counts from the model given, not from its pruned copy, so its ratios are end to end
         report = get_report(gm)
         gm.meta["cstar_report"] = dataclasses.replace(report, dense_params=count_params(teacher), dense_flops=(
             None if report.dense_flops is None else count_flops(teacher, example_inputs)))
     recalibrate_bn(gm, train_data, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
     tuned = finetune(gm, train_data, rest, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
-                     teacher=teacher if cfg.loss.distill > 0 else None)
+                     teacher=distill_from)
     gm.meta["cstar_training"] = {"method": "decompose_finetune", "finetune": tuned.to_dict(), "config": cfg.to_dict(),
                                  "calibrate": calibrate, "sensitivity": weights, "prune": prune,
-                                 "prune_epochs": prune_epochs, "pruned_finetune": pruned_history}
+                                 "prune_epochs": prune_epochs, "pruned_finetune": pruned_history,
+                                 "gradual_epochs": gradual_epochs, "gradual_finetune": gradual_history}
     return gm
+
+
+def _stage(cfg: TrainConfig, epochs: int, after: int) -> TrainConfig:
+    """An early stage of ``cfg`` (``epochs`` of them, ``after`` epochs already run): at ``cfg.lr`` held constant,
+    with what is left of the warm-up."""
+    return cfg.replace(epochs=epochs, schedule="constant",
+                       warmup_epochs=min(max(0.0, cfg.warmup_epochs - after), epochs))
+
+
+def _factorize(base: nn.Module, train_data: Any, ratio: float, cfg: TrainConfig, calibrate: int, sensitivity: int,
+               example_inputs: Any, dev: torch.device, plan_options: dict[str, Any]
+               ) -> tuple[fx.GraphModule, dict[str, float] | None]:
+    """``transform(base, ratio)``, data-aware on ``calibrate`` images and weighted by the sensitivity measured on
+    ``sensitivity`` images (both of ``base``); with the sensitivity weights it used."""
+    calibration = calibration_batches(base, train_data, calibrate, cfg, device=dev) if calibrate else None
+    weights = None
+    if sensitivity:
+        weights = layer_sensitivity(base, train_data, cfg.loss.attack, n=sensitivity, batch_size=cfg.batch_size,
+                                    seed=cfg.seed, **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
+    return transform(base, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
+                     **plan_options), weights
 
 
 def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, cfg: TrainConfig, example_inputs: Any,
