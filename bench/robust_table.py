@@ -112,7 +112,7 @@ PROFILES = {
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
            "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-           "sens_both", "gradual_both")
+           "sens_both", "gradual_both", "sens_staged")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -136,14 +136,25 @@ LABELS = {
     "sens_both": "data-aware transform, sensitivity-weighted ranks, >= r fewer FLOPs and params + FT",
     "gradual_both": "data-aware low rank at sqrt(r), FT 1 epoch, then re-truncated to r, >= r fewer FLOPs and params "
                     "+ FT 2 epochs",
+    "sens_staged": "the recipe (hybrid_staged) with sensitivity-weighted ranks",
 }
-# the methods that prune first: the budget, the share of the compression (in log terms) given to pruning and the
-# number of the fine-tune's epochs spent on the pruned network before it is factorized
-PRUNED_FIRST = {"hybrid_ft": ("params", 0.5, 0), "hybrid_both": ("both", 0.5, 0), "hybrid25_both": ("both", 0.25, 0),
-                "hybrid75_both": ("both", 0.75, 0), "hybrid_staged": ("both", 0.5, 1)}
+class Staged(NamedTuple):
+    """A method that prunes first: the budget, the share of the compression (in log terms) given to pruning, the
+    number of the fine-tune's epochs spent on the pruned network before it is factorized, and whether the
+    factorization's ranks are weighted by the layers' measured sensitivity."""
+
+    budget: str
+    share: float
+    epochs: int
+    sensitivity: bool = False
+
+
+PRUNED_FIRST = {"hybrid_ft": Staged("params", 0.5, 0), "hybrid_both": Staged("both", 0.5, 0),
+                "hybrid25_both": Staged("both", 0.25, 0), "hybrid75_both": Staged("both", 0.75, 0),
+                "hybrid_staged": Staged("both", 0.5, 1), "sens_staged": Staged("both", 0.5, 1, sensitivity=True)}
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
               "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-              "gradual_both")
+              "gradual_both", "sens_staged")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
@@ -296,12 +307,13 @@ class Bench:
 
     def _pruned_first(self, ratio: float) -> tuple[nn.Module, dict]:
         """Channel pruning for ``ratio ** share``, then data-aware low rank for the rest (``PRUNED_FIRST``)."""
-        budget, share, epochs = PRUNED_FIRST[self._method]
-        options = {"example_inputs": self.example} if budget != "params" else {}
-        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=share, budget=budget,
-                                 prune_epochs=min(epochs, self.prof.ft_epochs), **options)
+        staged = PRUNED_FIRST[self._method]
+        options = {"example_inputs": self.example} if staged.budget != "params" else {}
+        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=staged.share, budget=staged.budget,
+                                 prune_epochs=min(staged.epochs, self.prof.ft_epochs - 1),
+                                 sensitivity=self.prof.calibrate if staged.sensitivity else 0, **options)
 
-    hybrid_ft = hybrid_both = hybrid25_both = hybrid75_both = hybrid_staged = _pruned_first
+    hybrid_ft = hybrid_both = hybrid25_both = hybrid75_both = hybrid_staged = sens_staged = _pruned_first
 
     def prune_ft(self, ratio: float, distill: bool = False, budget: str = "params") -> tuple[nn.Module, dict]:
         pruned = self._pruned(ratio, budget)
@@ -392,9 +404,9 @@ class Bench:
         plan = self._cell(ratio, method) / "plan.json"
         base = self.teacher
         if method in PRUNED_FIRST:
-            budget, share, _ = PRUNED_FIRST[method]
-            base = prune_to_ratio(self.teacher, ratio ** share, self.example, importance="l2", round_to=1,
-                                  budget=budget, tolerance=0.25)  # as decompose_finetune's prune step
+            staged = PRUNED_FIRST[method]
+            base = prune_to_ratio(self.teacher, ratio ** staged.share, self.example, importance="l2", round_to=1,
+                                  budget=staged.budget, tolerance=0.25)  # as decompose_finetune's prune step
         elif not plan.is_file():
             return self._pruned(ratio, "both" if method == "prune_both" else "params")
         return cstar_fx.transform(base, plan=cstar_fx.RankPlan.from_json(plan.read_text()), decompose=False)

@@ -74,8 +74,9 @@ def test_every_method_is_given_the_same_adversarial_epochs(table) -> None:  # no
 def test_the_benchs_reference_row_is_the_librarys_recommended_recipe(table) -> None:  # noqa: ANN001
     from cstar_fx.robust import RECOMMENDED
 
-    budget, share, epochs = table.PRUNED_FIRST[table.RECOMMENDED]
+    budget, share, epochs, sensitivity = table.PRUNED_FIRST[table.RECOMMENDED]
     assert (budget, share, epochs) == (RECOMMENDED.budget, RECOMMENDED.prune, RECOMMENDED.prune_epochs)
+    assert sensitivity == bool(RECOMMENDED.sensitivity)
     assert table.PROFILES["cpu"].calibrate == RECOMMENDED.calibrate and RECOMMENDED.distill == 0
 
 
