@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from .passes.trace import check_leaf_patterns, trace
 from .schemes import DEFAULT_CONV, LayerSpec, layer_spectra
 from .torchutil import as_tuple, eval_mode, pair
 
-__all__ = ["TraceConfig", "Analysis", "analyse", "count_flops", "count_params", "positions",
+__all__ = ["TraceConfig", "TRACE_OPTIONS", "Analysis", "analyse", "count_flops", "count_params", "positions",
            "check_devices"]
 
 
@@ -92,6 +92,10 @@ class TraceConfig:
             check_leaf_patterns(model, self.leaf_modules)
         return trace(model, leaf_modules=self.leaf_modules, concrete_args=self.concrete_args,
                      autowrap_functions=self.autowrap_functions)
+
+
+# The options that say how to trace a model again (skip only steers planning): what load and refold take.
+TRACE_OPTIONS = tuple(f.name for f in fields(TraceConfig) if f.name != "skip")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis import analyse, count_flops, count_params
+from .analysis import TRACE_OPTIONS, analyse, count_flops, count_params
 from .config import CstarConfig, resolve_config, resolve_options
 from .errors import NoEligibleLayerError, PlanMismatchError
 from .passes.discover import LayerSite, reads_metadata_only
@@ -143,7 +143,7 @@ def refold(gm: fx.GraphModule, model: nn.Module, **options: Any) -> fx.GraphModu
     and factorized again: ``transform(refold(gm, model), ratio=...)`` re-truncates it (gradual rank reduction
     in :func:`cstar_fx.robust.decompose_finetune`). ``model`` only gives the architecture and is not
     modified; ``options`` are the trace options ``gm`` was made with (``leaf_modules``, ``concrete_args``,
-    ``autowrap_functions``). Raises :class:`PlanMismatchError` when ``gm`` was not made from ``model``.
+    ``autowrap_functions``, ``unpack_attention``). Raises :class:`PlanMismatchError` when ``gm`` was not made from ``model``.
 
     Example:
         >>> import torch, torchvision, cstar_fx
@@ -156,6 +156,10 @@ def refold(gm: fx.GraphModule, model: nn.Module, **options: Any) -> fx.GraphModu
     if not isinstance(gm, fx.GraphModule) or "cstar_plan" not in gm.meta:
         raise TypeError(f"refold needs a model made by cstar_fx.transform (a GraphModule with its rank plan), got "
                         f"{type(gm).__name__}")
+    unknown = sorted(set(options) - set(TRACE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; refold takes the trace options {list(TRACE_OPTIONS)} "
+                        f"(the plan of gm fixes everything else)")
     plan = get_plan(gm)
     cfg = resolve_options(options)
     a = analyse(copy.deepcopy(cfg.trace.trace(model)), cfg.trace, need_spectra=False)

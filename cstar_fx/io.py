@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis import TraceConfig
+from .analysis import TRACE_OPTIONS
 from .api import transform
 from .errors import CstarError, PlanMismatchError
 from .extras import require
@@ -50,8 +50,6 @@ __all__ = ["save", "load", "load_weights", "CheckpointError", "MODEL_FORMAT"]
 MODEL_FORMAT = "cstar-fx/model/1"
 _FORMAT_FAMILY = "cstar-fx/model/"
 _REQUIRED_KEYS = ("format", "plan", "report", "options", "sha256")
-# What load passes on to transform: how to trace the model again (skip only steers planning; the plan is saved).
-_TRACE_OPTIONS = tuple(f.name for f in dataclasses.fields(TraceConfig) if f.name != "skip")
 
 
 class CheckpointError(CstarError, ValueError):
@@ -347,9 +345,9 @@ def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> f
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be the original architecture (an nn.Module) the file was saved from, "
                         f"got {type(model).__name__}")
-    unknown = sorted(set(options) - set(_TRACE_OPTIONS))
+    unknown = sorted(set(options) - set(TRACE_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown}; load takes the trace options {list(_TRACE_OPTIONS)} "
+        raise TypeError(f"unknown option(s) {unknown}; load takes the trace options {list(TRACE_OPTIONS)} "
                         f"(the saved plan fixes everything else)")
     path = _as_path(path)
     if not path.is_file():

@@ -321,3 +321,9 @@ def test_refold_refuses_a_model_it_was_not_made_from():
         cstar_fx.refold(gm, Functional())
     with pytest.raises(TypeError, match="made by cstar_fx.transform"):
         cstar_fx.refold(Residual(), Residual())
+
+
+def test_refold_takes_only_trace_options():
+    gm = cstar_fx.transform(Residual(), 2, round_to=1)
+    with pytest.raises(TypeError, match="refold takes the trace options"):
+        cstar_fx.refold(gm, Residual(), round_to=1)

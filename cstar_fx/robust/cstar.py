@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..analysis import count_flops, count_params
+from ..analysis import TRACE_OPTIONS, count_flops, count_params
 from ..api import get_plan, plan_ranks, refold, transform
 from ..config import CstarConfig
 from ..data import as_loader
@@ -46,7 +46,8 @@ from .sensitivity import layer_sensitivity
 
 __all__ = ["cstar", "decompose_finetune", "calibration_batches", "model_on"]
 
-_TRACE_OPTIONS = ("leaf_modules", "concrete_args", "autowrap_functions")
+# what layer_sensitivity traces with (unpack_attention rewrites the model before tracing; it does not take it)
+_TRACE_CALL_OPTIONS = ("leaf_modules", "concrete_args", "autowrap_functions")
 _HANDOFF_RESIDUAL = 0.25  # relative ||W - Z|| of a layer above which the hand-off is a hard cut
 
 
@@ -137,7 +138,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
                       f"more epochs or a larger AdmmConfig(rho=...)", stacklevel=2)
     calibration = calibration_batches(dense, train_data, calibrate, cfg.finetune, device=dev) if calibrate else None
     gm = transform(dense, plan=admm.plan, example_inputs=example_inputs, calibration=calibration,
-                   **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
+                   **{k: v for k, v in plan_options.items() if k in TRACE_OPTIONS})
     recalibrate_bn(gm, train_data, batch_size=cfg.finetune.batch_size, seed=cfg.finetune.seed, device=dev)
     tuned = finetune(gm, train_data, cfg.finetune, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=model_on(model, dev) if cfg.finetune.loss.distill > 0 else None)
@@ -208,9 +209,9 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
         base, ratio = _prune_first(teacher, train_data, ratio, prune, cfg, example_inputs, dev, plan_options)
     distill_from = teacher if cfg.loss.distill > 0 else None
     if prune_epochs:
-        pruned_history = finetune(base, train_data, _stage(cfg, prune_epochs, 0), run_dir=_sub(run_dir, "prune_finetune"),
-                                  resume=resume, device=dev, teacher=distill_from).to_dict()
-    trace_options = {k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS}
+        pruned_history = finetune(base, train_data, _stage(cfg, prune_epochs, 0),
+                                  run_dir=_sub(run_dir, "prune_finetune"), resume=resume, device=dev,
+                                  teacher=distill_from).to_dict()
     gradual_history = None
     if gradual_epochs:
         # the final ranks are planned after the first stage's training; an unreachable ratio fails before it
@@ -222,7 +223,7 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
                                    run_dir=_sub(run_dir, "gradual_finetune"), resume=resume, device=dev,
                                    teacher=distill_from).to_dict()
         gradual_history["ranks"] = {name: list(lp.ranks) for name, lp in get_plan(mid).factorized.items()}
-        base = refold(mid, base, **trace_options)
+        base = refold(mid, base, **{k: v for k, v in plan_options.items() if k in TRACE_OPTIONS})
     done = prune_epochs + gradual_epochs
     rest = cfg.replace(epochs=cfg.epochs - done, warmup_epochs=max(0.0, cfg.warmup_epochs - done))
     gm, weights = _factorize(base, train_data, ratio, cfg, calibrate, sensitivity, example_inputs, dev, plan_options)
@@ -255,8 +256,9 @@ def _factorize(base: nn.Module, train_data: Any, ratio: float, cfg: TrainConfig,
     calibration = calibration_batches(base, train_data, calibrate, cfg, device=dev) if calibrate else None
     weights = None
     if sensitivity:
+        trace_options = {k: v for k, v in plan_options.items() if k in _TRACE_CALL_OPTIONS}
         weights = layer_sensitivity(base, train_data, cfg.loss.attack, n=sensitivity, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, **{k: v for k, v in plan_options.items() if k in _TRACE_OPTIONS})
+                                    seed=cfg.seed, **trace_options)
     return transform(base, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
                      **plan_options), weights
 
