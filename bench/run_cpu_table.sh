@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU profile of bench/robust_table.py in the order that answers the main question first:
-# the recommended recipe and the baselines, APGD-CE+T and the held-out and confirmation test images on them, then
-# the ablations and the other rows.
+# the recommended recipe and the baselines, APGD-CE+T and the held-out and confirmation test images on them, the
+# later candidates on the unseen training images, then the ablations and the other rows.
 # Resumable: re-running skips finished cells (and finished attacks).
 # Usage: nohup bench/run_cpu_table.sh > bench/out/robust_cpu.log 2>&1 &
 set -euo pipefail
@@ -13,6 +13,10 @@ main=(hybrid_both both_data transform_ft prune_ft prune_both hybrid_staged hybri
 # the confirmation images, kept for checking the choices the held-out images made: the recipe, the one it replaced
 # and the baselines
 "$py" bench/robust_table.py --profile cpu --confirm --methods hybrid_staged hybrid_both transform_ft prune_ft hybrid_ft
+# the two candidates built after every test image had been used (gradual rank reduction; the recipe with
+# sensitivity-weighted ranks), five seeds, judged against the recipe and the baselines on the unseen training images
+"$py" bench/robust_table.py --profile cpu --methods gradual_both sens_staged
+"$py" bench/robust_table.py --profile cpu --unseen --methods gradual_both sens_staged hybrid_staged transform_ft prune_ft
 # the levers and ablations: three seeds
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods flops_data
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --autoattack --heldout --methods flops_data
