@@ -30,7 +30,7 @@ from .passes.trace import check_leaf_patterns, trace
 from .schemes import DEFAULT_CONV, LayerSpec, layer_spectra
 from .torchutil import as_tuple, eval_mode, pair
 
-__all__ = ["TraceConfig", "TRACE_OPTIONS", "Analysis", "analyse", "count_flops", "count_params", "positions",
+__all__ = ["TraceConfig", "TRACE_OPTIONS", "check_trace_options", "Analysis", "analyse", "count_flops", "count_params", "positions",
            "check_devices"]
 
 
@@ -96,6 +96,19 @@ class TraceConfig:
 
 # The options that say how to trace a model again (skip only steers planning): what load and refold take.
 TRACE_OPTIONS = tuple(f.name for f in fields(TraceConfig) if f.name != "skip")
+
+
+def check_trace_options(options: dict[str, Any], verb: str, fixed_by: str) -> None:
+    """Refuse any of ``options`` that is not a trace option: ``verb`` (e.g. ``"load"``) takes only those, and
+    ``fixed_by`` (e.g. ``"the saved plan"``) fixes everything else.
+
+    Example:
+        >>> check_trace_options({"leaf_modules": ()}, "load", "the saved plan")
+    """
+    unknown = sorted(set(options) - set(TRACE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; {verb} takes the trace options {list(TRACE_OPTIONS)} "
+                        f"({fixed_by} fixes everything else)")
 
 
 @dataclass

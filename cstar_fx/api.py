@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis import TRACE_OPTIONS, analyse, count_flops, count_params
+from .analysis import analyse, check_trace_options, count_flops, count_params
 from .config import CstarConfig, resolve_config, resolve_options
 from .errors import NoEligibleLayerError, PlanMismatchError
 from .passes.discover import LayerSite, reads_metadata_only
@@ -156,10 +156,7 @@ def refold(gm: fx.GraphModule, model: nn.Module, **options: Any) -> fx.GraphModu
     if not isinstance(gm, fx.GraphModule) or "cstar_plan" not in gm.meta:
         raise TypeError(f"refold needs a model made by cstar_fx.transform (a GraphModule with its rank plan), got "
                         f"{type(gm).__name__}")
-    unknown = sorted(set(options) - set(TRACE_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown}; refold takes the trace options {list(TRACE_OPTIONS)} "
-                        f"(the plan of gm fixes everything else)")
+    check_trace_options(options, "refold", "the plan of gm")
     plan = get_plan(gm)
     cfg = resolve_options(options)
     a = analyse(copy.deepcopy(cfg.trace.trace(model)), cfg.trace, need_spectra=False)

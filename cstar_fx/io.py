@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis import TRACE_OPTIONS
+from .analysis import check_trace_options
 from .api import transform
 from .errors import CstarError, PlanMismatchError
 from .extras import require
@@ -345,10 +345,7 @@ def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> f
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be the original architecture (an nn.Module) the file was saved from, "
                         f"got {type(model).__name__}")
-    unknown = sorted(set(options) - set(TRACE_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown}; load takes the trace options {list(TRACE_OPTIONS)} "
-                        f"(the saved plan fixes everything else)")
+    check_trace_options(options, "load", "the saved plan")
     path = _as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
