@@ -30,8 +30,8 @@ from .passes.trace import check_leaf_patterns, trace
 from .schemes import DEFAULT_CONV, LayerSpec, layer_spectra
 from .torchutil import as_tuple, eval_mode, pair
 
-__all__ = ["TraceConfig", "TRACE_OPTIONS", "check_trace_options", "Analysis", "analyse", "count_flops", "count_params", "positions",
-           "check_devices"]
+__all__ = ["TraceConfig", "TRACE_OPTIONS", "check_trace_options", "Analysis", "analyse", "count_flops",
+           "count_params", "positions", "check_devices"]
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
                       f"more epochs or a larger AdmmConfig(rho=...)", stacklevel=2)
     calibration = calibration_batches(dense, train_data, calibrate, cfg.finetune, device=dev) if calibrate else None
     gm = transform(dense, plan=admm.plan, example_inputs=example_inputs, calibration=calibration,
-                   **{k: v for k, v in plan_options.items() if k in TRACE_OPTIONS})
+                   **_only(plan_options, TRACE_OPTIONS))
     recalibrate_bn(gm, train_data, batch_size=cfg.finetune.batch_size, seed=cfg.finetune.seed, device=dev)
     tuned = finetune(gm, train_data, cfg.finetune, run_dir=_sub(run_dir, "finetune"), resume=resume, device=dev,
                      teacher=model_on(model, dev) if cfg.finetune.loss.distill > 0 else None)
@@ -197,9 +197,8 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     prune = check_prune_share(prune)
     prune_epochs = check_prune_epochs(prune_epochs, prune, cfg.epochs)
     gradual_epochs = check_gradual_epochs(gradual_epochs, cfg.epochs, prune_epochs)
-    if gradual_epochs and (isinstance(ratio, (CstarConfig, bool)) or not isinstance(ratio, (int, float))):
-        raise TypeError(f"gradual_epochs= needs a numeric ratio (its square root is the first step), got "
-                        f"{type(ratio).__name__}")
+    if gradual_epochs:
+        _check_numeric_ratio(ratio, "gradual_epochs= needs a numeric ratio (its square root is the first step)")
     dev = torch.device(device) if device is not None else model_device(model)
     example_inputs = _on(example_inputs, dev)
     teacher = model_on(model, dev)
@@ -223,7 +222,7 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
                                    run_dir=_sub(run_dir, "gradual_finetune"), resume=resume, device=dev,
                                    teacher=distill_from).to_dict()
         gradual_history["ranks"] = {name: list(lp.ranks) for name, lp in get_plan(mid).factorized.items()}
-        base = refold(mid, base, **{k: v for k, v in plan_options.items() if k in TRACE_OPTIONS})
+        base = refold(mid, base, **_only(plan_options, TRACE_OPTIONS))
     done = prune_epochs + gradual_epochs
     rest = cfg.replace(epochs=cfg.epochs - done, warmup_epochs=max(0.0, cfg.warmup_epochs - done))
     gm, weights = _factorize(base, train_data, ratio, cfg, calibrate, sensitivity, example_inputs, dev, plan_options)
@@ -256,9 +255,8 @@ def _factorize(base: nn.Module, train_data: Any, ratio: float, cfg: TrainConfig,
     calibration = calibration_batches(base, train_data, calibrate, cfg, device=dev) if calibrate else None
     weights = None
     if sensitivity:
-        trace_options = {k: v for k, v in plan_options.items() if k in _TRACE_CALL_OPTIONS}
         weights = layer_sensitivity(base, train_data, cfg.loss.attack, n=sensitivity, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, **trace_options)
+                                    seed=cfg.seed, **_only(plan_options, _TRACE_CALL_OPTIONS))
     return transform(base, ratio, example_inputs=example_inputs, calibration=calibration, sensitivity=weights,
                      **plan_options), weights
 
@@ -267,8 +265,7 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
                  dev: torch.device, plan_options: dict[str, Any]) -> tuple[nn.Module, float]:
     """The channel-pruned ``teacher`` (``ratio ** share`` smaller, batch norm re-estimated) and the ratio left for
     the factorization, so that both steps together reach ``ratio`` in what the budget counts."""
-    if isinstance(ratio, (CstarConfig, bool)) or not isinstance(ratio, (int, float)):
-        raise TypeError(f"prune= needs a numeric ratio (the total ratio), got {type(ratio).__name__}")
+    _check_numeric_ratio(ratio, "prune= needs a numeric ratio (the total ratio)")
     budget = plan_options.get("budget", CstarConfig.budget)
     if budget not in PRUNE_BUDGETS:
         raise ValueError(f"prune= splits a parameter or FLOP ratio; it cannot go with budget={budget!r} "
@@ -282,6 +279,16 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
     # "both": the larger leftover, so that both steps together reach `ratio` in parameters and in FLOPs alike
     dense = budget_costs(teacher, example_inputs, budget)
     return pruned, max(ratio * cost / dense[k] for k, cost in budget_costs(pruned, example_inputs, budget).items())
+
+
+def _check_numeric_ratio(ratio: Any, need: str) -> None:
+    if isinstance(ratio, (CstarConfig, bool)) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"{need}, got {type(ratio).__name__}")
+
+
+def _only(options: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The ``options`` named in ``names``."""
+    return {k: v for k, v in options.items() if k in names}
 
 
 def _check_count(name: str, value: Any) -> None:
