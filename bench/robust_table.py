@@ -31,7 +31,10 @@ the recipe) against every other method. ``--autoattack`` adds AutoAttack (the CP
 APGD-T) to the finished cells of the methods in ``AA_METHODS``; ``--heldout`` adds clean and PGD-20 accuracy on
 the profile's held-out test images (the ones after the table's own in each class) and ``--confirm`` on its
 confirmation images (the ones after those), each with its own paired differences. The held-out images have
-chosen between recipes; the confirmation images are kept for checking such a choice once it is made.
+chosen between recipes; the confirmation images are kept for checking such a choice once it is made. ``--unseen``
+and ``--fresh`` score training images no model trains on (the ones after the table's training images, then the
+ones after those). ``--ft-epochs N`` gives every method N adversarial epochs instead of the profile's, on the
+same teachers, in its own cells (``seed*/ftN/``) and table.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class Profile:
     heldout_per_class: int = 0  # --heldout: test images per class after the first test_per_class
     confirm_per_class: int = 0  # --confirm: test images per class after the held-out ones
     unseen_per_class: int = 0  # --unseen: training images per class after the first train_per_class (never trained on)
+    fresh_per_class: int = 0  # --fresh: training images per class after the unseen ones (never trained on)
 
 
 PROFILES = {
@@ -99,7 +103,8 @@ PROFILES = {
     "cpu": Profile(width=16, train_per_class=1000, test_per_class=100, teacher_epochs=10, ft_epochs=3,
                    joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
                    pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2, 3, 4),
-                   aa_attack="apgd", heldout_per_class=400, confirm_per_class=500, unseen_per_class=500),
+                   aa_attack="apgd", heldout_per_class=400, confirm_per_class=500, unseen_per_class=500,
+                   fresh_per_class=200),
     "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
                    joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
                    pgd_n=2000, aa_n=500, calibrate=2048, distill=0.8, ratios=(8.0, 16.0, 32.0), seeds=(0, 1, 2),
@@ -132,10 +137,11 @@ LABELS = {
     "hybrid_both": "prune r^0.5 + data-aware low rank, >= r fewer FLOPs and params + FT",
     "hybrid25_both": "prune r^0.25 + data-aware low rank, >= r fewer FLOPs and params + FT",
     "hybrid75_both": "prune r^0.75 + data-aware low rank, >= r fewer FLOPs and params + FT",
-    "hybrid_staged": "prune r^0.5, FT 1 epoch, then data-aware low rank, >= r fewer FLOPs and params + FT 2 epochs",
+    "hybrid_staged": "prune r^0.5, FT 1 epoch, then data-aware low rank, >= r fewer FLOPs and params "
+                     "+ FT the other epochs",
     "sens_both": "data-aware transform, sensitivity-weighted ranks, >= r fewer FLOPs and params + FT",
     "gradual_both": "data-aware low rank at sqrt(r), FT 1 epoch, then re-truncated to r, >= r fewer FLOPs and params "
-                    "+ FT 2 epochs",
+                    "+ FT the other epochs",
     "sens_staged": "the recipe (hybrid_staged) with sensitivity-weighted ranks",
 }
 class Staged(NamedTuple):
@@ -168,7 +174,7 @@ class Split(NamedTuple):
 
 # in this order; result keys "clean <name>" / "pgd20 <name>", sizes the profile's "<name>_per_class"
 SPLITS = {"heldout": Split("held-out", "test"), "confirm": Split("confirmation", "test"),
-          "unseen": Split("unseen training", "train")}
+          "unseen": Split("unseen training", "train"), "fresh": Split("fresh training", "train")}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,6 +204,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unseen", action="store_true",
                    help="the same on training images no model was trained on (the profile's unseen_per_class per "
                         "class after the ones the table trains on)")
+    p.add_argument("--fresh", action="store_true",
+                   help="the same on the training images after the unseen ones (the profile's fresh_per_class per "
+                        "class), kept for the verdict of a run with --ft-epochs")
+    p.add_argument("--ft-epochs", type=int, default=None,
+                   help="adversarial epochs per method instead of the profile's (same teachers; its cells go to "
+                        "seed*/ft<N>/ and its table to robust_table_<profile>_ft<N>)")
     p.add_argument("--handoff", action="store_true",
                    help="evaluate each method's compressed model before its fine-tune (batch norm re-estimated), into "
                         "seed*/handoff/ and robust_table_<profile>_handoff.md (the same teachers; CSTAR excluded)")
@@ -209,9 +221,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     if args.threads < 1:
         p.error("--threads must be >= 1")
     args.splits = tuple(s for s in SPLITS if getattr(args, s))
-    if args.handoff and (args.autoattack or args.splits or "cstar" in args.methods):
+    if args.handoff and (args.autoattack or args.splits or "cstar" in args.methods or args.ft_epochs is not None):
         p.error("--handoff evaluates the compressed models before training: drop --autoattack, --heldout, --confirm, "
-                "--unseen and the cstar method")
+                "--unseen, --fresh, --ft-epochs and the cstar method")
+    if args.ft_epochs is not None and args.ft_epochs <= prof.joint_epochs:
+        p.error(f"--ft-epochs must be > the profile's {prof.joint_epochs} CSTAR joint epoch(s), got {args.ft_epochs}")
+    # the cells' folder under seed*/ and the table's name suffix: the profile's own fine-tune has none
+    args.variant = "handoff" if args.handoff else (
+        f"ft{args.ft_epochs}" if args.ft_epochs not in (None, prof.ft_epochs) else "")
     return args
 
 
@@ -231,7 +248,7 @@ class Bench:
                  device: torch.device) -> None:
         self.args, self.prof, self.seed, self.train, self.test, self.device = args, prof, seed, train, test, device
         self.dir = args.runs / f"seed{seed}"
-        self.cells = self.dir / "handoff" if args.handoff else self.dir
+        self.cells = self.dir / args.variant
         self.example = torch.rand(1, 3, 32, 32, device=device)
         self.attack = AttackConfig(eps=EPS, alpha=prof.train_alpha, steps=prof.train_steps)
         torch.manual_seed(seed)  # the teacher's initialisation
@@ -485,7 +502,8 @@ def split_images(args: argparse.Namespace, prof: Profile, train: Any, test: Any,
     """The profile's images of split ``name`` (one of ``SPLITS``), per class: the held-out images are the
     ``heldout_per_class`` test images after the first ``test_per_class`` (the table's own test images), so no choice
     made on the table has seen them; the confirmation images are the ``confirm_per_class`` after those; the unseen
-    training images the ``unseen_per_class`` after the first ``train_per_class``, which every model trains on."""
+    training images the ``unseen_per_class`` after the first ``train_per_class``, which every model trains on, and the
+    fresh ones the ``fresh_per_class`` after those."""
     split = SPLITS[name]
     first = {"train": prof.train_per_class, "test": prof.test_per_class}[split.source]
     size = getattr(prof, f"{name}_per_class")
@@ -618,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     prof = PROFILES[args.profile]
     if args.handoff:  # the same cells without their fine-tune
         prof = dataclasses.replace(prof, ft_epochs=0)
+    elif args.ft_epochs is not None:
+        prof = dataclasses.replace(prof, ft_epochs=args.ft_epochs)
     aa_col = AA_LABELS[prof.aa_attack]
     if args.aa_n is None:
         args.aa_n = prof.aa_n
@@ -676,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         args.report = True
         rows = [json.loads((args.runs / f"seed{seed}" / "teacher" / "result.json").read_text()) for seed in args.seeds]
         for seed in args.seeds:
-            rows += [json.loads(p.read_text()) for p in sorted((args.runs / f"seed{seed}").glob("*x/result.json"))]
+            rows += [json.loads(p.read_text()) for p in sorted((args.runs / f"seed{seed}" / args.variant).glob(
+                "*x/result.json"))]
     if not args.report:
         for ratio in args.ratios:  # ratio-major: a partial run still has every seed of the first ratio
             for seed in args.seeds:
@@ -703,14 +724,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"joint + {prof.ft_epochs - prof.joint_epochs} FT); BN re-estimated after compression; "
                         f"distill weight {prof.distill}; calibration {prof.calibrate} images + their PGD examples",
             "seeds": list(args.seeds), "device": str(device), "wall s": round(time.perf_counter() - t_all, 1)}
-    name = f"robust_table_{args.profile}" + ("_handoff" if args.handoff else "")
+    name = f"robust_table_{args.profile}" + (f"_{args.variant}" if args.variant else "")
     columns = ["method", "ratio", "seeds", "ratio params", "ratio FLOPs", "student passes", "dense passes",
                "teacher fwd", "calib passes", "clean %", "PGD-20 %", f"{aa_col} %", "sanity", "train s"]
     pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", f"Δ {aa_col}"]
     about = {"heldout": f"{prof.heldout_per_class} test images per class after the first {prof.test_per_class}",
              "confirm": f"{prof.confirm_per_class} test images per class after the held-out ones",
              "unseen": f"{prof.unseen_per_class} training images per class after the first {prof.train_per_class} "
-                       "(never trained on)"}
+                       "(never trained on)",
+             "fresh": f"{prof.fresh_per_class} training images per class after the unseen ones (never trained on)"}
     for split, (label, _) in SPLITS.items():
         if any(f"pgd20 {split}" in r for r in rows):
             columns[-2:-2] = [f"clean % {label}", f"PGD-20 % {label}"]

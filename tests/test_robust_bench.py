@@ -152,3 +152,20 @@ def test_confirmation_images_get_their_own_columns_and_verdict(table) -> None:  
     assert paired[0]["PGD-20 confirmation gain > 2 sd"] == "yes"
     assert "PGD-20 held-out gain > 2 sd" not in paired[0]  # no held-out results: no verdict on them
     assert next(r for r in agg if r["method"] == table.LABELS["prune_ft"])["PGD-20 % confirmation"] == "23.00 ± 1.00"
+
+
+def test_a_longer_fine_tune_gets_its_own_cells_on_the_same_teachers(table) -> None:  # noqa: ANN001
+    prof = table.PROFILES["cpu"]
+    longer = table._args(["--profile", "cpu", "--ft-epochs", str(prof.ft_epochs * 2)])
+    assert longer.variant == f"ft{prof.ft_epochs * 2}"
+    assert table._args(["--profile", "cpu", "--ft-epochs", str(prof.ft_epochs)]).variant == ""  # the profile's own
+    assert table._args(["--profile", "cpu", "--handoff", "--methods", "prune_ft"]).variant == "handoff"
+    for bad in (["--ft-epochs", str(prof.joint_epochs)], ["--handoff", "--ft-epochs", "6"]):
+        with pytest.raises(SystemExit) as err:
+            table._args(["--profile", "cpu", *bad])
+        assert err.value.code == 2
+
+
+def test_the_fresh_training_images_come_after_the_unseen_ones(table) -> None:  # noqa: ANN001
+    train = [name for name, split in table.SPLITS.items() if split.source == "train"]
+    assert train == ["unseen", "fresh"] and table.PROFILES["cpu"].fresh_per_class > 0
