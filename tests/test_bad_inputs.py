@@ -28,6 +28,7 @@ from cstar_fx import CstarConfig, RankPlan, get_plan, get_report, load, plan_ran
 from cstar_fx.export import export_onnx
 from cstar_fx.passes.prune import prune_to_ratio
 from cstar_fx.robust import AttackConfig, TrainConfig, evaluate, fgsm, finetune, pgd
+from toy_nets import Leafy, ValueBranch
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 PUBLIC = ("transform", "plan_ranks", "RankPlan.from_json", "CstarConfig", "save", "load")
@@ -50,17 +51,6 @@ def _code(cell: str) -> str:
 
 BAD = _rows("bad-inputs")
 ALLOWED = _rows("allowed-inputs")
-
-
-class _Untraceable(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(64, 64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            return self.fc(x)
-        return -x
 
 
 class _Tied(nn.Module):
@@ -111,16 +101,6 @@ class _NoGrad(nn.Module):
         with torch.no_grad():
             x = self.a(x)
         return self.b(x)
-
-
-class _Leafy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blk = nn.Sequential(nn.Linear(64, 256))
-        self.fc = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blk(x))
 
 
 class _ReadsDtype(nn.Module):
@@ -227,7 +207,7 @@ def names(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         other_plan=plan_ranks(other_model, 2), bigger_model=nn.Sequential(*model, nn.BatchNorm1d(10)),
         nan_model=_with_bad_value(model, float("nan")), inf_model=_with_bad_value(model, float("inf")),
         nan_gm=_with_bad_value(gm, float("nan")), meta_model=meta_model,
-        meta_only=copy.deepcopy(model).to("meta"), no_layers=nn.Sequential(nn.ReLU()), untraceable=_Untraceable(),
+        meta_only=copy.deepcopy(model).to("meta"), no_layers=nn.Sequential(nn.ReLU()), untraceable=ValueBranch(),
         tied=_Tied(), pruned_gm=_pruned(gm), plan_json_with=plan_json_with, plan_json_without=plan_json_without,
         tmp=tmp, saved=saved, truncated=tmp / "truncated.safetensors", corrupted=tmp / "corrupted.safetensors",
         pickle_file=tmp / "pickle.pt", plain_safetensors=tmp / "plain.safetensors", missing=tmp / "missing.safetensors",
@@ -237,7 +217,7 @@ def names(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         export_onnx=export_onnx, prune_to_ratio=prune_to_ratio, tiny=nn.Sequential(nn.Flatten(), nn.Linear(16, 10)),
         images=torch.rand(4, 1, 4, 4), labels=torch.tensor([0, 1, 2, 3]),
         hooked=hooked, legacy_pruned=legacy_pruned, legacy_norm=legacy_norm, counting=_Counting(),
-        no_grad_model=_NoGrad(), leafy=_Leafy(), reads_dtype=_ReadsDtype(), huge_model=_scaled(model, 1e20),
+        no_grad_model=_NoGrad(), leafy=Leafy(), reads_dtype=_ReadsDtype(), huge_model=_scaled(model, 1e20),
         tiny_weights=_scaled(model, 1e-22), zero_width=_ZeroWidth(), dense_pruned_gm=dense_pruned_gm,
         dict_out=_DictOut(), other_run=other_run, bad_header=bad_header, nan_weights=nan_weights,
         bad_layout=bad_layout,

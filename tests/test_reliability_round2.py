@@ -16,6 +16,7 @@ import cstar_fx
 from cstar_fx import RankPlan, get_plan, get_report, load, plan_ranks, save, transform
 from cstar_fx.decompose import mode_spectra
 from cstar_fx.passes.trace import TraceError
+from toy_nets import Leafy
 
 
 def _mlp() -> nn.Module:
@@ -144,15 +145,6 @@ def test_suggested_ratio_is_reachable():
 
 
 def test_layers_hidden_in_a_leaf_are_reported():
-    class Leafy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blk = nn.Sequential(nn.Linear(64, 256))
-            self.fc = nn.Linear(256, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.blk(x))
-
     gm = transform(Leafy(), 1.05, leaf_modules=("blk",), round_to=1)
     assert "hidden inside 'blk'" in get_report(gm).unsupported["blk.0"]
     assert "blk.0" in str(get_report(gm))

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import cstar_fx
 from cstar_fx import CstarConfig, RankPlan, TraceError, get_report, plan_ranks, transform
+from toy_nets import ValueBranch
 
 trace_module = sys.modules["cstar_fx.passes.trace"]
 
@@ -28,17 +29,6 @@ class Gated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(gate(self.fc1(x), x))
-
-
-class RootBranch(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(64, 64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            return self.fc(x)
-        return x
 
 
 class Opaque(nn.Module):
@@ -82,9 +72,9 @@ def test_root_trace_error_names_the_function_and_a_fix_that_works():
 
 def test_root_trace_error_in_forward_suggests_concrete_args_or_autowrap():
     with pytest.raises(TraceError) as info:
-        transform(RootBranch(), 2)
+        transform(ValueBranch(), 2)
     message = str(info.value)
-    assert "the top-level module (RootBranch), in RootBranch.forward at" in message
+    assert "the top-level module (ValueBranch), in ValueBranch.forward at" in message
     assert "concrete_args=" in message and "autowrap_functions=" in message
     assert "leaf_modules" not in message
 

@@ -12,6 +12,7 @@ from cstar_fx import RankPlan
 from cstar_fx.analysis import analyse
 from cstar_fx.config import CstarConfig
 from cstar_fx.planner import plan_under
+from toy_nets import ValueBranch
 
 
 def _exact_at_full_rank(model, x, **options):
@@ -215,22 +216,11 @@ def test_plan_mismatch_rejected():
         cstar_fx.transform(nn.Sequential(nn.ReLU(), nn.Linear(64, 64)), plan=plan)
 
 
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.fc(x)
-        return -x
-
-
 def test_untraceable_model_names_module_and_fix():
-    model = nn.Sequential(nn.Linear(4, 4), Untraceable())
-    with pytest.raises(cstar_fx.TraceError, match=r"(?s)module '1' \(Untraceable\).*leaf_modules"):
+    model = nn.Sequential(nn.Linear(4, 4), ValueBranch(4))
+    with pytest.raises(cstar_fx.TraceError, match=r"(?s)module '1' \(ValueBranch\).*leaf_modules"):
         cstar_fx.transform(model, 2)
-    plan = cstar_fx.plan_ranks(nn.Sequential(nn.Linear(64, 64), Untraceable()), 1.3, leaf_modules=("1",))
+    plan = cstar_fx.plan_ranks(nn.Sequential(nn.Linear(64, 64), ValueBranch()), 1.3, leaf_modules=("1",))
     assert list(plan.layers) == ["0"]
 
 

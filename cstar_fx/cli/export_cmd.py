@@ -205,9 +205,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = export_onnx(built.final, built.example, float_out, opset=args.opset,
                              dynamic_batch=not args.static_batch, dtype=args.dtype, atol=args.atol, rtol=args.rtol)
-    except ImportError as exc:
-        raise UsageError(str(exc)) from None
-    except (ValueError, TypeError) as exc:
+    except (ImportError, ValueError, TypeError) as exc:  # a missing extra, a bad dtype or tolerance
         raise UsageError(str(exc)) from None
     except OnnxMismatchError as exc:
         print(f"verification FAILED: {exc}")
