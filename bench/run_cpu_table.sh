@@ -17,6 +17,10 @@ main=(hybrid_both both_data transform_ft prune_ft prune_both hybrid_staged hybri
 # sensitivity-weighted ranks), five seeds, judged against the recipe and the baselines on the unseen training images
 "$py" bench/robust_table.py --profile cpu --methods gradual_both sens_staged
 "$py" bench/robust_table.py --profile cpu --unseen --methods gradual_both sens_staged hybrid_staged transform_ft prune_ft
+# a fine-tune twice as long for every method (same teachers, three seeds), judged on the fresh training images
+long=(hybrid_staged prune_ft transform_ft)
+"$py" bench/robust_table.py --profile cpu --ft-epochs 6 --seeds 0 1 2 --methods "${long[@]}"
+"$py" bench/robust_table.py --profile cpu --ft-epochs 6 --seeds 0 1 2 --fresh --methods "${long[@]}"
 # the levers and ablations: three seeds
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --methods flops_data
 "$py" bench/robust_table.py --profile cpu --seeds 0 1 2 --autoattack --heldout --methods flops_data
