@@ -229,6 +229,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     # the cells' folder under seed*/ and the table's name suffix: the profile's own fine-tune has none
     args.variant = "handoff" if args.handoff else (
         f"ft{args.ft_epochs}" if args.ft_epochs not in (None, prof.ft_epochs) else "")
+    if args.handoff:  # the same cells without their fine-tune
+        args.ft_epochs = 0
     return args
 
 
@@ -498,6 +500,12 @@ class Bench:
         return cstar_fx.count_flops(self.teacher, self.example)
 
 
+def finished_rows(bench: Bench) -> list[dict[str, Any]]:
+    """The teacher's row of ``bench``'s seed and the rows of its finished cells, read from their result files."""
+    files = [bench.dir / "teacher" / "result.json", *sorted(bench.cells.glob("*x/result.json"))]
+    return [json.loads(f.read_text()) for f in files]
+
+
 def split_images(args: argparse.Namespace, prof: Profile, train: Any, test: Any, name: str) -> Any:
     """The profile's images of split ``name`` (one of ``SPLITS``), per class: the held-out images are the
     ``heldout_per_class`` test images after the first ``test_per_class`` (the table's own test images), so no choice
@@ -634,9 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the benchmark and write the table; returns 0."""
     args = _args(argv)
     prof = PROFILES[args.profile]
-    if args.handoff:  # the same cells without their fine-tune
-        prof = dataclasses.replace(prof, ft_epochs=0)
-    elif args.ft_epochs is not None:
+    if args.ft_epochs is not None:
         prof = dataclasses.replace(prof, ft_epochs=args.ft_epochs)
     aa_col = AA_LABELS[prof.aa_attack]
     if args.aa_n is None:
@@ -660,8 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         bench = Bench(args, prof, seed, train, test, device)
         if args.report:
-            rows.append(json.loads((bench.dir / "teacher" / "result.json").read_text()))
-            rows += [json.loads(p.read_text()) for p in sorted(bench.cells.glob("*x/result.json"))]
+            rows += finished_rows(bench)
             continue
         row = bench.teacher_row()
         rows.append(row)
@@ -694,10 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                     if found:
                         _log(f"seed {seed} {ratio:g}x {method:<18} {'; '.join(found)} ({time.perf_counter() - t0:.0f} s)")
         args.report = True
-        rows = [json.loads((args.runs / f"seed{seed}" / "teacher" / "result.json").read_text()) for seed in args.seeds]
-        for seed in args.seeds:
-            rows += [json.loads(p.read_text()) for p in sorted((args.runs / f"seed{seed}" / args.variant).glob(
-                "*x/result.json"))]
+        rows = [row for seed in args.seeds for row in finished_rows(Bench(args, prof, seed, train, test, device))]
     if not args.report:
         for ratio in args.ratios:  # ratio-major: a partial run still has every seed of the first ratio
             for seed in args.seeds:
