@@ -31,9 +31,10 @@ the recipe) against every other method. ``--autoattack`` adds AutoAttack (the CP
 APGD-T) to the finished cells of the methods in ``AA_METHODS``; ``--heldout`` adds clean and PGD-20 accuracy on
 the profile's held-out test images (the ones after the table's own in each class) and ``--confirm`` on its
 confirmation images (the ones after those), each with its own paired differences. The held-out images have
-chosen between recipes; the confirmation images are kept for checking such a choice once it is made. ``--unseen``
-and ``--fresh`` score training images no model trains on (the ones after the table's training images, then the
-ones after those). ``--ft-epochs N`` gives every method N adversarial epochs instead of the profile's, on the
+chosen between recipes; the confirmation images are kept for checking such a choice once it is made. ``--unseen``,
+``--fresh`` and ``--reserve`` score training images no model trains on (the ones after the table's training images,
+then the ones after those, and so on); ``--reserve`` scores its images in five blocks, and the paired table then also
+gives the evaluation noise in each paired difference (its spread over the blocks). ``--ft-epochs N`` gives every method N adversarial epochs instead of the profile's, on the
 same teachers, in its own cells (``seed*/ftN/``) and table.
 """
 
@@ -96,6 +97,7 @@ class Profile:
     confirm_per_class: int = 0  # --confirm: test images per class after the held-out ones
     unseen_per_class: int = 0  # --unseen: training images per class after the first train_per_class (never trained on)
     fresh_per_class: int = 0  # --fresh: training images per class after the unseen ones (never trained on)
+    reserve_per_class: int = 0  # --reserve: training images per class after the fresh ones (never trained on)
 
 
 PROFILES = {
@@ -104,7 +106,7 @@ PROFILES = {
                    joint_epochs=1, batch_size=128, train_steps=2, train_alpha=4 / 255, teacher_lr=0.1, ft_lr=0.05,
                    pgd_n=1000, aa_n=200, calibrate=512, distill=0.8, ratios=(16.0, 32.0), seeds=(0, 1, 2, 3, 4),
                    aa_attack="apgd", heldout_per_class=400, confirm_per_class=500, unseen_per_class=500,
-                   fresh_per_class=200),
+                   fresh_per_class=200, reserve_per_class=1000),
     "gpu": Profile(width=64, train_per_class=None, test_per_class=None, teacher_epochs=30, ft_epochs=10,
                    joint_epochs=3, batch_size=512, train_steps=10, train_alpha=2 / 255, teacher_lr=0.2, ft_lr=0.02,
                    pgd_n=2000, aa_n=500, calibrate=2048, distill=0.8, ratios=(8.0, 16.0, 32.0), seeds=(0, 1, 2),
@@ -170,11 +172,15 @@ class Split(NamedTuple):
 
     label: str
     source: str
+    # scored in this many class-balanced blocks of equal size, whose accuracies are stored too: the spread of a
+    # paired difference over the blocks is the evaluation noise in it, apart from the seed-to-seed spread
+    blocks: int = 1
 
 
-# in this order; result keys "clean <name>" / "pgd20 <name>", sizes the profile's "<name>_per_class"
+# in this order; result keys "clean <name>" / "pgd20 <name>" (and "... blocks"), sizes the profile's "<name>_per_class"
 SPLITS = {"heldout": Split("held-out", "test"), "confirm": Split("confirmation", "test"),
-          "unseen": Split("unseen training", "train"), "fresh": Split("fresh training", "train")}
+          "unseen": Split("unseen training", "train"), "fresh": Split("fresh training", "train"),
+          "reserve": Split("reserve training", "train", blocks=5)}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -207,6 +213,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true",
                    help="the same on the training images after the unseen ones (the profile's fresh_per_class per "
                         "class), kept for the verdict of a run with --ft-epochs")
+    p.add_argument("--reserve", action="store_true",
+                   help="the same on the training images after the fresh ones (the profile's reserve_per_class per "
+                        "class), scored in five blocks so that the evaluation noise of each paired difference is "
+                        "measured too")
     p.add_argument("--ft-epochs", type=int, default=None,
                    help="adversarial epochs per method instead of the profile's (same teachers; its cells go to "
                         "seed*/ft<N>/ and its table to robust_table_<profile>_ft<N>)")
@@ -223,7 +233,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args.splits = tuple(s for s in SPLITS if getattr(args, s))
     if args.handoff and (args.autoattack or args.splits or "cstar" in args.methods or args.ft_epochs is not None):
         p.error("--handoff evaluates the compressed models before training: drop --autoattack, --heldout, --confirm, "
-                "--unseen, --fresh, --ft-epochs and the cstar method")
+                "--unseen, --fresh, --reserve, --ft-epochs and the cstar method")
     if args.ft_epochs is not None and args.ft_epochs <= prof.joint_epochs:
         p.error(f"--ft-epochs must be > the profile's {prof.joint_epochs} CSTAR joint epoch(s), got {args.ft_epochs}")
     # the cells' folder under seed*/ and the table's name suffix: the profile's own fine-tune has none
@@ -472,9 +482,14 @@ class Bench:
         return row
 
     def evaluate_split(self, model: nn.Module, name: str, data: Any) -> dict[str, Any]:
-        res = evaluate(model, data, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20), sanity=False,
-                       seed=self.seed, progress=False)
-        return {f"clean {name}": 100 * res.clean, f"pgd20 {name}": 100 * res.pgd, f"{name} n": len(data)}
+        blocks = class_blocks(data, SPLITS[name].blocks)
+        res = [evaluate(model, block, attack=AttackConfig(eps=EPS, alpha=2 / 255, steps=20), sanity=False,
+                        seed=self.seed, progress=False) for block in blocks]
+        clean, pgd = [100 * r.clean for r in res], [100 * r.pgd for r in res]
+        row = {f"clean {name}": statistics.mean(clean), f"pgd20 {name}": statistics.mean(pgd), f"{name} n": len(data)}
+        if len(blocks) > 1:
+            row.update({f"clean {name} blocks": clean, f"pgd20 {name} blocks": pgd})
+        return row
 
     def teacher_row(self) -> dict[str, Any]:
         done = self.dir / "teacher" / "result.json"
@@ -529,14 +544,33 @@ def images_after(wide: Any, own: Any, first: int, skip: int = 0) -> Any:
     """The images of ``wide`` after the first ``first + skip`` of each class (in ``wide``'s order); the first
     ``first`` must be ``own``, the table's own images of that split (its training or test images), or the images
     returned could overlap them."""
-    rank = torch.zeros_like(wide.y)  # each image's position within its class
-    for c in wide.y.unique():
-        where = (wide.y == c).nonzero().flatten()
-        rank[where] = torch.arange(len(where), device=where.device)
+    rank = class_rank(wide.y)
     if not torch.equal(wide.x[rank < first].to(own.x.device), own.x):
         raise RuntimeError("the first images per class of the wider split are not the table's own images, so the "
                            "images after them could overlap them")
     return wide.subset((rank >= first + skip).nonzero().flatten())
+
+
+def class_rank(y: torch.Tensor) -> torch.Tensor:
+    """Each label's position among the labels of its class, in order."""
+    rank = torch.zeros_like(y)
+    for c in y.unique():
+        where = (y == c).nonzero().flatten()
+        rank[where] = torch.arange(len(where), device=where.device)
+    return rank
+
+
+def class_blocks(data: Any, k: int) -> list[Any]:
+    """``data`` cut into ``k`` blocks holding the same number of images of every class (by position within the
+    class), so that the mean of the blocks' accuracies is the accuracy on all of ``data``."""
+    if k == 1:
+        return [data]
+    counts = torch.bincount(data.y)
+    if len(set(counts.tolist())) != 1 or counts[0] % k:
+        raise ValueError(f"{k} blocks need the same number of images in every class, divisible by {k}; "
+                         f"got {counts.tolist()}")
+    part = class_rank(data.y) // (int(counts[0]) // k)
+    return [data.subset((part == b).nonzero().flatten()) for b in range(k)]
 
 
 def aa_subset(test: Any, n: int) -> Any:
@@ -611,7 +645,7 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
                 continue
             row = {"ratio": f"{ratio:g}x", "vs": LABELS[method], "seeds": len(seeds)}
             keys = [("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), (aa_key, f"Δ {aa_col}")]
-            for split, (label, _) in SPLITS.items():
+            for split, (label, *_) in SPLITS.items():
                 keys += [(f"pgd20 {split}", f"Δ PGD-20 {label}"), (f"clean {split}", f"Δ clean {label}")]
             for key, col in keys:
                 diffs = [rec[s][key] - other[s][key] for s in seeds if key in rec[s] and key in other[s]]
@@ -619,8 +653,25 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
                 if key.startswith("pgd20") and len(diffs) > 1:
                     sd = statistics.stdev(diffs)
                     row[f"{col[2:]} gain > 2 sd"] = "yes" if statistics.mean(diffs) > 2 * sd else "no"
+            for split, (label, _, blocks) in SPLITS.items():
+                noise = evaluation_sd([rec[s] for s in seeds], [other[s] for s in seeds], f"pgd20 {split} blocks")
+                if blocks > 1 and noise is not None:
+                    row[f"Δ PGD-20 {label} evaluation sd"] = f"{noise:.2f} ({noise * math.sqrt(blocks):.2f} per block)"
             paired.append(row)
     return table, paired
+
+
+def evaluation_sd(rec: list[dict[str, Any]], other: list[dict[str, Any]], key: str) -> float | None:
+    """The evaluation noise in one seed's paired difference ``rec - other`` of the block-scored result ``key``: the
+    spread of the difference over the blocks / sqrt(blocks), averaged (as a variance) over the seeds; ``None``
+    unless every row has the blocks."""
+    if not rec or any(key not in r for r in rec + other):
+        return None
+    variances = []
+    for a, b in zip(rec, other):
+        diffs = [x - y for x, y in zip(a[key], b[key])]
+        variances.append(statistics.variance(diffs) / len(diffs))
+    return math.sqrt(statistics.mean(variances))
 
 
 def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) -> dict[str, Any]:
@@ -633,7 +684,7 @@ def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) ->
             "clean %": _mean_std([c["clean"] for c in cells]), "PGD-20 %": _mean_std([c["pgd20"] for c in cells]),
             f"{AA_LABELS[aa_key]} %": _mean_std([c[aa_key] for c in cells if aa_key in c]),
             **{f"{m} % {label}": _mean_std([c[f"{key} {split}"] for c in cells if f"{key} {split}" in c])
-               for split, (label, _) in SPLITS.items() for key, m in (("clean", "clean"), ("pgd20", "PGD-20"))},
+               for split, (label, *_) in SPLITS.items() for key, m in (("clean", "clean"), ("pgd20", "PGD-20"))},
             "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",
             "train s": f"{statistics.mean(c['train s'] for c in cells):.0f}"}
 
@@ -734,11 +785,15 @@ def main(argv: list[str] | None = None) -> int:
              "confirm": f"{prof.confirm_per_class} test images per class after the held-out ones",
              "unseen": f"{prof.unseen_per_class} training images per class after the first {prof.train_per_class} "
                        "(never trained on)",
-             "fresh": f"{prof.fresh_per_class} training images per class after the unseen ones (never trained on)"}
-    for split, (label, _) in SPLITS.items():
+             "fresh": f"{prof.fresh_per_class} training images per class after the unseen ones (never trained on)",
+             "reserve": f"{prof.reserve_per_class} training images per class after the fresh ones (never trained on), "
+                        f"scored in {SPLITS['reserve'].blocks} class-balanced blocks"}
+    for split, (label, *_) in SPLITS.items():
         if any(f"pgd20 {split}" in r for r in rows):
             columns[-2:-2] = [f"clean % {label}", f"PGD-20 % {label}"]
             pcols += [f"Δ PGD-20 {label}", f"PGD-20 {label} gain > 2 sd", f"Δ clean {label}"]
+            if any(f"pgd20 {split} blocks" in r for r in rows):
+                pcols.append(f"Δ PGD-20 {label} evaluation sd")
             meta[label] = about[split] + ", PGD-20 as above, no sanity checks"
     md = write(name, table, columns, meta)
     paired_md = markdown_table(paired, pcols)

@@ -166,6 +166,38 @@ def test_a_longer_fine_tune_gets_its_own_cells_on_the_same_teachers(table) -> No
         assert err.value.code == 2
 
 
-def test_the_fresh_training_images_come_after_the_unseen_ones(table) -> None:  # noqa: ANN001
+def test_the_fresh_training_images_come_after_the_unseen_ones_and_the_reserve_after_them(table) -> None:  # noqa: ANN001
     train = [name for name, split in table.SPLITS.items() if split.source == "train"]
-    assert train == ["unseen", "fresh"] and table.PROFILES["cpu"].fresh_per_class > 0
+    assert train == ["unseen", "fresh", "reserve"] and table.PROFILES["cpu"].fresh_per_class > 0
+    prof = table.PROFILES["cpu"]  # the reserve's blocks are whole and class-balanced
+    assert prof.reserve_per_class % table.SPLITS["reserve"].blocks == 0
+
+
+def test_class_blocks_are_balanced_disjoint_and_average_to_the_whole(table) -> None:  # noqa: ANN001
+    from cstar_fx.data import TensorData
+
+    y = torch.arange(3).repeat(4)  # interleaved classes, 4 images each
+    data = TensorData(torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1), y)
+    blocks = table.class_blocks(data, 2)
+    assert [b.y.bincount().tolist() for b in blocks] == [[2, 2, 2], [2, 2, 2]]
+    assert blocks[0].x.flatten().tolist() == [0, 1, 2, 3, 4, 5]  # the first two of each class, in order
+    assert sorted(blocks[0].x.flatten().tolist() + blocks[1].x.flatten().tolist()) == list(range(12))
+    assert table.class_blocks(data, 1) == [data]
+    with pytest.raises(ValueError, match="divisible by 3"):
+        table.class_blocks(data, 3)
+
+
+def test_the_evaluation_noise_of_a_paired_difference_is_its_spread_over_the_blocks(table) -> None:  # noqa: ANN001
+    key = "pgd20 reserve blocks"
+    rec = [{key: [30.0, 32.0, 31.0, 29.0, 33.0]}, {key: [30.0, 30.0, 30.0, 30.0, 30.0]}]
+    other = [{key: [29.0, 29.0, 29.0, 29.0, 29.0]}, {key: [29.0, 31.0, 29.0, 31.0, 30.0]}]
+    first = statistics.variance([1.0, 3.0, 2.0, 0.0, 4.0]) / 5
+    second = statistics.variance([1.0, -1.0, 1.0, -1.0, 0.0]) / 5
+    assert table.evaluation_sd(rec, other, key) == pytest.approx(((first + second) / 2) ** 0.5)
+    assert table.evaluation_sd(rec, [{}, other[1]], key) is None  # a row without blocks: no estimate
+    rows = [_row(s, m, 40, 25) for m in ("hybrid_staged", "prune_ft") for s in (0, 1)]
+    for r, blocks in zip(rows, rec + other):
+        r[key], r["pgd20 reserve"] = blocks[key], statistics.mean(blocks[key])
+    _, paired = table.summarise(rows, (16.0,), ["hybrid_staged", "prune_ft"])
+    sd = ((first + second) / 2) ** 0.5
+    assert paired[0]["Δ PGD-20 reserve training evaluation sd"] == f"{sd:.2f} ({sd * 5 ** 0.5:.2f} per block)"
