@@ -217,6 +217,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="the same on the training images after the fresh ones (the profile's reserve_per_class per "
                         "class), scored in five blocks so that the evaluation noise of each paired difference is "
                         "measured too")
+    p.add_argument("--aa-split", choices=list(SPLITS), default=None,
+                   help="AutoAttack (the profile's: APGD-CE+T on the CPU) on --aa-n images of this split instead of the "
+                        "table's test images (the first --aa-n / 10 of each class), for the finished cells of the main "
+                        "methods; implies that split's flag")
     p.add_argument("--ft-epochs", type=int, default=None,
                    help="adversarial epochs per method instead of the profile's (same teachers; its cells go to "
                         "seed*/ft<N>/ and its table to robust_table_<profile>_ft<N>)")
@@ -230,8 +234,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = args.runs or OUT / "runs" / f"robust_{args.profile}"
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.aa_split:
+        setattr(args, args.aa_split, True)
     args.splits = tuple(s for s in SPLITS if getattr(args, s))
-    if args.handoff and (args.autoattack or args.splits or "cstar" in args.methods or args.ft_epochs is not None):
+    if args.handoff and (args.autoattack or args.aa_split or args.splits or "cstar" in args.methods or args.ft_epochs is not None):
         p.error("--handoff evaluates the compressed models before training: drop --autoattack, --heldout, --confirm, "
                 "--unseen, --fresh, --reserve, --ft-epochs and the cstar method")
     if args.ft_epochs is not None and args.ft_epochs <= prof.joint_epochs:
@@ -453,8 +459,10 @@ class Bench:
             return None
         row = json.loads(done.read_text())
         aa = bool(self.args.autoattack and self.args.aa_n) and method in AA_METHODS and self.prof.aa_attack not in row
+        aa_key = f"{self.prof.aa_attack} {self.args.aa_split}"
+        aa_split = bool(self.args.aa_split and self.args.aa_n) and method in AA_METHODS and aa_key not in row
         todo = {name: data for name, data in splits.items() if f"pgd20 {name}" not in row}
-        if not (aa or todo):
+        if not (aa or aa_split or todo):
             return row
         model = self.rebuild(method, ratio)
         ckpt = load_checkpoint(cell / "run" / "finetune") or load_checkpoint(cell / "run")
@@ -465,6 +473,10 @@ class Bench:
                                f"{row['clean']:.2f}; the checkpoint does not belong to this cell")
         if aa:
             row.update(self.evaluate(model, True))
+        if aa_split:
+            data = first_per_class(splits[self.args.aa_split], self.args.aa_n // 10)
+            res = evaluate(model, data, attacks=(self.prof.aa_attack,), sanity=False, seed=self.seed, progress=False)
+            row.update({aa_key: 100 * res.robust[self.prof.aa_attack], f"{aa_key} n": len(data)})
         for name, data in todo.items():
             row.update(self.evaluate_split(model, name, data))
         atomic_write_text(done, json.dumps(row, indent=2))
@@ -560,6 +572,13 @@ def class_rank(y: torch.Tensor) -> torch.Tensor:
     return rank
 
 
+def first_per_class(data: Any, n: int) -> Any:
+    """The first ``n`` images of each class of ``data`` (by position within the class)."""
+    if n < 1:
+        raise ValueError(f"need at least one image per class, got {n}")
+    return data.subset((class_rank(data.y) < n).nonzero().flatten())
+
+
 def class_blocks(data: Any, k: int) -> list[Any]:
     """``data`` cut into ``k`` blocks holding the same number of images of every class (by position within the
     class), so that the mean of the blocks' accuracies is the accuracy on all of ``data``."""
@@ -646,7 +665,8 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
             row = {"ratio": f"{ratio:g}x", "vs": LABELS[method], "seeds": len(seeds)}
             keys = [("pgd20", "Δ PGD-20"), ("clean", "Δ clean"), (aa_key, f"Δ {aa_col}")]
             for split, (label, *_) in SPLITS.items():
-                keys += [(f"pgd20 {split}", f"Δ PGD-20 {label}"), (f"clean {split}", f"Δ clean {label}")]
+                keys += [(f"pgd20 {split}", f"Δ PGD-20 {label}"), (f"clean {split}", f"Δ clean {label}"),
+                         (f"{aa_key} {split}", f"Δ {aa_col} {label}")]
             for key, col in keys:
                 diffs = [rec[s][key] - other[s][key] for s in seeds if key in rec[s] and key in other[s]]
                 row[col] = _mean_std(diffs)
@@ -684,7 +704,8 @@ def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) ->
             "clean %": _mean_std([c["clean"] for c in cells]), "PGD-20 %": _mean_std([c["pgd20"] for c in cells]),
             f"{AA_LABELS[aa_key]} %": _mean_std([c[aa_key] for c in cells if aa_key in c]),
             **{f"{m} % {label}": _mean_std([c[f"{key} {split}"] for c in cells if f"{key} {split}" in c])
-               for split, (label, *_) in SPLITS.items() for key, m in (("clean", "clean"), ("pgd20", "PGD-20"))},
+               for split, (label, *_) in SPLITS.items()
+               for key, m in (("clean", "clean"), ("pgd20", "PGD-20"), (aa_key, AA_LABELS[aa_key]))},
             "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",
             "train s": f"{statistics.mean(c['train s'] for c in cells):.0f}"}
 
@@ -745,6 +766,9 @@ def main(argv: list[str] | None = None) -> int:
                     found = []
                     if args.autoattack and method in AA_METHODS:
                         found.append(f"{aa_col} {row.get(prof.aa_attack, '-')}")
+                    if args.aa_split and method in AA_METHODS:
+                        found.append(f"{aa_col} {SPLITS[args.aa_split].label} "
+                                     f"{row.get(f'{prof.aa_attack} {args.aa_split}', '-')}")
                     found += [f"{SPLITS[n].label}: clean {row[f'clean {n}']:.2f} PGD-20 {row[f'pgd20 {n}']:.2f}"
                               for n in splits]
                     if found:
@@ -795,6 +819,11 @@ def main(argv: list[str] | None = None) -> int:
             if any(f"pgd20 {split} blocks" in r for r in rows):
                 pcols.append(f"Δ PGD-20 {label} evaluation sd")
             meta[label] = about[split] + ", PGD-20 as above, no sanity checks"
+        if any(f"{prof.aa_attack} {split}" in r for r in rows):
+            columns[-2:-2] = [f"{aa_col} % {label}"]
+            pcols.append(f"Δ {aa_col} {label}")
+            n = next(r[f"{prof.aa_attack} {split} n"] for r in rows if f"{prof.aa_attack} {split} n" in r)
+            meta[f"{aa_col} {label}"] = f"the first {n // 10} of each class of the {label} images"
     md = write(name, table, columns, meta)
     paired_md = markdown_table(paired, pcols)
     with open(OUT / f"{name}.md", "a") as fh:

@@ -201,3 +201,20 @@ def test_the_evaluation_noise_of_a_paired_difference_is_its_spread_over_the_bloc
     _, paired = table.summarise(rows, (16.0,), ["hybrid_staged", "prune_ft"])
     sd = ((first + second) / 2) ** 0.5
     assert paired[0]["Δ PGD-20 reserve training evaluation sd"] == f"{sd:.2f} ({sd * 5 ** 0.5:.2f} per block)"
+
+
+def test_autoattack_on_a_split_takes_its_first_images_per_class_and_has_its_own_paired_column(table) -> None:  # noqa: ANN001
+    from cstar_fx.data import TensorData
+
+    data = TensorData(torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1), torch.arange(3).repeat(4))
+    assert table.first_per_class(data, 2).x.flatten().tolist() == [0, 1, 2, 3, 4, 5]
+    args = table._args(["--profile", "cpu", "--aa-split", "reserve"])
+    assert args.splits == ("reserve",) and not args.autoattack  # the split is scored; the table's AA is not run
+    with pytest.raises(SystemExit) as err:
+        table._args(["--profile", "cpu", "--handoff", "--aa-split", "reserve", "--methods", "prune_ft"])
+    assert err.value.code == 2
+    rows = [_row(s, m, 40, 25) for m in ("hybrid_staged", "prune_ft") for s in (0, 1)]
+    for r, aa in zip(rows, (20.0, 22.0, 19.0, 20.0)):
+        r["apgd reserve"] = aa
+    _, paired = table.summarise(rows, (16.0,), ["hybrid_staged", "prune_ft"], aa_key="apgd")
+    assert paired[0]["Δ APGD-CE+T reserve training"] == "1.50 ± 0.71"
