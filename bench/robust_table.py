@@ -24,8 +24,9 @@ distillation from the teacher), ``flops_ft`` / ``flops_data`` (a FLOP-budget pla
 at equal parameters / at ``budget="both"``; ``hybrid25_both`` / ``hybrid75_both`` prune ``r ** 0.25`` /
 ``r ** 0.75``; ``hybrid_staged`` spends the first fine-tune epoch on the pruned network before factorizing
 it), ``sens_distill`` / ``sens_both`` (ranks weighted by each layer's measured sensitivity of the adversarial
-loss; the second is ``both_data`` with that weighting) and ``cstar`` (ADMM joint epochs on the dense weights, then
-transform and fine-tune, same total epochs). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``:
+loss; the second is ``both_data`` with that weighting), ``cstar`` (ADMM joint epochs on the dense weights, then
+transform and fine-tune, same total epochs; the ranks fixed at the start) and ``cstar_euclid`` (the same with the
+Euclidean Z-step: the ranks re-planned as the projection onto the budget at every refresh). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``:
 every cell, mean +- std per method and ratio, and per-seed paired differences of ``--reference`` (default:
 the recipe) against every other method. ``--autoattack`` adds AutoAttack (the CPU profile: its APGD-CE and
 APGD-T) to the finished cells of the methods in ``AA_METHODS``; ``--heldout`` adds clean and PGD-20 accuracy on
@@ -119,7 +120,7 @@ PROFILES = {
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
            "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-           "sens_both", "gradual_both", "sens_staged")
+           "sens_both", "gradual_both", "sens_staged", "cstar_euclid")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -130,6 +131,7 @@ LABELS = {
     "transform_distill": "transform + distill FT",
     "uniform_ft": "uniform ranks + FT",
     "cstar": "CSTAR (ADMM joint + FT)",
+    "cstar_euclid": "CSTAR, Euclidean Z-step (ADMM joint + FT)",
     "sens_distill": "data-aware + sensitivity-weighted ranks + distill FT",
     "flops_ft": "transform, FLOP-budget plan at equal params + FT",
     "hybrid_ft": "prune sqrt(r) + data-aware low rank + FT",
@@ -237,9 +239,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     if args.aa_split:
         setattr(args, args.aa_split, True)
     args.splits = tuple(s for s in SPLITS if getattr(args, s))
-    if args.handoff and (args.autoattack or args.aa_split or args.splits or "cstar" in args.methods or args.ft_epochs is not None):
+    joint = [m for m in args.methods if m.startswith("cstar")]
+    if args.handoff and (args.autoattack or args.aa_split or args.splits or joint or args.ft_epochs is not None):
         p.error("--handoff evaluates the compressed models before training: drop --autoattack, --heldout, --confirm, "
-                "--unseen, --fresh, --reserve, --ft-epochs and the cstar method")
+                "--unseen, --fresh, --reserve, --ft-epochs and the cstar methods")
     if args.ft_epochs is not None and args.ft_epochs <= prof.joint_epochs:
         p.error(f"--ft-epochs must be > the profile's {prof.joint_epochs} CSTAR joint epoch(s), got {args.ft_epochs}")
     # the cells' folder under seed*/ and the table's name suffix: the profile's own fine-tune has none
@@ -380,7 +383,7 @@ class Bench:
         finetune(gm, self.train, self.ft, run_dir=self._cell(ratio) / "run", resume=True)
         return gm, self._compute(self.prof.ft_epochs, False)
 
-    def cstar(self, ratio: float) -> tuple[nn.Module, dict]:
+    def cstar(self, ratio: float, replan: bool = False) -> tuple[nn.Module, dict]:
         j, f = self.prof.joint_epochs, self.prof.ft_epochs - self.prof.joint_epochs
         steps = len(self.train) // self.prof.batch_size
         # rho so that lr * rho / (1 - momentum), the fraction of the gap to Z closed per step, closes it about
@@ -388,9 +391,19 @@ class Bench:
         refresh = max(1, steps // 4)
         rho = 1.0 / (refresh * self.prof.ft_lr / (1 - 0.9))
         cfg = JointConfig(joint=self.cfg(j, self.prof.ft_lr, schedule="constant"), finetune=self.cfg(f, self.prof.ft_lr),
-                          admm=AdmmConfig(rho=rho, rho_growth=1.0, rho_max=rho, refresh_every=refresh, replan=False))
+                          admm=AdmmConfig(rho=rho, rho_growth=1.0, rho_max=rho, refresh_every=refresh, replan=replan,
+                                          projection="euclidean" if replan else "plan"))
         gm = cstar(self.teacher, self.train, ratio, cfg, run_dir=self._cell(ratio) / "run", resume=True, round_to=1)
-        return gm, {**self._compute(f, False), "dense passes": self.passes(j), "rho": rho}
+        out = {**self._compute(f, False), "dense passes": self.passes(j), "rho": rho}
+        if replan:  # how far the re-plans moved the ranks from the first projection's
+            first = cstar_fx.plan_ranks(self.teacher, ratio, round_to=1, objective="discarded").factorized
+            final = cstar_fx.get_plan(gm).factorized
+            out["rank moves"] = sum(abs(a - b) for name in first.keys() | final.keys()
+                                    for a, b in zip(_ranks(first, name), _ranks(final, name)))
+        return gm, out
+
+    def cstar_euclid(self, ratio: float) -> tuple[nn.Module, dict]:
+        return self.cstar(ratio, replan=True)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _cell(self, ratio: float, method: str | None = None) -> Path:
@@ -561,6 +574,11 @@ def images_after(wide: Any, own: Any, first: int, skip: int = 0) -> Any:
         raise RuntimeError("the first images per class of the wider split are not the table's own images, so the "
                            "images after them could overlap them")
     return wide.subset((rank >= first + skip).nonzero().flatten())
+
+
+def _ranks(layers: dict[str, Any], name: str) -> tuple[int, ...]:
+    """A layer's ranks in a plan's ``factorized`` layers, as (0, 0) when the plan keeps it dense."""
+    return layers[name].ranks if name in layers else (0, 0)
 
 
 def class_rank(y: torch.Tensor) -> torch.Tensor:

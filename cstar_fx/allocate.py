@@ -7,7 +7,11 @@ spectral energy, as its scheme computes it (:meth:`cstar_fx.schemes.Scheme.energ
 ``sum_l log k_l`` -- the product of the kept energies, a proxy for how per-layer errors compound
 through depth (each term weighted by the layer's ``importance``, 1 unless a measured sensitivity
 is given). Relative energies put layers of every size on the same scale, and the logarithm
-makes starving any one layer expensive, so no layer is cut to nothing to pay for another. The
+makes starving any one layer expensive, so no layer is cut to nothing to pay for another.
+``objective="discarded"`` minimises instead the discarded energy in absolute terms, ``sum_l ||W_l||_F^2 (1 - k_l)``
+(weighted the same way): for SVD layers that is exactly ``sum_l ||W_l - Z_l||_F^2``, so the allocation is the
+Euclidean projection of the weights onto the set of networks within the budget (the Z-step of CSTAR's ADMM);
+it spends rank where the weights are large, not where the spectra decay slowly. Either
 objective is separable over modes and concave in each rank (spectra are sorted), which is what
 makes the greedy below sound. Starting
 from the smallest ranks on the ``round_to`` grid, it repeatedly buys the rank step with the largest
@@ -29,7 +33,11 @@ from .costs import CostModel, LayerSpec
 from .errors import CstarError
 from .schemes import AUTO, DEFAULT_CONV, DENSE, Scheme, candidates, get
 
-__all__ = ["Allocation", "Cap", "UnreachableBudgetError", "rank_grid", "max_ranks", "allocate", "min_cost"]
+__all__ = ["Allocation", "Cap", "OBJECTIVES", "UnreachableBudgetError", "rank_grid", "max_ranks", "allocate",
+           "min_cost"]
+
+# what the allocator maximises per layer, by name (see the module docstring)
+OBJECTIVES = ("log_energy", "discarded")
 
 
 class UnreachableBudgetError(CstarError, ValueError):
@@ -100,9 +108,13 @@ def rank_grid(full: int, round_to: int, min_rank: int) -> list[int]:
     return [r for r in range(round_to, full, round_to) if r >= min_rank] + [full]
 
 
-def _score(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
-    """The allocator's objective for one layer: its importance times the log of the kept energy (0 when dense)."""
-    return layer.importance * math.log(max(get(scheme).energy(layer, ranks), 1e-300))
+def _score(layer: LayerSpec, scheme: str, ranks: tuple[int, ...], objective: str) -> float:
+    """The allocator's objective for one layer, times its importance: the log of the kept energy, or minus the
+    discarded energy (both 0 when dense)."""
+    kept = get(scheme).energy(layer, ranks)
+    if objective == "discarded":
+        return -layer.importance * layer.spectra[0].total * (1.0 - kept)
+    return layer.importance * math.log(max(kept, 1e-300))
 
 
 @dataclass
@@ -166,14 +178,14 @@ def _checked(cost: CostModel) -> CostModel:
 
 def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_cost: float = 0.0,
              round_to: int = 8, min_rank: int = 1, conv_scheme: str = DEFAULT_CONV,
-             caps: tuple[Cap, ...] = ()) -> Allocation:
+             caps: tuple[Cap, ...] = (), objective: str = "log_energy") -> Allocation:
     """Choose a scheme and ranks per layer so that the whole network's cost is ``dense / ratio``.
 
     ``fixed_cost`` is what the rest of the network costs (layers kept dense by rule, norms, ...).
     ``caps`` are further budgets (e.g. a parameter cap under a latency budget) no step may break.
     ``conv_scheme="auto"`` runs the greedy once from each kxk scheme (every kxk conv in that form), refines each
     run by moving single layers to another kxk scheme where that keeps more energy within the budget, and keeps
-    the run with the highest objective. Raises :class:`UnreachableBudgetError` with the reachable maximum when
+    the run with the highest objective. ``objective`` is one of :data:`OBJECTIVES`. Raises :class:`UnreachableBudgetError` with the reachable maximum when
     even the smallest ranks exceed the budget.
 
     Example:
@@ -187,6 +199,8 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
     """
     if not math.isfinite(ratio) or ratio <= 1:
         raise ValueError(f"ratio must be a finite number > 1, got {ratio!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     cost = _checked(cost)
     # "auto": the greedy from each kxk scheme in turn, each refined by the one-swap search. With caps, each start
     # also runs at several prices of the caps (0: a cap only stops steps that would break it; 1: every budget
@@ -198,13 +212,13 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
         for price in _CAP_PRICES if caps else (0.0,):
             try:
                 alloc = _greedy(layers, cost, ratio, fixed_cost, round_to, min_rank, start, caps, price,
-                                swap=conv_scheme == AUTO)
+                                swap=conv_scheme == AUTO, objective=objective)
             except UnreachableBudgetError as exc:
                 unreachable = exc if unreachable is None or exc.max_ratio > unreachable.max_ratio else unreachable
                 continue
-            objective = sum(_score(layer, *alloc.choices[layer.name]) for layer in layers)
-            if best is None or objective > best[0]:
-                best = (objective, alloc)
+            total = sum(_score(layer, *alloc.choices[layer.name], objective) for layer in layers)
+            if best is None or total > best[0]:
+                best = (total, alloc)
     if best is None:
         raise unreachable  # type: ignore[misc]
     return best[1]
@@ -222,7 +236,7 @@ _CAP_PRICES = (0.0, 0.25, 1.0, 4.0)
 
 
 def _greedy(layers: list[LayerSpec], cost: CostModel, ratio: float, fixed_cost: float, round_to: int, min_rank: int,
-            conv_scheme: str, caps: tuple[Cap, ...], cap_price: float, swap: bool) -> Allocation:
+            conv_scheme: str, caps: tuple[Cap, ...], cap_price: float, swap: bool, objective: str) -> Allocation:
     """The greedy with kxk convs in ``conv_scheme``, each cap's share weighted by ``cap_price`` in a step's price;
     ``swap``: then the one-swap search over the other kxk schemes."""
     states: dict[str, _State] = {}
@@ -272,7 +286,7 @@ def _greedy(layers: list[LayerSpec], cost: CostModel, ratio: float, fixed_cost: 
         if st.dense:
             return
         now_cost = cost(st.layer, st.scheme, st.ranks())
-        now_score = _score(st.layer, st.scheme, st.ranks())
+        now_score = _score(st.layer, st.scheme, st.ranks(), objective)
         for mode, grid in enumerate(st.grids):
             if st.idx[mode] + 1 >= len(grid):
                 continue
@@ -283,7 +297,8 @@ def _greedy(layers: list[LayerSpec], cost: CostModel, ratio: float, fixed_cost: 
             if new_cost >= st.dense_cost:
                 gain, delta, after = -now_score, st.dense_cost - now_cost, (DENSE, ())
             else:
-                gain, delta, after = _score(st.layer, st.scheme, ranks) - now_score, new_cost - now_cost, (st.scheme, ranks)
+                gain = _score(st.layer, st.scheme, ranks, objective) - now_score
+                delta, after = new_cost - now_cost, (st.scheme, ranks)
             # The step that buys the most energy per share of the budget (and of the caps, at their price) wins:
             # the usual greedy for several knapsack constraints.
             weighted = delta / budget + cap_price * sum(
@@ -322,13 +337,14 @@ def _greedy(layers: list[LayerSpec], cost: CostModel, ratio: float, fixed_cost: 
             push(st)
     choices = {name: form(st) for name, st in states.items()}
     if swap:
-        spent += _prefer_better_scheme(choices, states, cost, budget - spent, caps, cap_spent, round_to, min_rank)
+        spent += _prefer_better_scheme(choices, states, cost, budget - spent, caps, cap_spent, round_to, min_rank,
+                                       objective)
     return Allocation(choices, total_cost=spent, budget=budget, dense_cost=dense_total)
 
 
 def _prefer_better_scheme(choices: dict[str, tuple[str, tuple[int, ...]]], states: dict[str, "_State"],
                           cost: CostModel, slack: float, caps: tuple[Cap, ...], cap_spent: list[float],
-                          round_to: int, min_rank: int) -> float:
+                          round_to: int, min_rank: int, objective: str) -> float:
     """``conv_scheme="auto"``: after a greedy, move each factorized kxk conv to the other kxk scheme and ranks that
     keep the most energy, when that is more than it keeps now, for no more than its cost plus the unspent budget
     and within the caps (a one-swap local search: the budget stays met). Returns the change in total cost; edits
@@ -338,7 +354,7 @@ def _prefer_better_scheme(choices: dict[str, tuple[str, tuple[int, ...]]], state
         layer = states[name].layer
         if scheme == DENSE:
             continue
-        now_cost, now_score = cost(layer, scheme, ranks), _score(layer, scheme, ranks)
+        now_cost, now_score = cost(layer, scheme, ranks), _score(layer, scheme, ranks, objective)
         now_caps = [cap.cost(layer, scheme, ranks) for cap in caps]
         best = None
         for other in candidates(layer, AUTO):
@@ -351,7 +367,7 @@ def _prefer_better_scheme(choices: dict[str, tuple[str, tuple[int, ...]]], state
                 deltas = [cap.cost(layer, other.name, option) - old for cap, old in zip(caps, now_caps)]
                 if any(used + d > cap.limit for cap, used, d in zip(caps, cap_spent, deltas)):
                     continue
-                score = _score(layer, other.name, option)
+                score = _score(layer, other.name, option, objective)
                 if score > now_score and (best is None or score > best[0]):
                     best = (score, (other.name, option), c, deltas)
         if best is not None:

@@ -66,7 +66,7 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
 
 
 _PLANNING_OPTIONS = frozenset({"budget", "round_to", "min_rank", "skip", "cost_model", "target",
-                                "param_ratio"})
+                                "param_ratio", "objective"})
 
 
 def transform(model: nn.Module, ratio: float | CstarConfig | None = None, *, plan: RankPlan | None = None,

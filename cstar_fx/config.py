@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from collections.abc import Callable
 from typing import Any
 
+from .allocate import OBJECTIVES
 from .analysis import TraceConfig
 from .costs import CostModel, as_cost_model, budget_names, caps_params, cost_model_for
 from .schemes import DEFAULT_CONV, conv_scheme_names
@@ -56,6 +57,10 @@ class CstarConfig:
     * ``target``: for ``budget="latency"``, a :class:`cstar_fx.latency.LatencyTarget` (default: onnxruntime
       CPU, batch 1); ``ratio`` is then the speedup to reach.
     * ``param_ratio``: also require at least this parameter ratio (a cap beside a latency or FLOP budget).
+    * ``objective``: what the allocator maximises (:data:`cstar_fx.allocate.OBJECTIVES`): ``"log_energy"``
+      (default: the sum of the logs of each layer's kept fraction of its energy, so no layer is starved) or
+      ``"discarded"`` (the least discarded energy in absolute terms: the Euclidean projection onto the budget, as
+      CSTAR's ADMM Z-step uses it).
     * ``unpack_attention``: replace each ``nn.MultiheadAttention`` by an equivalent module of plain q/k/v/out
       ``nn.Linear`` layers (:func:`cstar_fx.passes.attention.unpack_attention`) so they are factorized too;
       a plan made with it applies only with it.
@@ -79,6 +84,7 @@ class CstarConfig:
     param_ratio: float | None = None
     unpack_attention: bool = False
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
+    objective: str = "log_energy"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
@@ -90,6 +96,8 @@ class CstarConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.conv_scheme not in conv_scheme_names():
             raise ValueError(f"conv_scheme must be one of {conv_scheme_names()}, got {self.conv_scheme!r}")
         trace = self.trace  # validates the traced half

@@ -355,6 +355,8 @@ def assemble(a: Analysis, choices: dict[str, tuple[str, tuple[int, ...]]], reaso
                    "conv_scheme": cfg.conv_scheme}
         if cfg.param_ratio is not None:
             options["param_ratio"] = cfg.param_ratio
+        if cfg.objective != "log_energy":
+            options["objective"] = cfg.objective
         if cfg.target is not None:
             options["target"] = asdict(cfg.target) if is_dataclass(cfg.target) else repr(cfg.target)
         if cfg.unpack_attention:  # the layer names refer to the unpacked model: applying the plan needs it too

@@ -49,7 +49,7 @@ def plan_under(a: Analysis, cfg: CstarConfig, budget: Budget) -> RankPlan:
         caps = (Cap(params, fixed_params, a.dense_params / budget.param_ratio),)
     try:
         alloc = allocate(eligible, cost, ratio=ratio, fixed_cost=total - layer_dense, round_to=cfg.round_to,
-                         min_rank=cfg.min_rank, conv_scheme=cfg.conv_scheme, caps=caps)
+                         min_rank=cfg.min_rank, conv_scheme=cfg.conv_scheme, caps=caps, objective=cfg.objective)
     except UnreachableBudgetError as exc:
         raise UnreachableBudgetError(str(exc) + a.more_layers_advice(), max_ratio=exc.max_ratio) from None
     reasons = dict(a.skipped)

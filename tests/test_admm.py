@@ -142,3 +142,34 @@ def test_decompose_finetune_is_the_plain_variant() -> None:
     assert meta["method"] == "decompose_finetune" and "admm" not in meta
     assert cstar_fx.get_report(gm).ratio_params >= 4.0
     assert gm(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_the_euclidean_z_step_moves_rank_to_the_energy_and_keeps_the_dual() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 24))
+    plan = cstar_fx.plan_ranks(model, ratio=2, round_to=1)  # the default objective: ranks spread evenly
+    admm = Admm(model, plan, AdmmConfig(rho=1.0))
+    assert admm.cfg.projection == "euclidean"
+    with torch.no_grad():
+        for n in admm.U:
+            admm.U[n].normal_()
+        model[2].weight.mul_(20)  # now the second layer holds nearly all the energy
+    u_before = {n: admm.U[n].clone() for n in admm.U}
+    admm.refresh()
+    assert admm.ranks["2.weight"][0] > plan.layers["2"].ranks[0] > admm.ranks["0.weight"][0]
+    assert admm.plan.ratio_params >= 2 and admm.plan.options["objective"] == "discarded"
+    params = dict(model.named_parameters())
+    for n in admm.U:  # the same budget, so the same constraint: the dual carries on (U += W - Z)
+        w = params[n].detach()
+        assert torch.allclose(admm.U[n], u_before[n] + w - admm.Z[n], atol=1e-5)
+        assert torch.allclose(admm.Z[n], project(w + u_before[n], admm.ranks[n]), atol=1e-4)
+    other = Admm(copy.deepcopy(model), plan, AdmmConfig(rho=1.0, projection="plan"))
+    other.refresh()  # the plan's own objective leaves these ranks where they were
+    assert other.ranks == {lp.param: lp.ranks for lp in plan.factorized.values()}
+    with pytest.raises(ValueError, match="projection must be one of"):
+        AdmmConfig(projection="nuclear")
+
+
+def test_cstar_refuses_a_planning_objective_the_euclidean_z_step_would_override() -> None:
+    with pytest.raises(ValueError, match="projection='plan'"):
+        cstar(_model(), digits()[0].subset(64), 4, JointConfig(joint=QUICK, finetune=QUICK), objective="log_energy")

@@ -6,7 +6,7 @@ import torch
 import cstar_fx
 from cstar_fx.allocate import UnreachableBudgetError, allocate, min_cost, rank_grid
 from cstar_fx.costs import FlopCost, LayerSpec, ParamCost
-from cstar_fx.decompose import mode_spectra
+from cstar_fx.decompose import mode_spectra, project
 from cstar_fx.models import cifar_resnet18
 
 
@@ -131,3 +131,34 @@ def test_budget_both_reaches_the_ratio_in_flops_and_in_parameters():
     assert flops_only.ratio_params < 8  # on this network a FLOP budget alone keeps more parameters: the cap binds
     with pytest.raises(ValueError, match="budget='both' needs example_inputs"):
         cstar_fx.plan_ranks(model, 8, budget="both")
+
+
+def test_the_discarded_objective_is_the_euclidean_projection_onto_the_budget():
+    torch.manual_seed(0)  # two same-shape SVD layers (equal cost per rank), one with 10x the weights
+    ws = {"a": torch.randn(12, 12), "b": 10 * torch.randn(12, 12) @ torch.diag(torch.linspace(1, 0.1, 12))}
+    layers = [LayerSpec(n, "linear", (12, 12), False, mode_spectra(w)) for n, w in ws.items()]
+    got = allocate(layers, ParamCost(), ratio=3, round_to=1, objective="discarded")
+    budget = got.budget
+
+    def error(ranks):  # ||W - Z||^2 summed, Z each layer's truncated SVD at its rank
+        return sum(float((w - project(w, (r,))).pow(2).sum()) for w, r in zip(ws.values(), ranks))
+
+    feasible = [(ra, rb) for ra in range(1, 12) for rb in range(1, 12) if 24 * (ra + rb) <= budget]
+    best = min(error(r) for r in feasible)
+    ranks = tuple(got.choices[n][1][0] for n in ws)
+    assert got.total_cost <= budget and error(ranks) == pytest.approx(best, rel=1e-4)
+    log_ranks = tuple(allocate(layers, ParamCost(), ratio=3, round_to=1).choices[n][1][0] for n in ws)
+    assert error(log_ranks) > best * 1.05  # the default objective is not that projection: it spreads rank evenly
+    with pytest.raises(ValueError, match="objective must be one of"):
+        allocate(layers, ParamCost(), ratio=3, objective="energy")
+
+
+def test_the_objective_is_a_planning_option_recorded_in_the_plan():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    plan = cstar_fx.plan_ranks(model, 2, objective="discarded")
+    assert plan.options["objective"] == "discarded" and "objective" not in cstar_fx.plan_ranks(model, 2).options
+    assert cstar_fx.RankPlan.from_json(plan.to_json()).options["objective"] == "discarded"
+    with pytest.raises(ValueError, match="objective must be one of"):
+        cstar_fx.CstarConfig(objective="l2")
+    with pytest.raises(ValueError, match="only steer planning"):
+        cstar_fx.transform(model, plan=plan, objective="discarded")

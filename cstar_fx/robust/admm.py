@@ -4,7 +4,8 @@ For each weight ``W`` the plan factorizes, the training loss gains ``rho/2 * ||W
 ``Z = project(W + U, ranks)`` (the projection of the layer's scheme: Tucker-2, SVD or spatial SVD) at the
 ranks the global allocator chose, and ``U`` is the scaled dual variable. At each refresh (every ``refresh_every``
 steps, or once per epoch by default) the allocator can be re-run on ``W + U`` (``replan``: the
-allocator as the projection), then ``Z`` is recomputed and ``U += W - Z``. The primal residual
+allocator as the projection; by default it minimises the discarded energy in absolute terms, which makes
+it the Euclidean projection onto the budget), then ``Z`` is recomputed and ``U += W - Z``. The primal residual
 ``||W - Z||`` is recorded at each refresh: it falls as W becomes low-rank at the planned ranks.
 
 Example:
@@ -76,12 +77,14 @@ class AdmmRecord:
                     rho=self.rho, ratio=self.ratio, worst=self.worst, worst_layer=self.worst_layer)
 
 
-def _default_replan(plan: RankPlan) -> Callable[[nn.Module], RankPlan]:
+def _default_replan(plan: RankPlan, projection: str) -> Callable[[nn.Module], RankPlan]:
     if plan.target_ratio is None or plan.budget != "params":
         raise ValueError("replan=True needs replan_fn=... for a plan made with a FLOP or custom budget "
-                         "(e.g. replan_fn=lambda m: cstar_fx.plan_ranks(m, 8, budget='flops', example_inputs=x)); "
-                         "or set AdmmConfig(replan=False)")
+                         "(e.g. replan_fn=lambda m: cstar_fx.plan_ranks(m, 8, budget='flops', example_inputs=x, "
+                         "objective='discarded')); or set AdmmConfig(replan=False)")
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in plan.options.items()}
+    if projection == "euclidean":
+        options["objective"] = "discarded"
     return lambda m: plan_ranks(m, plan.target_ratio, budget="params", **options)
 
 
@@ -89,7 +92,9 @@ class Admm(TrainHook):
     """The ADMM proximity term over the factorized layers of ``plan``, as a :class:`TrainHook`.
 
     ``replan_fn(model) -> RankPlan`` re-runs the allocator (used when ``cfg.replan``); by default it
-    repeats ``plan_ranks`` with the plan's own ratio and options (parameter budgets only).
+    repeats ``plan_ranks`` with the plan's own ratio and options (parameter budgets only), with
+    ``objective="discarded"`` under ``cfg.projection="euclidean"``; a ``replan_fn`` of one's own should plan with
+    that objective too for a Euclidean Z-step.
     ``history`` holds one :class:`AdmmRecord` per refresh; ``plan`` is the latest plan.
 
     Example:
@@ -110,7 +115,7 @@ class Admm(TrainHook):
             raise ValueError("AdmmConfig(rho=None) means 'auto', which cstar() resolves from the joint phase's learning "
                              "rate; to use Admm directly pass a number, e.g. AdmmConfig(rho=auto_rho(train_cfg, steps))")
         self.model, self.cfg, self.plan = model, cfg, plan
-        self.replan_fn = (replan_fn or _default_replan(plan)) if cfg.replan else None
+        self.replan_fn = (replan_fn or _default_replan(plan, cfg.projection)) if cfg.replan else None
         self.params = dict(model.named_parameters())
         self._check_plan(plan)
         self.rho = cfg.rho
@@ -172,7 +177,9 @@ class Admm(TrainHook):
                 del self.Z[name], self.U[name]
         for name, r in ranks.items():
             w = self.params[name].detach()
-            if self._z_ranks.get(name, r) != r:  # the dual of another constraint: start it afresh
+            # a Euclidean re-plan projects onto the same budget whatever ranks it picks, so the dual stays; a
+            # re-plan by another objective sets this layer another constraint, whose dual starts afresh
+            if self.cfg.projection == "plan" and self._z_ranks.get(name, r) != r:
                 self.U[name] = torch.zeros_like(w)
             u = self.U.setdefault(name, torch.zeros_like(w))
             self.Z[name] = self._project(name, w + u)

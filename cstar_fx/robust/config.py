@@ -24,6 +24,7 @@ __all__ = ["AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConf
 NORMS = ("linf", "l2")
 LOSSES = ("pgd", "trades", "fast", "clean")
 SCHEDULES = ("cosine", "step", "constant")
+PROJECTIONS = ("euclidean", "plan")  # what the ADMM Z-step optimises when it re-plans (AdmmConfig.projection)
 
 
 def _number(obj: Any, name: str, *, low: float | None = None, high: float | None = None, strict_low: bool = False) -> float:
@@ -258,8 +259,14 @@ class AdmmConfig(_Replace):
       continuation; 1.0 (default) keeps it constant, as in the group's reference ADMM code.
     * ``refresh_every``: refresh Z and U every this many optimiser steps; ``None`` (default): once per epoch.
     * ``replan``: re-run the global rank allocator on ``W + U`` at each refresh (the allocator as the
-      budget-constrained projection); ``False`` keeps the ranks chosen on the initial weights. A
-      layer whose ranks change gets a fresh dual variable (the old one belongs to another constraint).
+      budget-constrained projection); ``False`` keeps the ranks chosen on the initial weights.
+    * ``projection`` (what a re-plan optimises): ``"euclidean"`` (default) plans with
+      ``objective="discarded"``, so Z is the Euclidean projection of ``W + U`` onto the networks within the budget
+      (exact for SVD layers, an estimate for Tucker-2, whose kept energy is a product of two modes'): rank moves
+      to the layers where ``W + U`` has the energy, and the dual variable is kept when ranks move, because the
+      constraint (the budget) is the same. ``"plan"`` re-plans with the plan's own objective (by default the log of
+      each layer's kept fraction, which is not a projection and rarely moves a rank) and gives a layer whose
+      ranks change a fresh dual variable.
 
     Example:
         >>> AdmmConfig(rho=0.5, refresh_every=50).refresh_every
@@ -273,6 +280,7 @@ class AdmmConfig(_Replace):
     rho_max: float = 10.0
     refresh_every: int | None = None
     replan: bool = True
+    projection: str = "euclidean"
 
     def __post_init__(self) -> None:
         if self.rho is not None:
@@ -285,6 +293,8 @@ class AdmmConfig(_Replace):
             _int(self, "refresh_every", 1)
         if not isinstance(self.replan, bool):
             raise TypeError(f"replan must be a bool, got {self.replan!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
 
 
 @dataclass(frozen=True)

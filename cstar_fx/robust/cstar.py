@@ -121,10 +121,18 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     dense.to(dev)
     example_inputs = _on(example_inputs, dev)
 
-    def replan(m: nn.Module) -> RankPlan:
-        return plan_ranks(m, ratio, example_inputs=example_inputs, **plan_options)
-
     admm_cfg = cfg.admm
+    # the Z-step's plans: the Euclidean projection onto the budget unless the config asks for the plan's objective
+    euclidean = admm_cfg.projection == "euclidean"
+    if euclidean and plan_options.get("objective", "discarded") != "discarded":
+        raise ValueError(f"objective={plan_options['objective']!r}: the ADMM Z-step's plans are Euclidean projections "
+                         "(objective='discarded'); drop objective=, or set AdmmConfig(projection='plan') to plan "
+                         "with it")
+    z_options = dict(plan_options, objective="discarded") if euclidean else plan_options
+
+    def replan(m: nn.Module) -> RankPlan:
+        return plan_ranks(m, ratio, example_inputs=example_inputs, **z_options)
+
     if admm_cfg.rho is None:
         steps = admm_cfg.refresh_every or len(as_loader(train_data, cfg.joint.batch_size, True, dev))
         rho = auto_rho(cfg.joint, max(1, steps))
