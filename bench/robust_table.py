@@ -694,22 +694,27 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
             for split, (label, _, blocks) in SPLITS.items():
                 noise = evaluation_sd([rec[s] for s in seeds], [other[s] for s in seeds], f"pgd20 {split} blocks")
                 if blocks > 1 and noise is not None:
-                    row[f"Δ PGD-20 {label} evaluation sd"] = f"{noise:.2f} ({noise * math.sqrt(blocks):.2f} per block)"
+                    per_seed, mean = noise
+                    row[f"Δ PGD-20 {label} evaluation sd"] = (f"{per_seed:.2f} per seed ({per_seed * math.sqrt(blocks):.2f} "
+                                                              f"on a block), {mean:.2f} of the mean")
             paired.append(row)
     return table, paired
 
 
-def evaluation_sd(rec: list[dict[str, Any]], other: list[dict[str, Any]], key: str) -> float | None:
-    """The evaluation noise in one seed's paired difference ``rec - other`` of the block-scored result ``key``: the
-    spread of the difference over the blocks / sqrt(blocks), averaged (as a variance) over the seeds; ``None``
-    unless every row has the blocks."""
+def evaluation_sd(rec: list[dict[str, Any]], other: list[dict[str, Any]], key: str) -> tuple[float, float] | None:
+    """The evaluation noise in the paired differences ``rec - other`` of the block-scored result ``key`` (one row
+    per seed, in the same order): ``(per seed, of the mean)``. Per seed: the spread of one seed's difference over
+    the blocks / sqrt(blocks), averaged (as a variance) over the seeds, which the seed-to-seed sd contains. Of
+    the mean: the spread over the blocks of the difference averaged over the seeds / sqrt(blocks), which also
+    holds what the seeds share by being scored on the same images, so the seed-to-seed sd cannot show it.
+    ``None`` unless every row has the blocks."""
     if not rec or any(key not in r for r in rec + other):
         return None
-    variances = []
-    for a, b in zip(rec, other):
-        diffs = [x - y for x, y in zip(a[key], b[key])]
-        variances.append(statistics.variance(diffs) / len(diffs))
-    return math.sqrt(statistics.mean(variances))
+    diffs = [[x - y for x, y in zip(a[key], b[key])] for a, b in zip(rec, other)]
+    blocks = len(diffs[0])
+    per_seed = math.sqrt(statistics.mean(statistics.variance(d) / blocks for d in diffs))
+    mean = math.sqrt(statistics.variance([statistics.mean(col) for col in zip(*diffs)]) / blocks)
+    return per_seed, mean
 
 
 def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) -> dict[str, Any]:

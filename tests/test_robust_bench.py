@@ -193,14 +193,16 @@ def test_the_evaluation_noise_of_a_paired_difference_is_its_spread_over_the_bloc
     other = [{key: [29.0, 29.0, 29.0, 29.0, 29.0]}, {key: [29.0, 31.0, 29.0, 31.0, 30.0]}]
     first = statistics.variance([1.0, 3.0, 2.0, 0.0, 4.0]) / 5
     second = statistics.variance([1.0, -1.0, 1.0, -1.0, 0.0]) / 5
-    assert table.evaluation_sd(rec, other, key) == pytest.approx(((first + second) / 2) ** 0.5)
+    mean = statistics.variance([1.0, 1.0, 1.5, -0.5, 2.0]) / 5  # the two seeds' differences averaged per block
+    assert table.evaluation_sd(rec, other, key) == pytest.approx((((first + second) / 2) ** 0.5, mean ** 0.5))
     assert table.evaluation_sd(rec, [{}, other[1]], key) is None  # a row without blocks: no estimate
     rows = [_row(s, m, 40, 25) for m in ("hybrid_staged", "prune_ft") for s in (0, 1)]
     for r, blocks in zip(rows, rec + other):
         r[key], r["pgd20 reserve"] = blocks[key], statistics.mean(blocks[key])
     _, paired = table.summarise(rows, (16.0,), ["hybrid_staged", "prune_ft"])
     sd = ((first + second) / 2) ** 0.5
-    assert paired[0]["Δ PGD-20 reserve training evaluation sd"] == f"{sd:.2f} ({sd * 5 ** 0.5:.2f} per block)"
+    assert paired[0]["Δ PGD-20 reserve training evaluation sd"] == (f"{sd:.2f} per seed ({sd * 5 ** 0.5:.2f} on a "
+                                                                      f"block), {mean ** 0.5:.2f} of the mean")
 
 
 def test_autoattack_on_a_split_takes_its_first_images_per_class_and_has_its_own_paired_column(table) -> None:  # noqa: ANN001
