@@ -10,8 +10,9 @@ is given). Relative energies put layers of every size on the same scale, and the
 makes starving any one layer expensive, so no layer is cut to nothing to pay for another.
 ``objective="discarded"`` minimises instead the discarded energy in absolute terms, ``sum_l ||W_l||_F^2 (1 - k_l)``
 (weighted the same way): for SVD layers that is exactly ``sum_l ||W_l - Z_l||_F^2``, so the allocation is the
-Euclidean projection of the weights onto the set of networks within the budget (the Z-step of CSTAR's ADMM);
-it spends rank where the weights are large, not where the spectra decay slowly. Either
+Euclidean projection of the weights onto the set of networks within the budget (the Z-step of CSTAR's ADMM
+in its textbook form); it spends rank where the weights are large, so where batch norm makes each layer's
+weight scale arbitrary it starves whole layers (measured worse, docs/robustness.md). Either
 objective is separable over modes and concave in each rank (spectra are sorted), which is what
 makes the greedy below sound. Starting
 from the smallest ranks on the ``round_to`` grid, it repeatedly buys the rank step with the largest

@@ -59,8 +59,8 @@ class CstarConfig:
     * ``param_ratio``: also require at least this parameter ratio (a cap beside a latency or FLOP budget).
     * ``objective``: what the allocator maximises (:data:`cstar_fx.allocate.OBJECTIVES`): ``"log_energy"``
       (default: the sum of the logs of each layer's kept fraction of its energy, so no layer is starved) or
-      ``"discarded"`` (the least discarded energy in absolute terms: the Euclidean projection onto the budget, as
-      CSTAR's ADMM Z-step uses it).
+      ``"discarded"`` (the least discarded energy in absolute terms: the Euclidean projection onto the budget, the
+      textbook ADMM Z-step; with batch norm after the convs it starves the deep layers, see docs/robustness.md).
     * ``unpack_attention``: replace each ``nn.MultiheadAttention`` by an equivalent module of plain q/k/v/out
       ``nn.Linear`` layers (:func:`cstar_fx.passes.attention.unpack_attention`) so they are factorized too;
       a plan made with it applies only with it.

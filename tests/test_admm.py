@@ -148,8 +148,7 @@ def test_the_euclidean_z_step_moves_rank_to_the_energy_and_keeps_the_dual() -> N
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 24))
     plan = cstar_fx.plan_ranks(model, ratio=2, round_to=1)  # the default objective: ranks spread evenly
-    admm = Admm(model, plan, AdmmConfig(rho=1.0))
-    assert admm.cfg.projection == "euclidean"
+    admm = Admm(model, plan, AdmmConfig(rho=1.0, projection="euclidean"))
     with torch.no_grad():
         for n in admm.U:
             admm.U[n].normal_()
@@ -171,5 +170,6 @@ def test_the_euclidean_z_step_moves_rank_to_the_energy_and_keeps_the_dual() -> N
 
 
 def test_cstar_refuses_a_planning_objective_the_euclidean_z_step_would_override() -> None:
+    cfg = JointConfig(joint=QUICK, finetune=QUICK, admm=AdmmConfig(projection="euclidean"))
     with pytest.raises(ValueError, match="projection='plan'"):
-        cstar(_model(), digits()[0].subset(64), 4, JointConfig(joint=QUICK, finetune=QUICK), objective="log_energy")
+        cstar(_model(), digits()[0].subset(64), 4, cfg, objective="log_energy")

@@ -4,8 +4,8 @@ For each weight ``W`` the plan factorizes, the training loss gains ``rho/2 * ||W
 ``Z = project(W + U, ranks)`` (the projection of the layer's scheme: Tucker-2, SVD or spatial SVD) at the
 ranks the global allocator chose, and ``U`` is the scaled dual variable. At each refresh (every ``refresh_every``
 steps, or once per epoch by default) the allocator can be re-run on ``W + U`` (``replan``: the
-allocator as the projection; by default it minimises the discarded energy in absolute terms, which makes
-it the Euclidean projection onto the budget), then ``Z`` is recomputed and ``U += W - Z``. The primal residual
+allocator as the projection; with ``AdmmConfig(projection="euclidean")`` it minimises the discarded energy
+in absolute terms, which makes it the Euclidean projection onto the budget), then ``Z`` is recomputed and ``U += W - Z``. The primal residual
 ``||W - Z||`` is recorded at each refresh: it falls as W becomes low-rank at the planned ranks.
 
 Example:

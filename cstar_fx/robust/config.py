@@ -260,13 +260,14 @@ class AdmmConfig(_Replace):
     * ``refresh_every``: refresh Z and U every this many optimiser steps; ``None`` (default): once per epoch.
     * ``replan``: re-run the global rank allocator on ``W + U`` at each refresh (the allocator as the
       budget-constrained projection); ``False`` keeps the ranks chosen on the initial weights.
-    * ``projection`` (what a re-plan optimises): ``"euclidean"`` (default) plans with
+    * ``projection`` (what the plans optimise): ``"plan"`` (default) plans and re-plans with the plan's own
+      objective (by default the log of each layer's kept *fraction* of its energy: not a projection, and it
+      rarely moves a rank) and gives a layer whose ranks change a fresh dual variable. ``"euclidean"`` plans with
       ``objective="discarded"``, so Z is the Euclidean projection of ``W + U`` onto the networks within the budget
-      (exact for SVD layers, an estimate for Tucker-2, whose kept energy is a product of two modes'): rank moves
-      to the layers where ``W + U`` has the energy, and the dual variable is kept when ranks move, because the
-      constraint (the budget) is the same. ``"plan"`` re-plans with the plan's own objective (by default the log of
-      each layer's kept fraction, which is not a projection and rarely moves a rank) and gives a layer whose
-      ranks change a fresh dual variable.
+      (exact for SVD layers, an estimate for Tucker-2), and keeps the dual variable when ranks move (the
+      constraint, the budget, is the same). In a network with batch norm after its convs the absolute energies
+      of different layers are not comparable (a conv's function does not depend on its weights' scale), and the
+      projection starves the deep layers: measured 2-3 PGD-20 points worse (docs/robustness.md).
 
     Example:
         >>> AdmmConfig(rho=0.5, refresh_every=50).refresh_every
@@ -280,7 +281,7 @@ class AdmmConfig(_Replace):
     rho_max: float = 10.0
     refresh_every: int | None = None
     replan: bool = True
-    projection: str = "euclidean"
+    projection: str = "plan"
 
     def __post_init__(self) -> None:
         if self.rho is not None:

@@ -122,7 +122,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     example_inputs = _on(example_inputs, dev)
 
     admm_cfg = cfg.admm
-    # the Z-step's plans: the Euclidean projection onto the budget unless the config asks for the plan's objective
+    # the Z-step's plans: the plan's objective, or under projection="euclidean" the projection onto the budget
     euclidean = admm_cfg.projection == "euclidean"
     if euclidean and plan_options.get("objective", "discarded") != "discarded":
         raise ValueError(f"objective={plan_options['objective']!r}: the ADMM Z-step's plans are Euclidean projections "
