@@ -23,20 +23,21 @@ distillation from the teacher), ``flops_ft`` / ``flops_data`` (a FLOP-budget pla
 ``hybrid_ft`` / ``hybrid_both`` (channel pruning for ``sqrt(r)``, then data-aware low rank for the rest,
 at equal parameters / at ``budget="both"``; ``hybrid25_both`` / ``hybrid75_both`` prune ``r ** 0.25`` /
 ``r ** 0.75``; ``hybrid_staged`` spends the first fine-tune epoch on the pruned network before factorizing
-it), ``sens_distill`` / ``sens_both`` (ranks weighted by each layer's measured sensitivity of the adversarial
-loss; the second is ``both_data`` with that weighting), ``cstar`` (ADMM joint epochs on the dense weights, then
-transform and fine-tune, same total epochs; the ranks fixed at the start) and ``cstar_euclid`` (the same with the
-Euclidean Z-step: the ranks re-planned as the projection onto the budget at every refresh). Writes ``bench/out/robust_table_<profile>.json`` and ``.md``:
-every cell, mean +- std per method and ratio, and per-seed paired differences of ``--reference`` (default:
-the recipe) against every other method. ``--autoattack`` adds AutoAttack (the CPU profile: its APGD-CE and
-APGD-T) to the finished cells of the methods in ``AA_METHODS``; ``--heldout`` adds clean and PGD-20 accuracy on
-the profile's held-out test images (the ones after the table's own in each class) and ``--confirm`` on its
-confirmation images (the ones after those), each with its own paired differences. The held-out images have
-chosen between recipes; the confirmation images are kept for checking such a choice once it is made. ``--unseen``,
-``--fresh`` and ``--reserve`` score training images no model trains on (the ones after the table's training images,
-then the ones after those, and so on); ``--reserve`` scores its images in five blocks, and the paired table then also
-gives the evaluation noise in each paired difference (its spread over the blocks). ``--ft-epochs N`` gives every method N adversarial epochs instead of the profile's, on the
-same teachers, in its own cells (``seed*/ftN/``) and table.
+it), ``sens_distill`` / ``sens_both`` (ranks weighted by each layer's measured sensitivity of the adversarial loss;
+the second is ``both_data`` with that weighting), ``cstar`` (ADMM joint epochs on the dense weights, then transform
+and fine-tune, same total epochs; the ranks fixed at the start) and ``cstar_euclid`` (the same with the Euclidean
+Z-step: the ranks re-planned as the projection onto the budget at every refresh). Writes
+``bench/out/robust_table_<profile>.json`` and ``.md``: every cell, mean +- std per method and ratio, and per-seed
+paired differences of ``--reference`` (default: the recipe) against every other method. ``--autoattack`` adds
+AutoAttack (the CPU profile: its APGD-CE and APGD-T) to the finished cells of the methods in ``AA_METHODS``;
+``--heldout`` adds clean and PGD-20 accuracy on the profile's held-out test images (the ones after the table's own
+in each class) and ``--confirm`` on its confirmation images (the ones after those), each with its own paired
+differences. The held-out images have chosen between recipes; the confirmation images are kept for checking such a
+choice once it is made. ``--unseen``, ``--fresh`` and ``--reserve`` score training images no model trains on (the
+ones after the table's training images, then the ones after those, and so on); ``--reserve`` scores its images in
+five blocks, and the paired table then also gives the evaluation noise in each paired difference (its spread over
+the blocks). ``--ft-epochs N`` gives every method N adversarial epochs instead of the profile's, on the same
+teachers, in its own cells (``seed*/ftN/``) and table.
 """
 
 from __future__ import annotations

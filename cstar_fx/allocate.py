@@ -186,8 +186,8 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
     ``caps`` are further budgets (e.g. a parameter cap under a latency budget) no step may break.
     ``conv_scheme="auto"`` runs the greedy once from each kxk scheme (every kxk conv in that form), refines each
     run by moving single layers to another kxk scheme where that keeps more energy within the budget, and keeps
-    the run with the highest objective. ``objective`` is one of :data:`OBJECTIVES`. Raises :class:`UnreachableBudgetError` with the reachable maximum when
-    even the smallest ranks exceed the budget.
+    the run with the highest objective. ``objective`` is one of :data:`OBJECTIVES`. Raises
+    :class:`UnreachableBudgetError` with the reachable maximum when even the smallest ranks exceed the budget.
 
     Example:
         >>> import torch

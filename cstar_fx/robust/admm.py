@@ -5,8 +5,9 @@ For each weight ``W`` the plan factorizes, the training loss gains ``rho/2 * ||W
 ranks the global allocator chose, and ``U`` is the scaled dual variable. At each refresh (every ``refresh_every``
 steps, or once per epoch by default) the allocator can be re-run on ``W + U`` (``replan``: the
 allocator as the projection; with ``AdmmConfig(projection="euclidean")`` it minimises the discarded energy
-in absolute terms, which makes it the Euclidean projection onto the budget), then ``Z`` is recomputed and ``U += W - Z``. The primal residual
-``||W - Z||`` is recorded at each refresh: it falls as W becomes low-rank at the planned ranks.
+in absolute terms, which makes it the Euclidean projection onto the budget), then ``Z`` is recomputed and
+``U += W - Z``. The primal residual ``||W - Z||`` is recorded at each refresh: it falls as W becomes low-rank
+at the planned ranks.
 
 Example:
     >>> import torch, torch.nn as nn, cstar_fx
