@@ -693,8 +693,10 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
                     sd = statistics.stdev(diffs)
                     row[f"{col[2:]} gain > 2 sd"] = "yes" if statistics.mean(diffs) > 2 * sd else "no"
             for split, (label, _, blocks) in SPLITS.items():
+                if blocks == 1:
+                    continue
                 noise = evaluation_sd([rec[s] for s in seeds], [other[s] for s in seeds], f"pgd20 {split} blocks")
-                if blocks > 1 and noise is not None:
+                if noise is not None:
                     per_seed, mean = noise
                     row[f"Δ PGD-20 {label} evaluation sd"] = (f"{per_seed:.2f} per seed ({per_seed * math.sqrt(blocks):.2f} "
                                                               f"on a block), {mean:.2f} of the mean")
