@@ -396,11 +396,8 @@ class Bench:
                                           projection="euclidean" if replan else "plan"))
         gm = cstar(self.teacher, self.train, ratio, cfg, run_dir=self._cell(ratio) / "run", resume=True, round_to=1)
         out = {**self._compute(f, False), "dense passes": self.passes(j), "rho": rho}
-        if replan:  # how far the re-plans moved the ranks from the first projection's
-            first = cstar_fx.plan_ranks(self.teacher, ratio, round_to=1, objective="discarded").factorized
-            final = cstar_fx.get_plan(gm).factorized
-            out["rank moves"] = sum(abs(a - b) for name in first.keys() | final.keys()
-                                    for a, b in zip(_ranks(first, name), _ranks(final, name)))
+        if replan:
+            out["rank moves"] = sum(r["rank_moves"] for r in gm.meta["cstar_training"]["admm"])
         return gm, out
 
     def cstar_euclid(self, ratio: float) -> tuple[nn.Module, dict]:
@@ -575,11 +572,6 @@ def images_after(wide: Any, own: Any, first: int, skip: int = 0) -> Any:
         raise RuntimeError("the first images per class of the wider split are not the table's own images, so the "
                            "images after them could overlap them")
     return wide.subset((rank >= first + skip).nonzero().flatten())
-
-
-def _ranks(layers: dict[str, Any], name: str) -> tuple[int, ...]:
-    """A layer's ranks in a plan's ``factorized`` layers, as (0, 0) when the plan keeps it dense."""
-    return layers[name].ranks if name in layers else (0, 0)
 
 
 def class_rank(y: torch.Tensor) -> torch.Tensor:

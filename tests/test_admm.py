@@ -99,7 +99,7 @@ def test_admm_state_survives_a_weights_only_checkpoint() -> None:
     other.load_state_dict(torch.load(buf, weights_only=True))
     assert other.rho == admm.rho and other.steps == admm.steps and other.plan == admm.plan
     assert all(torch.equal(other.U[n], admm.U[n]) for n in admm.U)
-    assert [r.relative for r in other.history] == [r.relative for r in admm.history]
+    assert [r.to_dict() for r in other.history] == [r.to_dict() for r in admm.history]
 
 
 def test_admm_argument_errors() -> None:
@@ -156,6 +156,9 @@ def test_the_euclidean_z_step_moves_rank_to_the_energy_and_keeps_the_dual() -> N
     u_before = {n: admm.U[n].clone() for n in admm.U}
     admm.refresh()
     assert admm.ranks["2.weight"][0] > plan.layers["2"].ranks[0] > admm.ranks["0.weight"][0]
+    old = {lp.param: lp.ranks[0] for lp in plan.factorized.values()}
+    assert admm.history[0].rank_moves == 0
+    assert admm.history[-1].rank_moves == sum(abs(admm.ranks[n][0] - r) for n, r in old.items()) > 0
     assert admm.plan.ratio_params >= 2 and admm.plan.options["objective"] == "discarded"
     params = dict(model.named_parameters())
     for n in admm.U:  # the same budget, so the same constraint: the dual carries on (U += W - Z)
@@ -165,6 +168,7 @@ def test_the_euclidean_z_step_moves_rank_to_the_energy_and_keeps_the_dual() -> N
     other = Admm(copy.deepcopy(model), plan, AdmmConfig(rho=1.0, projection="plan"))
     other.refresh()  # the plan's own objective leaves these ranks where they were
     assert other.ranks == {lp.param: lp.ranks for lp in plan.factorized.values()}
+    assert other.history[-1].rank_moves == 0
     with pytest.raises(ValueError, match="projection must be one of"):
         AdmmConfig(projection="nuclear")
 

@@ -55,8 +55,9 @@ def auto_rho(cfg: TrainConfig, steps_per_refresh: int) -> float:
 class AdmmRecord:
     """One refresh: optimiser step, ``||W - Z||`` (absolute and relative to ``||W||``), the distance of W
     itself to its projection at the plan's ranks (relative), rho after the refresh, the planned ratio,
-    and the largest per-layer relative residual with its layer (the global number can hide one layer
-    that has not converged).
+    the largest per-layer relative residual with its layer (the global number can hide one layer
+    that has not converged), and how far this refresh's re-plan moved the ranks: the sum over layers of
+    ``|new rank - old rank|``, a layer kept dense counting as rank 0 (0 without re-planning).
 
     Example:
         >>> AdmmRecord(0, 1.0, 0.5, 0.4, 0.01, 8.0, 0.9, "conv1").worst_layer
@@ -71,11 +72,13 @@ class AdmmRecord:
     ratio: float
     worst: float = 0.0
     worst_layer: str = ""
+    rank_moves: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return dict(step=self.step, residual=self.residual, relative=self.relative, gap=self.gap,
-                    rho=self.rho, ratio=self.ratio, worst=self.worst, worst_layer=self.worst_layer)
+                    rho=self.rho, ratio=self.ratio, worst=self.worst, worst_layer=self.worst_layer,
+                    rank_moves=self.rank_moves)
 
 
 def _default_replan(plan: RankPlan, projection: str) -> Callable[[nn.Module], RankPlan]:
@@ -125,6 +128,7 @@ class Admm(TrainHook):
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self._z_ranks: dict[str, tuple[int, ...]] = {}
+        self._moves = 0  # rank moves of the latest Z-step
         self._synced_at: int | None = None  # len(history) at the last sync
         self._update_z()
         self._record()
@@ -184,6 +188,9 @@ class Admm(TrainHook):
                 self.U[name] = torch.zeros_like(w)
             u = self.U.setdefault(name, torch.zeros_like(w))
             self.Z[name] = self._project(name, w + u)
+        if self._z_ranks:
+            self._moves = sum(abs(a - b) for name in ranks.keys() | self._z_ranks.keys()
+                              for a, b in zip(ranks.get(name, (0, 0)), self._z_ranks.get(name, (0, 0))))
         self._z_ranks = dict(ranks)
 
     @torch.no_grad()
@@ -231,7 +238,7 @@ class Admm(TrainHook):
         per_layer = self.layer_residuals()
         worst = max(per_layer, key=per_layer.__getitem__) if per_layer else ""
         self.history.append(AdmmRecord(self.steps, res, rel, self._gap(), self.rho, self.plan.ratio_params,
-                                       per_layer.get(worst, 0.0), worst))
+                                       per_layer.get(worst, 0.0), worst, self._moves))
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -291,7 +298,7 @@ class Admm(TrainHook):
     def _restore_meta(self, state: dict[str, Any]) -> None:
         self.rho, self.steps = float(state["rho"]), int(state["steps"])
         self.plan = RankPlan.from_json(state["plan"])
-        self.history = [AdmmRecord(**{k: (int(v) if k == "step" else str(v) if k == "worst_layer" else float(v))
+        self.history = [AdmmRecord(**{k: (int(v) if k in ("step", "rank_moves") else str(v) if k == "worst_layer" else float(v))
                                       for k, v in r.items()}) for r in state["history"]]
 
     def state_dict(self) -> dict[str, Any]:
