@@ -643,12 +643,13 @@ def uniform_plan(model: nn.Module, ratio: float) -> cstar_fx.RankPlan:
     return at(lo)
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], of: int | None = None) -> str:
+    """``mean ± std``; ``of``: the row's seed count, named beside the value when fewer seeds have this result."""
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    mean = statistics.mean(values)
+    text = f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {statistics.stdev(values):.2f}"
+    return text + (f" ({len(values)} seeds)" if of is not None and len(values) < of else "")
 
 
 def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: list[str], *,
@@ -680,7 +681,7 @@ def summarise(rows: list[dict[str, Any]], ratios: tuple[float, ...], methods: li
                          (f"{aa_key} {split}", f"Δ {aa_col} {label}")]
             for key, col in keys:
                 diffs = [rec[s][key] - other[s][key] for s in seeds if key in rec[s] and key in other[s]]
-                row[col] = _mean_std(diffs)
+                row[col] = _mean_std(diffs, of=len(seeds))
                 if key.startswith("pgd20") and len(diffs) > 1:
                     sd = statistics.stdev(diffs)
                     row[f"{col[2:]} gain > 2 sd"] = "yes" if statistics.mean(diffs) > 2 * sd else "no"
@@ -720,8 +721,8 @@ def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) ->
             "student passes": first.get("student passes", ""), "dense passes": first.get("dense passes", 0),
             "teacher fwd": first.get("teacher forwards", 0), "calib passes": first.get("calibration passes", 0),
             "clean %": _mean_std([c["clean"] for c in cells]), "PGD-20 %": _mean_std([c["pgd20"] for c in cells]),
-            f"{AA_LABELS[aa_key]} %": _mean_std([c[aa_key] for c in cells if aa_key in c]),
-            **{f"{m} % {label}": _mean_std([c[f"{key} {split}"] for c in cells if f"{key} {split}" in c])
+            f"{AA_LABELS[aa_key]} %": _mean_std([c[aa_key] for c in cells if aa_key in c], of=len(cells)),
+            **{f"{m} % {label}": _mean_std([c[f"{key} {split}"] for c in cells if f"{key} {split}" in c], of=len(cells))
                for split, (label, *_) in SPLITS.items()
                for key, m in (("clean", "clean"), ("pgd20", "PGD-20"), (aa_key, AA_LABELS[aa_key]))},
             "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",

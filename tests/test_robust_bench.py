@@ -44,7 +44,7 @@ def test_paired_differences_are_per_seed_and_the_verdict_uses_their_spread(table
     by = {p["vs"]: p for p in paired}
     vs_t = by[table.LABELS["transform_ft"]]
     assert vs_t["seeds"] == 3 and vs_t["Δ PGD-20"] == "3.00 ± 0.00" and vs_t["PGD-20 gain > 2 sd"] == "yes"
-    assert vs_t["Δ AutoAttack"] == f"{statistics.mean([2, 3]):.2f} ± {statistics.stdev([2, 3]):.2f}"
+    assert vs_t["Δ AutoAttack"] == f"{statistics.mean([2, 3]):.2f} ± {statistics.stdev([2, 3]):.2f} (2 seeds)"
     vs_p = by[table.LABELS["prune_ft"]]  # seed 2 has no pruning result: only seeds 0 and 1 are paired
     assert vs_p["seeds"] == 2 and vs_p["Δ PGD-20"] == f"{statistics.mean([5, -3]):.2f} ± {statistics.stdev([5, -3]):.2f}"
     assert vs_p["PGD-20 gain > 2 sd"] == "no"
@@ -90,6 +90,11 @@ def test_paired_differences_against_another_reference_and_the_apgd_column(table)
     assert paired[0]["Δ PGD-20"] == f"{statistics.mean([1, 2]):.2f} ± {statistics.stdev([1, 2]):.2f}"
     assert paired[0]["Δ APGD-CE+T"] == f"{statistics.mean([1, 3]):.2f} ± {statistics.stdev([1, 3]):.2f}"
     assert next(r for r in agg if r["method"] == table.LABELS["hybrid_ft"])["APGD-CE+T %"] == "22.00 ± 1.41"
+    rows += [_row(2, "hybrid_ft", 41, 26), _row(2, "prune_ft", 40, 24)]  # a third seed without APGD yet
+    agg, paired = table.summarise(rows, (16.0,), ["hybrid_ft", "prune_ft"], reference="hybrid_ft", aa_key="apgd")
+    assert paired[0]["seeds"] == 3 and paired[0]["Δ PGD-20"].endswith(f"{statistics.stdev([1, 2, 2]):.2f}")
+    assert paired[0]["Δ APGD-CE+T"].endswith(" (2 seeds)")
+    assert next(r for r in agg if r["method"] == table.LABELS["hybrid_ft"])["APGD-CE+T %"] == "22.00 ± 1.41 (2 seeds)"
 
 
 def test_flop_budget_plan_is_found_at_the_parameter_ratio_asked_for(table) -> None:  # noqa: ANN001
