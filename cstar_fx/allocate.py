@@ -31,7 +31,7 @@ import numbers
 from dataclasses import dataclass
 
 from .costs import CostModel, LayerSpec
-from .errors import CstarError
+from .errors import CstarError, CstarValueError
 from .schemes import AUTO, DEFAULT_CONV, DENSE, Scheme, candidates, get
 
 __all__ = ["Allocation", "Cap", "OBJECTIVES", "UnreachableBudgetError", "rank_grid", "max_ranks", "allocate",
@@ -170,8 +170,9 @@ def _checked(cost: CostModel) -> CostModel:
     def checked(layer: LayerSpec, scheme: str, ranks: tuple[int, ...]) -> float:
         value = cost(layer, scheme, ranks)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"cost model {getattr(cost, 'name', type(cost).__name__)!r} returned {value!r} for layer "
-                             f"{layer.name!r} ({scheme}, ranks {ranks}); a cost must be a finite number >= 0")
+            raise CstarValueError(f"cost model {getattr(cost, 'name', type(cost).__name__)!r} "
+                                  f"returned {value!r} for layer {layer.name!r} ({scheme}, "
+                                  f"ranks {ranks}); a cost must be a finite number >= 0")
         return float(value)
 
     return checked
@@ -199,9 +200,9 @@ def allocate(layers: list[LayerSpec], cost: CostModel, *, ratio: float, fixed_co
         ('svd', (8,))
     """
     if not math.isfinite(ratio) or ratio <= 1:
-        raise ValueError(f"ratio must be a finite number > 1, got {ratio!r}")
+        raise CstarValueError(f"ratio must be a finite number > 1, got {ratio!r}")
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise CstarValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     cost = _checked(cost)
     # "auto": the greedy from each kxk scheme in turn, each refined by the one-swap search. With caps, each start
     # also runs at several prices of the caps (0: a cap only stops steps that would break it; 1: every budget

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import CstarTypeError, CstarValueError
 from .passes.attention import unpack_attention
 from .passes.calibrate import input_moments
 from .passes.discover import LayerSite, find_layers
@@ -62,24 +63,24 @@ class TraceConfig:
             if isinstance(v, str):
                 v = (v,)
             if not isinstance(v, (tuple, list)):
-                raise TypeError(f"{name} must be a tuple of names/patterns, got {type(v).__name__}")
+                raise CstarTypeError(f"{name} must be a tuple of names/patterns, got {type(v).__name__}")
             object.__setattr__(self, name, tuple(v))
         if any(not isinstance(s, str) for s in self.skip):
-            raise TypeError(f"skip entries must be layer names or glob patterns (str), got {self.skip!r}")
+            raise CstarTypeError(f"skip entries must be layer names or glob patterns (str), got {self.skip!r}")
         if any(not isinstance(x, (str, type)) for x in self.leaf_modules):
-            raise TypeError(f"leaf_modules entries must be module names/glob patterns (str) or nn.Module classes, "
-                            f"got {self.leaf_modules!r}")
+            raise CstarTypeError(f"leaf_modules entries must be module names/glob patterns (str) or nn.Module classes, "
+                                 f"got {self.leaf_modules!r}")
         if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
-            raise TypeError(f"concrete_args must be a dict of forward() argument name -> value, "
-                            f"got {type(self.concrete_args).__name__}")
+            raise CstarTypeError(f"concrete_args must be a dict of forward() argument name -> value, "
+                                 f"got {type(self.concrete_args).__name__}")
         funcs = self.autowrap_functions
         funcs = (funcs,) if callable(funcs) else funcs
         if not isinstance(funcs, (tuple, list)) or any(not callable(f) or isinstance(f, type) for f in funcs):
-            raise TypeError(f"autowrap_functions entries must be functions fx should call opaquely, e.g. "
-                            f"autowrap_functions=(my_helper,), got {self.autowrap_functions!r}")
+            raise CstarTypeError(f"autowrap_functions entries must be functions fx should call opaquely, e.g. "
+                                 f"autowrap_functions=(my_helper,), got {self.autowrap_functions!r}")
         object.__setattr__(self, "autowrap_functions", tuple(funcs))
         if not isinstance(self.unpack_attention, bool):
-            raise TypeError(f"unpack_attention must be True or False, got {self.unpack_attention!r}")
+            raise CstarTypeError(f"unpack_attention must be True or False, got {self.unpack_attention!r}")
 
     def trace(self, model: nn.Module) -> fx.GraphModule:
         """``model`` as a GraphModule, traced with these leaves, concrete arguments and opaque functions.
@@ -107,8 +108,8 @@ def check_trace_options(options: dict[str, Any], verb: str, fixed_by: str) -> No
     """
     unknown = sorted(set(options) - set(TRACE_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown}; {verb} takes the trace options {list(TRACE_OPTIONS)} "
-                        f"({fixed_by} fixes everything else)")
+        raise CstarTypeError(f"unknown option(s) {unknown}; {verb} takes the trace options {list(TRACE_OPTIONS)} "
+                             f"({fixed_by} fixes everything else)")
 
 
 @dataclass
@@ -143,11 +144,11 @@ class Analysis:
         Example:
             >>> analyse(nn.Linear(2, 2), TraceConfig()).require_shapes("budget='flops'")
             Traceback (most recent call last):
-            ValueError: budget='flops' needs example_inputs for the layer shapes; pass e.g. example_inputs=torch.randn(1, 3, 32, 32)
+            cstar_fx.errors.CstarValueError: budget='flops' needs example_inputs for the layer shapes; pass e.g. example_inputs=torch.randn(1, 3, 32, 32)
         """
         if self.example_inputs is None:
-            raise ValueError(f"{what} needs example_inputs for the layer shapes; pass e.g. "
-                             "example_inputs=torch.randn(1, 3, 32, 32)")
+            raise CstarValueError(f"{what} needs example_inputs for the layer shapes; pass e.g. "
+                                  "example_inputs=torch.randn(1, 3, 32, 32)")
 
     def more_layers_advice(self) -> str:
         """Where more factorizable layers could come from, for this model (not a generic list).
@@ -220,10 +221,11 @@ def check_devices(model: nn.Module) -> None:
             "model.to_empty(device='cpu') then model.load_state_dict(weights)")
     if len(where) > 1:
         found = ", ".join(f"{name!r} on {dev}" for dev, name in where.items())
-        raise ValueError(f"the model's tensors are on several devices ({found}); move the whole model to one device "
-                         f"first, e.g. model.to('cpu') or model.to('cuda')" + (meta if torch.device("meta") in where else ""))
+        fix = "model.to('cpu') or model.to('cuda')" + (meta if torch.device("meta") in where else "")
+        raise CstarValueError(f"the model's tensors are on several devices ({found}); move the whole model to one "
+                              f"device first, e.g. {fix}")
     if torch.device("meta") in where:
-        raise ValueError("the model is on the meta device and has no values to factorize" + meta)
+        raise CstarValueError("the model is on the meta device and has no values to factorize" + meta)
 
 
 def _skip_reason(name: str, patterns: tuple[str, ...]) -> str | None:
@@ -257,26 +259,27 @@ def _check_skip(skip: tuple[str, ...], names: list[str]) -> None:
     unmatched = [pat for pat in skip if not any(_skip_reason(n, (pat,)) for n in names)]
     if unmatched:
         shown = ", ".join(repr(n) for n in names[:8]) + (" ..." if len(names) > 8 else "")
-        raise ValueError(f"skip pattern(s) {unmatched} match no layer of this model, so they would skip nothing; "
-                         f"the layers are named {shown or 'nothing'} (a wrapped model's names carry its prefix, "
-                         f"e.g. 'model.conv1' or '*conv1')")
+        raise CstarValueError(f"skip pattern(s) {unmatched} match no layer of this model, so they would skip nothing; "
+                              f"the layers are named {shown or 'nothing'} (a wrapped model's names carry its prefix, "
+                              f"e.g. 'model.conv1' or '*conv1')")
 
 
 def _check_sensitivity(sensitivity: Any, sites: list[LayerSite]) -> dict[str, float]:
     if sensitivity is None:
         return {}
     if not isinstance(sensitivity, dict):
-        raise TypeError(f"sensitivity must be a dict of layer name -> positive weight "
-                        f"(e.g. from cstar_fx.robust.layer_sensitivity), got {type(sensitivity).__name__}")
+        raise CstarTypeError(f"sensitivity must be a dict of layer name -> positive weight "
+                             f"(e.g. from cstar_fx.robust.layer_sensitivity), got {type(sensitivity).__name__}")
     names = {s.name for s in sites}  # a skipped layer's weight is simply unused
     unknown = sorted(set(sensitivity) - names)
     if unknown:
-        raise ValueError(f"sensitivity names layers that are not factorizable layers of this model: {unknown[:5]}; "
-                         f"measure it on this model with cstar_fx.robust.layer_sensitivity(model, ...)")
+        raise CstarValueError("sensitivity names layers that are not factorizable "
+                              f"layers of this model: {unknown[:5]}; measure it on this "
+                              "model with cstar_fx.robust.layer_sensitivity(model, ...)")
     bad = {k: v for k, v in sensitivity.items()
            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
     if bad:
-        raise ValueError(f"sensitivity weights must be finite numbers > 0, got {dict(list(bad.items())[:3])}")
+        raise CstarValueError(f"sensitivity weights must be finite numbers > 0, got {dict(list(bad.items())[:3])}")
     return {k: float(v) for k, v in sensitivity.items()}
 
 
@@ -322,7 +325,7 @@ def analyse(model: nn.Module, config: TraceConfig, example_inputs: Any = None, *
             try:
                 spectra, own = layer_spectra(site.weight, site.kind, conv_scheme)
             except ValueError as exc:
-                raise ValueError(f"layer {site.name!r}: {exc}") from exc
+                raise CstarValueError(f"layer {site.name!r}: {exc}") from exc
         p_in = p_out = in_shape = out_shape = None
         if shapes:
             p_in = sum(positions(shapes[n][0], site.kind) for n in site.nodes)

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .analysis import analyse, check_trace_options, count_flops, count_params
 from .config import CstarConfig, resolve_config, resolve_options
-from .errors import NoEligibleLayerError, PlanMismatchError
+from .errors import CstarTypeError, CstarValueError, NoEligibleLayerError, PlanMismatchError
 from .passes.discover import LayerSite, reads_metadata_only
 from .passes.factorize import dense_weight, factorize, factors_path
 from .plan import RankPlan, check_plan, full_rank_plan, get_plan
@@ -48,16 +48,17 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
         8.0
     """
     if target_speedup is not None and latency_ms is not None:
-        raise ValueError("pass either target_speedup or latency_ms, not both")
+        raise CstarValueError("pass either target_speedup or latency_ms, not both")
     if (target_speedup is not None or latency_ms is not None) and budget != "latency":
         given = "target_speedup" if target_speedup is not None else "latency_ms"
-        raise ValueError(f"{given}= is a latency target, but budget={budget!r}: pass budget='latency' and "
-                         f"target=cstar_fx.latency.LatencyTarget(...) as well, or ask for a {budget} ratio with ratio=")
+        raise CstarValueError(f"{given}= is a latency target, but budget={budget!r}: pass "
+                              "budget='latency' and target=cstar_fx.latency.LatencyTarget(...) "
+                              f"as well, or ask for a {budget} ratio with ratio=")
     if target_speedup is not None:
         ratio = target_speedup
     if latency_ms is not None and (isinstance(latency_ms, bool) or not isinstance(latency_ms, (int, float))
                                    or not latency_ms > 0):
-        raise ValueError(f"latency_ms must be a positive number of milliseconds, got {latency_ms!r}")
+        raise CstarValueError(f"latency_ms must be a positive number of milliseconds, got {latency_ms!r}")
     if not isinstance(ratio, CstarConfig) or budget != "params":
         options = {"budget": budget, **options}
     cfg = resolve_config(ratio, options)
@@ -95,28 +96,29 @@ def transform(model: nn.Module, ratio: float | CstarConfig | None = None, *, pla
         8.0
     """
     if isinstance(ratio, RankPlan):
-        raise TypeError("a rank plan goes by keyword: transform(model, plan=plan)")
+        raise CstarTypeError("a rank plan goes by keyword: transform(model, plan=plan)")
     if not isinstance(decompose, bool):
-        raise TypeError(f"decompose must be True or False, got {decompose!r}")
+        raise CstarTypeError(f"decompose must be True or False, got {decompose!r}")
     if not decompose and plan is None:
-        raise ValueError("decompose=False builds the architecture of a given plan; pass plan=... as well")
+        raise CstarValueError("decompose=False builds the architecture of a given plan; pass plan=... as well")
     if plan is None:
         cfg = resolve_config(CstarConfig.ratio if ratio is None else ratio, options)
     else:  # the plan fixes the ranks; options are still validated so a misspelt one is not silently ignored
         if ratio is not None:
-            raise ValueError(f"transform(model, {ratio!r}, plan=...): the plan fixes every rank, so the ratio would "
-                             f"be ignored; drop the ratio, or drop plan= to plan at that ratio")
+            raise CstarValueError(f"transform(model, {ratio!r}, plan=...): the plan fixes every rank, so the "
+                                  "ratio would be ignored; drop the ratio, or drop plan= to plan at that ratio")
         cfg = resolve_options(options)
         planning = sorted(set(options) & _PLANNING_OPTIONS)
         if planning:
-            raise ValueError(f"option(s) {planning} only steer planning, and plan= fixes the ranks, so they would be "
-                             f"ignored; drop them, or edit the plan (plan.with_layer(name, scheme='dense') keeps "
-                             f"a layer dense)")
+            raise CstarValueError(f"option(s) {planning} only steer planning, and plan= fixes the "
+                                  "ranks, so they would be ignored; drop them, or edit the plan "
+                                  "(plan.with_layer(name, scheme='dense') keeps a layer dense)")
     gm = copy.deepcopy(cfg.trace.trace(model))
     if not decompose and calibration is not None:
-        raise ValueError("decompose=False builds zero factors, so calibration would be ignored; drop one of them")
+        raise CstarValueError("decompose=False builds zero factors, so calibration would be ignored; drop one of them")
     if plan is not None and sensitivity is not None:
-        raise ValueError("sensitivity only steers planning, and plan= fixes the ranks; pass it to plan_ranks instead")
+        raise CstarValueError("sensitivity only steers planning, and plan= "
+                              "fixes the ranks; pass it to plan_ranks instead")
     a = analyse(gm, cfg.trace, example_inputs, conv_scheme=cfg.conv_scheme, need_spectra=plan is None,
                 calibration=calibration, sensitivity=sensitivity)
     gm = a.gm  # a new GraphModule when analyse unpacked attention
@@ -154,8 +156,8 @@ def refold(gm: fx.GraphModule, model: nn.Module, **options: Any) -> fx.GraphModu
         True
     """
     if not isinstance(gm, fx.GraphModule) or "cstar_plan" not in gm.meta:
-        raise TypeError(f"refold needs a model made by cstar_fx.transform (a GraphModule with its rank plan), got "
-                        f"{type(gm).__name__}")
+        raise CstarTypeError(f"refold needs a model made by cstar_fx.transform (a GraphModule with its rank plan), got "
+                             f"{type(gm).__name__}")
     check_trace_options(options, "refold", "the plan of gm")
     plan = get_plan(gm)
     cfg = resolve_options(options)

@@ -14,6 +14,7 @@ from typing import Any
 from .allocate import OBJECTIVES
 from .analysis import TraceConfig
 from .costs import CostModel, as_cost_model, budget_names, caps_params, cost_model_for
+from .errors import CstarTypeError, CstarValueError
 from .schemes import DEFAULT_CONV, conv_scheme_names
 
 __all__ = ["CstarConfig", "Budget", "resolve_config", "resolve_options", "check_ratio"]
@@ -27,10 +28,11 @@ def check_ratio(ratio: Any) -> float:
         8.0
     """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise TypeError(f"ratio must be a number > 1 (e.g. ratio=8 for 8x fewer parameters), got {ratio!r}")
+        raise CstarTypeError(f"ratio must be a number > 1 (e.g. ratio=8 for 8x fewer parameters), got {ratio!r}")
     ratio = float(ratio)
     if not math.isfinite(ratio) or ratio <= 1.0:
-        raise ValueError(f"ratio must be a finite number > 1 (e.g. ratio=8 for 8x fewer parameters), got {ratio!r}")
+        raise CstarValueError("ratio must be a finite number > 1 (e.g. "
+                              f"ratio=8 for 8x fewer parameters), got {ratio!r}")
     return ratio
 
 
@@ -91,15 +93,16 @@ class CstarConfig:
         if self.param_ratio is not None:
             object.__setattr__(self, "param_ratio", check_ratio(self.param_ratio))
         if self.cost_model is None and self.budget not in budget_names():
-            raise ValueError(f"budget must be one of {budget_names()} (or pass cost_model=...), got {self.budget!r}")
+            raise CstarValueError(f"budget must be one of {budget_names()} (or "
+                                  f"pass cost_model=...), got {self.budget!r}")
         for name in ("round_to", "min_rank"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+                raise CstarValueError(f"{name} must be an int >= 1, got {v!r}")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise CstarValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.conv_scheme not in conv_scheme_names():
-            raise ValueError(f"conv_scheme must be one of {conv_scheme_names()}, got {self.conv_scheme!r}")
+            raise CstarValueError(f"conv_scheme must be one of {conv_scheme_names()}, got {self.conv_scheme!r}")
         trace = self.trace  # validates the traced half
         for f in fields(TraceConfig):
             object.__setattr__(self, f.name, getattr(trace, f.name))
@@ -136,7 +139,8 @@ class CstarConfig:
         param_ratio = self.param_ratio
         if self.cost_model is None and caps_params(self.budget):
             if limit is not None:
-                raise ValueError(f"budget={self.budget!r} holds a ratio in FLOPs and parameters; it takes no limit")
+                raise CstarValueError(f"budget={self.budget!r} holds a ratio in "
+                                      "FLOPs and parameters; it takes no limit")
             param_ratio = max(param_ratio or self.ratio, self.ratio)
         return Budget(cost, None if limit is not None else self.ratio, limit, param_ratio)
 
@@ -164,12 +168,13 @@ class Budget:
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.limit is None):
-            raise ValueError("a budget has either a ratio or a limit on the compressed cost, not both or neither")
+            raise CstarValueError("a budget has either a ratio or a limit on the compressed cost, not both or neither")
         if self.ratio is not None:
             object.__setattr__(self, "ratio", check_ratio(self.ratio))
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, numbers.Real)
                                        or not 0 < self.limit < math.inf):
-            raise ValueError(f"the limit must be a positive finite number (in the cost model's unit), got {self.limit!r}")
+            raise CstarValueError("the limit must be a positive finite number "
+                                  f"(in the cost model's unit), got {self.limit!r}")
 
     def ratio_for(self, total: float) -> float:
         """The ratio to plan at, for a dense model whose whole cost is ``total``.
@@ -182,8 +187,8 @@ class Budget:
         if self.limit is None:
             return self.ratio
         if total <= self.limit:
-            raise ValueError(f"the target {self.cost.name} {self.limit:g} is not below the dense model's {total:.4g}; "
-                             f"ask for less")
+            raise CstarValueError(f"the target {self.cost.name} {self.limit:g} is not "
+                                  f"below the dense model's {total:.4g}; ask for less")
         return total / self.limit
 
 
@@ -193,7 +198,7 @@ _FIELDS = {f.name for f in fields(CstarConfig)}
 def _check_options(options: dict[str, Any]) -> None:
     unknown = set(options) - _FIELDS
     if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options are {sorted(_FIELDS - {'ratio'})}")
+        raise CstarTypeError(f"unknown option(s) {sorted(unknown)}; valid options are {sorted(_FIELDS - {'ratio'})}")
 
 
 def resolve_config(ratio: Any, options: dict[str, Any]) -> CstarConfig:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .analysis import Analysis
+from .errors import CstarTypeError, CstarValueError
 from .schemes import LayerSpec, get
 
 __all__ = ["LayerSpec", "CostModel", "CallableCost", "ParamCost", "FlopCost", "as_cost_model", "cost_model_for",
@@ -76,7 +77,7 @@ def as_cost_model(cost: Any) -> CostModel:
     if isinstance(cost, CostModel):
         return cost
     if not callable(cost):
-        raise TypeError("cost_model must be callable as cost(layer, scheme, ranks) -> float")
+        raise CstarTypeError("cost_model must be callable as cost(layer, scheme, ranks) -> float")
     return CallableCost(cost, getattr(cost, "name", "custom"))
 
 
@@ -133,7 +134,7 @@ def register_budget(name: str, factory: Callable[[Any], CostModel], *, params_to
         True
     """
     if name in _BUDGETS:
-        raise ValueError(f"a budget named {name!r} is already registered; choose another name")
+        raise CstarValueError(f"a budget named {name!r} is already registered; choose another name")
     _BUDGETS[name] = factory
     if params_too:
         _CAPS_PARAMS.add(name)
@@ -167,7 +168,7 @@ def cost_model_for(budget: str, target: Any = None) -> CostModel:
         'flops'
     """
     if budget not in _BUDGETS:
-        raise ValueError(f"budget must be one of {budget_names()} (or pass cost_model=...), got {budget!r}")
+        raise CstarValueError(f"budget must be one of {budget_names()} (or pass cost_model=...), got {budget!r}")
     return _BUDGETS[budget](target)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import CstarFileNotFoundError, CstarTypeError, CstarValueError
 from .extras import require
 from .fileutil import atomic_save
 
@@ -100,7 +101,7 @@ class TensorLoader:
                  seed: int = 0, sampler: Iterable[int] | None = None, drop_last: bool | None = None,
                  shard: tuple[int, int] | None = None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            raise CstarValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.data, self.batch_size, self.train, self.device = data, batch_size, train, device
         self.seed, self.sampler, self.epoch = seed, sampler, 0
         self.shard = _check_shard(shard, batch_size, train)
@@ -155,14 +156,14 @@ def _check_shard(shard: tuple[int, int] | None, batch_size: int, train: bool) ->
     try:
         rank, size = (int(v) for v in shard)
     except (TypeError, ValueError):
-        raise ValueError(f"shard must be (rank, world_size), got {shard!r}") from None
+        raise CstarValueError(f"shard must be (rank, world_size), got {shard!r}") from None
     if not 0 <= rank < size:
-        raise ValueError(f"shard {shard!r}: rank must be in [0, world_size)")
+        raise CstarValueError(f"shard {shard!r}: rank must be in [0, world_size)")
     if not train:
-        raise ValueError("shard= is for training loaders; evaluate() shards an evaluation set itself")
+        raise CstarValueError("shard= is for training loaders; evaluate() shards an evaluation set itself")
     if batch_size % size:
-        raise ValueError(f"batch_size={batch_size} is the global batch of {size} processes and must be divisible by "
-                         f"{size}; use a multiple of {size} (e.g. {max(size, batch_size // size * size)})")
+        raise CstarValueError(f"batch_size={batch_size} is the global batch of {size} processes and must be divisible "
+                              f"by {size}; use a multiple of {size} (e.g. {max(size, batch_size // size * size)})")
     return rank, size
 
 
@@ -185,16 +186,16 @@ class TensorData:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, classes: Sequence[str] | None = None,
                  augment: str | None = None, pad: int = 4) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise ValueError(f"x must be a (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+            raise CstarValueError(f"x must be a (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         if x.dtype != torch.uint8 and not x.is_floating_point():
-            raise TypeError(f"x must be uint8 (0-255) or floating point in [0, 1], got {x.dtype}")
+            raise CstarTypeError(f"x must be uint8 (0-255) or floating point in [0, 1], got {x.dtype}")
         if x.is_floating_point() and x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-            raise ValueError("float images must lie in [0, 1]; normalisation belongs inside the model")
+            raise CstarValueError("float images must lie in [0, 1]; normalisation belongs inside the model")
         y = torch.as_tensor(y)
         if y.shape != (x.shape[0],) or y.is_floating_point():
-            raise ValueError(f"y must be (N,) integer labels with N={x.shape[0]}, got {tuple(y.shape)} {y.dtype}")
+            raise CstarValueError(f"y must be (N,) integer labels with N={x.shape[0]}, got {tuple(y.shape)} {y.dtype}")
         if augment not in _AUGMENTS:
-            raise ValueError(f"augment must be one of {_AUGMENTS}, got {augment!r}")
+            raise CstarValueError(f"augment must be one of {_AUGMENTS}, got {augment!r}")
         self.x, self.y = x, y.long().to(x.device)
         self.classes = tuple(classes) if classes is not None else None
         self.augment, self.pad = augment, int(pad)
@@ -228,7 +229,7 @@ class TensorData:
         """
         if isinstance(items, int):
             if items < 0:
-                raise ValueError(f"subset size must be >= 0, got {items}")
+                raise CstarValueError(f"subset size must be >= 0, got {items}")
             return self._like(self.x[:items], self.y[:items])
         idx = torch.as_tensor(items, dtype=torch.long, device=self.x.device)
         return self._like(self.x[idx], self.y[idx])
@@ -329,11 +330,11 @@ def as_loader(data: Any, batch_size: int, train: bool, device: str | torch.devic
         extra = {"shard": shard} if shard is not None else {}
         return data.loader(batch_size, train, device, seed=seed, sampler=sampler, **extra)
     if isinstance(data, Iterator):
-        raise TypeError("training data must be re-iterable (a TensorData, a DataLoader or a list of batches), "
-                        "not a one-shot iterator or generator")
+        raise CstarTypeError("training data must be re-iterable (a TensorData, a DataLoader or a list of batches), "
+                             "not a one-shot iterator or generator")
     if not isinstance(data, Iterable):
-        raise TypeError(f"expected a TensorData, an (x, y) tensor pair or an iterable of (x, y) batches, "
-                        f"got {type(data).__name__}")
+        raise CstarTypeError(f"expected a TensorData, an (x, y) tensor pair or an iterable of (x, y) batches, "
+                             f"got {type(data).__name__}")
     return DeviceLoader(data, device)
 
 
@@ -375,7 +376,7 @@ def cifar10(root: str | os.PathLike[str], *, download: bool = False, augment: bo
         try:
             ds = CIFAR10(str(root), train=train, download=download)
         except RuntimeError as exc:
-            raise FileNotFoundError(
+            raise CstarFileNotFoundError(
                 f"CIFAR-10 not found under {root} (expected {root / 'cifar-10-batches-py'}): {exc}. "
                 "Point root= at the folder holding cifar-10-batches-py, or pass download=True.") from None
         x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
@@ -396,7 +397,7 @@ def _decode_chunk(paths: list[str]) -> np.ndarray:
 def _list_folder(root: Path, per_class: int | None) -> tuple[list[str], list[int], list[str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise FileNotFoundError(f"no class folders under {root}; expected the layout root/<class>/<image>")
+        raise CstarFileNotFoundError(f"no class folders under {root}; expected the layout root/<class>/<image>")
     paths, labels = [], []
     for label, cls in enumerate(classes):
         files = sorted(f for f in (root / cls).iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
@@ -404,7 +405,7 @@ def _list_folder(root: Path, per_class: int | None) -> tuple[list[str], list[int
         paths += [str(f) for f in files]
         labels += [label] * len(files)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) found under {root}/<class>/")
+        raise CstarFileNotFoundError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) found under {root}/<class>/")
     return paths, labels, classes
 
 
@@ -432,14 +433,14 @@ def image_folder(root: str | os.PathLike[str], *, cache: str | os.PathLike[str] 
         torch.uint8
     """
     if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
-        raise ValueError(f"per_class must be an int >= 1 or None, got {per_class!r}")
+        raise CstarValueError(f"per_class must be an int >= 1 or None, got {per_class!r}")
     cache_path = Path(cache) if cache is not None else None
     cached = _load_cached(cache_path, augment)
     if cached is not None:
         return cached
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise CstarFileNotFoundError(f"image folder {root} does not exist")
     paths, labels, classes = _list_folder(root, per_class)
     workers = max(1, min(processes or os.cpu_count() or 1, 16))
     chunk = max(1, math.ceil(len(paths) / (workers * 8)))
@@ -460,7 +461,8 @@ def image_folder(root: str | os.PathLike[str], *, cache: str | os.PathLike[str] 
     bar.close()
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"images under {root} have different sizes {sorted(shapes)}; resize them to one size first")
+        raise CstarValueError(f"images under {root} have different sizes "
+                              f"{sorted(shapes)}; resize them to one size first")
     x = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor(labels, dtype=torch.long)
     if cache_path is not None:
@@ -476,8 +478,8 @@ def _default_archive() -> Path:
     for c in candidates:
         if c.is_file():
             return c.resolve()
-    raise FileNotFoundError("cifar10-jpeg.tar.xz not found (looked in: " + ", ".join(map(str, candidates))
-                            + "); pass archive=PATH or set CSTAR_FX_CIFAR10_JPEG")
+    raise CstarFileNotFoundError("cifar10-jpeg.tar.xz not found (looked in: " + ", ".join(map(str, candidates))
+                                 + "); pass archive=PATH or set CSTAR_FX_CIFAR10_JPEG")
 
 
 def _extract_once(archive: Path, dest: Path) -> Path:
@@ -517,7 +519,7 @@ def cifar10_jpeg(archive: str | os.PathLike[str] | None = None, *, cache_dir: st
     """
     archive = Path(archive) if archive is not None else _default_archive()
     if not archive.is_file():
-        raise FileNotFoundError(f"archive {archive} does not exist")
+        raise CstarFileNotFoundError(f"archive {archive} does not exist")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     per_train, per_test = per_class if isinstance(per_class, tuple) else (per_class, per_class)
     stem = archive.name.split(".")[0]

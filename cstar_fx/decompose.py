@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from .errors import CstarTypeError, CstarValueError
 
 __all__ = [
     "Spectrum",
@@ -43,16 +44,16 @@ def _work_dtype(w: torch.Tensor) -> torch.dtype:
 
 def _check_weight(w: torch.Tensor, ndim: tuple[int, ...]) -> None:
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor weight, got {type(w).__name__}")
+        raise CstarTypeError(f"expected a torch.Tensor weight, got {type(w).__name__}")
     if w.ndim not in ndim:
-        raise ValueError(f"expected a weight with {' or '.join(map(str, ndim))} dims, got shape {tuple(w.shape)}")
+        raise CstarValueError(f"expected a weight with {' or '.join(map(str, ndim))} dims, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf; fix or re-initialise the layer before factorizing it")
+        raise CstarValueError("weight contains NaN or Inf; fix or re-initialise the layer before factorizing it")
 
 
 def _check_rank(rank: int, full: int, what: str) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= full:
-        raise ValueError(f"{what} must be an int in [1, {full}], got {rank!r}")
+        raise CstarValueError(f"{what} must be an int in [1, {full}], got {rank!r}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def mode_spectra(weight: torch.Tensor) -> tuple[Spectrum, ...]:
     """
     _check_weight(weight, (2, 4))
     if weight.numel() == 0:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} has no entries (a zero-width layer); nothing to factorize")
+        raise CstarValueError(f"weight of shape {tuple(weight.shape)} has no "
+                              "entries (a zero-width layer); nothing to factorize")
     w = weight.detach().to(_work_dtype(weight))
     modes = (0,) if w.ndim == 2 else (0, 1)
     return tuple(Spectrum(tuple(_squared_singular_values(_unfold(w, m)).tolist())) for m in modes)
@@ -179,10 +181,10 @@ def _balanced(proj: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _check_moment(moment: torch.Tensor, dim: int) -> torch.Tensor:
     if not isinstance(moment, torch.Tensor) or moment.shape != (dim, dim):
-        raise ValueError(f"expected an input second-moment matrix of shape ({dim}, {dim}), "
-                         f"got {tuple(getattr(moment, 'shape', ()))}")
+        raise CstarValueError(f"expected an input second-moment matrix of shape ({dim}, {dim}), "
+                              f"got {tuple(getattr(moment, 'shape', ()))}")
     if not torch.isfinite(moment).all():
-        raise ValueError("the input second-moment matrix contains NaN or Inf; check the calibration inputs")
+        raise CstarValueError("the input second-moment matrix contains NaN or Inf; check the calibration inputs")
     m = moment.detach().to(torch.float64)
     m = 0.5 * (m + m.T)
     # A ridge keeps the solves defined for rank-deficient inputs (e.g. dead ReLU channels); it
@@ -338,7 +340,7 @@ def project(weight: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
         return svd_reconstruct(*svd_factors(weight, ranks[0]))
     if weight.ndim == 4 and len(ranks) == 2:
         return tucker2_reconstruct(*tucker2_factors(weight, ranks[0], ranks[1]))
-    raise ValueError(f"cannot project a weight of shape {tuple(weight.shape)} at ranks {ranks}")
+    raise CstarValueError(f"cannot project a weight of shape {tuple(weight.shape)} at ranks {ranks}")
 
 
 def eckart_young_error(weight: torch.Tensor, rank: int) -> float:

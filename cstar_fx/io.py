@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from .analysis import check_trace_options
 from .api import transform
-from .errors import CstarError, PlanMismatchError
+from .errors import (CstarError, CstarFileNotFoundError, CstarIsADirectoryError, CstarTypeError, CstarValueError,
+                     PlanMismatchError)
 from .extras import require
 from .fileutil import atomic_path
 from .passes.attention import ExplicitAttention
@@ -79,7 +80,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """
     path = _as_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no state-dict file at {str(path)!r}")
+        raise CstarFileNotFoundError(f"no state-dict file at {str(path)!r}")
     if _is_model_file(path):
         raise CheckpointError(f"{str(path)!r} is a cstar_fx model file, not a state dict: load it with "
                               f"cstar_fx.load(path, model=<the original architecture>)")
@@ -131,7 +132,7 @@ def _safetensors() -> Any:
 
 def _as_path(path: Any) -> Path:
     if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and not path):
-        raise TypeError(f"path must be a non-empty str or os.PathLike, got {path!r}")
+        raise CstarTypeError(f"path must be a non-empty str or os.PathLike, got {path!r}")
     return Path(os.fspath(path))
 
 
@@ -169,9 +170,10 @@ def _check_factors(gm: fx.GraphModule, plan: RankPlan) -> None:
         elif tuple(weight.shape) != lp.weight_shape:
             problems.append(f"dense layer {lp.name!r}: weight shape {tuple(weight.shape)}, the plan says {lp.weight_shape}")
     if problems:
-        raise ValueError("the model was changed after cstar_fx.transform (e.g. pruned), so its rank plan no longer "
-                         "describes it and load() could not rebuild it:\n  " + "\n  ".join(problems[:10])
-                         + "\nSave the model that transform returned (fine-tuning is fine; changing shapes is not).")
+        raise CstarValueError("the model was changed after cstar_fx.transform (e.g. pruned), so its rank plan no "
+                              "longer describes it and load() could not rebuild it:\n  " + "\n  ".join(problems[:10])
+                              + "\nSave the model that transform returned (fine-tuning is fine; changing shapes is "
+                                "not).")
 
 
 def _leaf_names(gm: fx.GraphModule, plan: RankPlan) -> list[str]:
@@ -199,12 +201,12 @@ def _cpu_tensors(gm: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     for name, t in gm.state_dict().items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"state_dict entry {name!r} is a {type(t).__name__}, not a tensor; cannot save it")
+            raise CstarTypeError(f"state_dict entry {name!r} is a {type(t).__name__}, not a tensor; cannot save it")
         if t.is_meta:
-            raise ValueError(f"tensor {name!r} is on the meta device and has no values; load real weights first")
+            raise CstarValueError(f"tensor {name!r} is on the meta device and has no values; load real weights first")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"tensor {name!r} contains NaN or Inf; refusing to save a diverged model "
-                             f"(restore an earlier checkpoint or re-initialise that layer)")
+            raise CstarValueError(f"tensor {name!r} contains NaN or Inf; refusing to save a diverged model "
+                                  f"(restore an earlier checkpoint or re-initialise that layer)")
         t = t.detach().to("cpu").contiguous()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen and t.numel():
@@ -229,18 +231,19 @@ def save(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
         'm.safetensors'
     """
     if not isinstance(gm, nn.Module):
-        raise TypeError(f"save expects the GraphModule returned by cstar_fx.transform, got {type(gm).__name__}")
+        raise CstarTypeError(f"save expects the GraphModule returned by cstar_fx.transform, got {type(gm).__name__}")
     plan = get_plan(gm)
     report = get_report(gm)
     if not isinstance(plan, RankPlan) or not isinstance(report, TransformReport):
-        raise ValueError("the model's attached rank plan or report is not a cstar_fx RankPlan/TransformReport; "
-                         "save the GraphModule that cstar_fx.transform returned")
+        raise CstarValueError("the model's attached rank plan or report is not a cstar_fx RankPlan/TransformReport; "
+                              "save the GraphModule that cstar_fx.transform returned")
     path = _as_path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{str(path)!r} is a directory; pass a file path such as {str(path / 'model.safetensors')!r}")
+        raise CstarIsADirectoryError(f"{str(path)!r} is a directory; pass a file path such as "
+                                     f"{str(path / 'model.safetensors')!r}")
     directory = path.parent
     if not directory.is_dir():
-        raise FileNotFoundError(f"directory {str(directory)!r} does not exist; create it first (os.makedirs)")
+        raise CstarFileNotFoundError(f"directory {str(directory)!r} does not exist; create it first (os.makedirs)")
     _check_factors(gm, plan)
     tensors = _cpu_tensors(gm)
     meta = {"format": MODEL_FORMAT, "plan": plan.to_json(indent=None), "report": json.dumps(report.to_dict()),
@@ -343,12 +346,13 @@ def load(path: str | os.PathLike[str], *, model: nn.Module, **options: Any) -> f
         ['0']
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be the original architecture (an nn.Module) the file was saved from, "
-                        f"got {type(model).__name__}")
+        raise CstarTypeError(f"model must be the original architecture (an nn.Module) the file was saved from, "
+                             f"got {type(model).__name__}")
     check_trace_options(options, "load", "the saved plan")
     path = _as_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no model file at {str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
+        raise CstarFileNotFoundError("no model file at "
+                                     f"{str(path)!r}" + (" (it is a directory)" if path.is_dir() else ""))
     meta, tensors = _read(path)
     plan, saved, report = _parse_header(path, meta)
     for name, t in tensors.items():

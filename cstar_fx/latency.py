@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from .analysis import Analysis, TraceConfig, analyse
 from .costs import CostModel, register_budget
+from .errors import CstarRuntimeError, CstarValueError
 from .extras import require
 from .schemes import DENSE, LayerSpec, Op, get
 from .fileutil import atomic_path
@@ -72,13 +73,13 @@ class LatencyTarget:
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "torch"):
-            raise ValueError(f"backend must be 'onnxruntime' or 'torch', got {self.backend!r}")
+            raise CstarValueError(f"backend must be 'onnxruntime' or 'torch', got {self.backend!r}")
         if self.dtype not in ("float32", "float16"):
-            raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
+            raise CstarValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
         for name in ("batch_size", "warmup", "iters"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "warmup" else 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise CstarValueError(f"{name} must be a positive int, got {v!r}")
 
     def key(self) -> str:
         """A cache key naming this machine and target, so tables from other machines never mix."""
@@ -122,9 +123,10 @@ class LatencyTable:
             try:
                 data = json.loads(self.path.read_text())
             except (OSError, json.JSONDecodeError) as exc:
-                raise ValueError(f"latency table {self.path} is unreadable ({exc}); delete it to re-measure") from exc
+                raise CstarValueError(f"latency table {self.path} is unreadable "
+                                      f"({exc}); delete it to re-measure") from exc
             if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-                raise ValueError(f"{self.path} is not a cstar_fx latency table; delete it or pass another path")
+                raise CstarValueError(f"{self.path} is not a cstar_fx latency table; delete it or pass another path")
             self.entries = {str(k): float(v) for k, v in data["entries"].items()}
 
     def get(self, key: str) -> float | None:
@@ -157,8 +159,8 @@ def _ort_runner(module: nn.Module, x: torch.Tensor, target: LatencyTarget) -> An
         torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
     sess = ort_session(ort, buf.getvalue(), target.provider, threads=target.threads)
     if sess.get_providers()[0] != target.provider:
-        raise RuntimeError(f"{target.provider} is not usable here (session runs on {sess.get_providers()[0]}); "
-                           f"measure on a machine with it or use provider='CPUExecutionProvider'")
+        raise CstarRuntimeError(f"{target.provider} is not usable here (session runs on {sess.get_providers()[0]}); "
+                                f"measure on a machine with it or use provider='CPUExecutionProvider'")
     return OrtRunner(ort, sess, {"x": x.numpy()}, x.shape[0], "cuda" if "CUDA" in target.provider else "cpu")
 
 
@@ -284,7 +286,7 @@ def measure_model(model: nn.Module, example_inputs: Any, target: LatencyTarget) 
     """
     (x, *rest) = as_tuple(example_inputs)
     if rest:
-        raise ValueError("latency measurement supports single-input models")
+        raise CstarValueError("latency measurement supports single-input models")
     x = x[:1].expand(target.batch_size, *x.shape[1:]).contiguous()
     return _time(copy.deepcopy(model).eval(), x, target)  # a copy: timing moves it to the target's device/dtype
 
@@ -333,7 +335,7 @@ def validate(model: nn.Module, gm: nn.Module, example_inputs: Any, target: Laten
     """
     plan = get_plan(gm)
     if plan.budget != "latency" or plan.cost is None or plan.dense_cost is None:
-        raise ValueError("the model was not planned with budget='latency'; nothing to validate")
+        raise CstarValueError("the model was not planned with budget='latency'; nothing to validate")
     dense, compressed = [], []
     for _ in range(3):  # interleaved rounds, so that drift on a shared machine hits both alike
         dense.append(measure_model(model, example_inputs, target))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torchvision
+from .errors import CstarValueError
 
 __all__ = ["Normalize", "build_model", "cifar_resnet18", "small_cnn", "TORCHVISION_NAMES"]
 
@@ -61,12 +62,12 @@ def build_model(name: str, *, num_classes: int = 10, stem: str = "cifar", normal
         torch.Size([2, 10])
     """
     if name not in TORCHVISION_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(TORCHVISION_NAMES)}")
+        raise CstarValueError(f"unknown model {name!r}; choose one of {', '.join(TORCHVISION_NAMES)}")
     if stem not in ("cifar", "imagenet"):
-        raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        raise CstarValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
     if name == "vit_b_16":
         if stem == "cifar":
-            raise ValueError("vit_b_16 needs stem='imagenet' (224x224 inputs)")
+            raise CstarValueError("vit_b_16 needs stem='imagenet' (224x224 inputs)")
         model = torchvision.models.vit_b_16(weights=None, num_classes=num_classes)
     else:
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
@@ -90,7 +91,7 @@ def cifar_resnet18(num_classes: int = 10, width: int = 64) -> nn.Module:
         701466
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be an int >= 1 (64 for the standard ResNet-18), got {width!r}")
+        raise CstarValueError(f"width must be an int >= 1 (64 for the standard ResNet-18), got {width!r}")
     model = build_model("resnet18", num_classes=num_classes, stem="cifar")
     if width == 64:
         return model

@@ -27,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .analysis import count_flops
 from .api import get_plan, get_report, transform
 from .config import CstarConfig, check_ratio, resolve_config, resolve_options
-from .errors import CstarError
+from .errors import CstarError, CstarTypeError, CstarValueError
 from .extras import require
 from .passes.prune import PRUNE_BUDGETS, budget_costs, budget_ratio, derive_plan, protected_layers, prune_to_ratio
 from .passes.trace import trace
@@ -49,8 +49,9 @@ class PassCheckError(CstarError, RuntimeError):
 
 def _require_graph_module(pass_name: str, graph_module: Any) -> None:
     if not isinstance(graph_module, fx.GraphModule):
-        raise TypeError(f"{pass_name} runs on a torch.fx.GraphModule, got {type(graph_module).__name__}; trace the "
-                        f"model first and pass that: torch.fx.symbolic_trace(model) or cstar_fx.passes.trace(model)")
+        raise CstarTypeError(f"{pass_name} runs on a torch.fx.GraphModule, got "
+                             f"{type(graph_module).__name__}; trace the model first and pass that: "
+                             "torch.fx.symbolic_trace(model) or cstar_fx.passes.trace(model)")
 
 
 def _lint(pass_name: str, graph_module: fx.GraphModule) -> None:
@@ -94,8 +95,8 @@ class CstarPass(_CheckedPass):
         # fail now on a bad ratio or option (no ratio: 8, or the ranks of the plan given to the pass)
         if "plan" in options:
             if ratio is not None:
-                raise ValueError(f"CstarPass({ratio!r}, plan=...): the plan fixes every rank, so the ratio would be "
-                                 f"ignored; drop the ratio, or drop plan= to plan at that ratio")
+                raise CstarValueError(f"CstarPass({ratio!r}, plan=...): the plan fixes every rank, so the ratio "
+                                      "would be ignored; drop the ratio, or drop plan= to plan at that ratio")
             resolve_options(config_options)
         else:
             resolve_config(CstarConfig.ratio if ratio is None else ratio, config_options)
@@ -110,7 +111,7 @@ class CstarPass(_CheckedPass):
             >>> CstarPass(ratio=2).requires(nn.Linear(4, 4))
             Traceback (most recent call last):
             ...
-            TypeError: CstarPass runs on a torch.fx.GraphModule, got Linear; trace the model first ...
+            cstar_fx.errors.CstarTypeError: CstarPass runs on a torch.fx.GraphModule, got Linear; ...
         """
         _require_graph_module(type(self).__name__, graph_module)
 
@@ -180,17 +181,18 @@ class PrunePass(_CheckedPass):
     def __init__(self, ratio: float, example_inputs: Any, *, keep_ranks: bool = False, **options: Any) -> None:
         unknown = sorted(set(options) - set(_PRUNE_ARGS))
         if unknown:
-            raise TypeError(f"unknown option(s) {unknown}; PrunePass takes prune_to_ratio's options "
-                            f"{list(_PRUNE_ARGS)} and keep_ranks")
+            raise CstarTypeError(f"unknown option(s) {unknown}; PrunePass takes prune_to_ratio's options "
+                                 f"{list(_PRUNE_ARGS)} and keep_ranks")
         if not isinstance(keep_ranks, bool):
-            raise TypeError(f"keep_ranks must be True or False, got {keep_ranks!r}")
+            raise CstarTypeError(f"keep_ranks must be True or False, got {keep_ranks!r}")
         if options.get("budget", "params") not in PRUNE_BUDGETS:
-            raise ValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, got {options['budget']!r}")
+            raise CstarValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, "
+                                  f"got {options['budget']!r}")
         ignored = options.get("ignored_layers")
         if ignored is not None and any(not isinstance(x, str) for x in ((ignored,) if isinstance(ignored, str)
                                                                         else ignored)):
-            raise TypeError("PrunePass takes ignored_layers by name (e.g. ignored_layers=['fc']): each pass in a "
-                            "pipeline runs on a new copy, where the module objects are different")
+            raise CstarTypeError("PrunePass takes ignored_layers by name (e.g. ignored_layers=['fc']): each pass in a "
+                                 "pipeline runs on a new copy, where the module objects are different")
         require("torch_pruning", purpose="PrunePass (Torch-Pruning)")  # fail when the pipeline is built, not run
         self.ratio = check_ratio(ratio)
         self.example_inputs = example_inputs
@@ -205,12 +207,12 @@ class PrunePass(_CheckedPass):
             >>> PrunePass(2, torch.randn(1, 4)).requires(nn.Linear(4, 4))
             Traceback (most recent call last):
             ...
-            TypeError: PrunePass runs on a torch.fx.GraphModule, got Linear; trace the model first ...
+            cstar_fx.errors.CstarTypeError: PrunePass runs on a torch.fx.GraphModule, got Linear; ...
         """
         _require_graph_module(type(self).__name__, graph_module)
         if self.keep_ranks and "cstar_plan" not in graph_module.meta:
-            raise ValueError("PrunePass(keep_ranks=True) needs a factorized GraphModule (from cstar_fx.transform or "
-                             "CstarPass); put a CstarPass before it, or drop keep_ranks")
+            raise CstarValueError("PrunePass(keep_ranks=True) needs a factorized GraphModule (from "
+                                  "cstar_fx.transform or CstarPass); put a CstarPass before it, or drop keep_ranks")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         """Prune a copy of ``graph_module``: ``PassResult(pruned, True)``.

@@ -37,6 +37,7 @@ import torch.nn as nn
 from . import robust
 from .allocate import UnreachableBudgetError
 from .api import count_flops, get_plan, plan_ranks
+from .errors import CstarValueError, MissingExtraError
 from .export import CPU, CUDA, BenchResult, benchmark, evaluate_onnx, pgd_examples, quantize_int8, to_onnx
 from .fileutil import atomic_path
 from .io import load_weights
@@ -86,9 +87,12 @@ def load_data(dataset: str, root: str | Path | None = None, *, limit: int | None
     from . import data as D
 
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise CstarValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset != "digits" and root is None:
-        raise ValueError(f"dataset {dataset!r} needs root= (the dataset root, or archive for cifar10-jpeg)")
+        raise CstarValueError(f"dataset {dataset!r} needs root= (the dataset root, or archive for cifar10-jpeg)")
+    if dataset == "digits" and root is not None:
+        raise CstarValueError(f"dataset 'digits' is built in and reads no files, so root={str(root)!r} would be "
+                              "ignored; drop it, or name the dataset it belongs to (cifar10, cifar10-jpeg or folder)")
     if dataset == "digits":
         train, test = D.digits(seed=seed)
     elif dataset == "cifar10":
@@ -176,16 +180,16 @@ class PipelineConfig:
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {list(self.methods)}")
+            raise CstarValueError(f"methods must be some of {', '.join(METHODS)}, got {list(self.methods)}")
         if not self.ratios or any(not r > 1 for r in self.ratios):
-            raise ValueError(f"ratios must be numbers > 1, got {list(self.ratios)}")
+            raise CstarValueError(f"ratios must be numbers > 1, got {list(self.ratios)}")
         if len(set(self.ratios)) < len(self.ratios) or len(set(self.methods)) < len(self.methods):
-            raise ValueError("ratios and methods must not repeat a value")
+            raise CstarValueError("ratios and methods must not repeat a value")
         object.__setattr__(self, "prune_share", check_prune_share(self.prune_share))
         if self.prune_share and self.budget not in PRUNE_BUDGETS and "decompose" in self.methods:
-            raise ValueError(f"prune share {self.prune_share:g} splits the ratio of the decompose method between "
-                             f"pruning and low rank, which budget {self.budget!r} cannot count; use budget 'params', "
-                             f"'flops' or 'both', or set the prune share to 0")
+            raise CstarValueError(f"prune share {self.prune_share:g} splits the ratio of the decompose method "
+                                  f"between pruning and low rank, which budget {self.budget!r} cannot count; "
+                                  "use budget 'params', 'flops' or 'both', or set the prune share to 0")
         decompose = "decompose" in self.methods  # the only method the pruning share and its epochs apply to
         epochs = self.prune_epochs
         if epochs is None:  # the recipe's, where there is a pruned network and epochs left after it
@@ -515,16 +519,16 @@ class Pipeline:
                     plan_ranks(self.model, ratio, budget=cfg.budget, round_to=cfg.round_to, skip=cfg.skip,
                                example_inputs=self.example)
                 except (ValueError, TypeError) as exc:
-                    raise ValueError(f"{'/'.join(lowrank)} at {ratio:g}x: {exc}") from None
+                    raise CstarValueError(f"{'/'.join(lowrank)} at {ratio:g}x: {exc}") from None
             if "prune" in cfg.methods:
                 try:
                     _, granularity[ratio] = prune_to_ratio_finer(self.model, ratio, self.example, round_to=cfg.round_to,
                                                                  budget=cfg.budget)
                 except ImportError as exc:
-                    raise ImportError(f"method 'prune' needs Torch-Pruning: pip install 'cstar-fx[pruning]' "
-                                      f"({exc})") from None
+                    raise MissingExtraError(f"method 'prune' needs Torch-Pruning: pip install 'cstar-fx[pruning]' "
+                                            f"({exc})") from None
                 except (ValueError, TypeError) as exc:
-                    raise ValueError(f"prune at {ratio:g}x: {exc}") from None
+                    raise CstarValueError(f"prune at {ratio:g}x: {exc}") from None
                 if granularity[ratio] != cfg.round_to:
                     self.notes.append(f"prune at {ratio:g}x: whole multiples of {cfg.round_to} channels cannot get "
                                       f"within 3% of it; pruning in multiples of {granularity[ratio]}")

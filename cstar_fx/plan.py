@@ -14,7 +14,7 @@ import torch.fx as fx
 from .analysis import Analysis, analyse
 from .config import CstarConfig, resolve_options
 from .costs import FlopCost, ParamCost
-from .errors import PlanMismatchError
+from .errors import CstarKeyError, CstarTypeError, CstarValueError, PlanMismatchError
 from .passes.discover import LayerSite
 from .schemes import DENSE, LayerSpec, candidates, factor_path, get, names
 
@@ -70,10 +70,10 @@ class LayerPlan:
         for key in ("weight_shape", "ranks"):
             value = getattr(self, key)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-                raise TypeError(f"layer {self.name!r}: {key} must be a tuple of ints, got {value!r}")
+                raise CstarTypeError(f"layer {self.name!r}: {key} must be a tuple of ints, got {value!r}")
             items = tuple(value)
             if any(isinstance(x, bool) or not hasattr(x, "__index__") for x in items):
-                raise TypeError(f"layer {self.name!r}: {key} must be a tuple of ints, got {value!r}")
+                raise CstarTypeError(f"layer {self.name!r}: {key} must be a tuple of ints, got {value!r}")
             object.__setattr__(self, key, tuple(int(x) for x in items))
         if self.ranks and self.scheme in names() and not get(self.scheme).n_ranks:
             object.__setattr__(self, "ranks", ())
@@ -104,23 +104,24 @@ class LayerPlan:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown layer-plan fields {sorted(unknown)}; is this a rank plan written by cstar_fx?")
+            raise CstarValueError(f"unknown layer-plan fields {sorted(unknown)}; "
+                                  "is this a rank plan written by cstar_fx?")
         d = dict(d)
         for key in ("weight_shape", "ranks"):
             if not isinstance(d[key], list) or any(isinstance(x, bool) or not isinstance(x, int) for x in d[key]):
-                raise ValueError(f"layer {d.get('name')!r}: {key} must be a list of ints, got {d[key]!r}")
+                raise CstarValueError(f"layer {d.get('name')!r}: {key} must be a list of ints, got {d[key]!r}")
             d[key] = tuple(d[key])
         for key, types in _LAYER_TYPES.items():
             if key in d and (isinstance(d[key], bool) or not isinstance(d[key], types)):
-                raise ValueError(f"layer {d.get('name')!r}: {key} must be {_TYPE_WORDS[types]}, got {d[key]!r}")
+                raise CstarValueError(f"layer {d.get('name')!r}: {key} must be {_TYPE_WORDS[types]}, got {d[key]!r}")
         lp = cls(**d)
         n_ranks = get(lp.scheme).n_ranks if lp.scheme in names() else None
         if (lp.kind not in ("conv", "linear") or n_ranks != len(lp.ranks) or min(lp.ranks, default=1) < 1
                 or lp.form not in ("module", "function")):
             counts = ", ".join(f"{n} {get(n).n_ranks}" for n in names())
-            raise ValueError(f"layer {lp.name!r}: kind {lp.kind!r}, form {lp.form!r}, scheme {lp.scheme!r}, ranks "
-                             f"{lp.ranks} is not a valid layer plan (kind conv/linear; form module/function; ranks "
-                             f"per scheme: {counts}; each >= 1)")
+            raise CstarValueError(f"layer {lp.name!r}: kind {lp.kind!r}, form {lp.form!r}, scheme "
+                                  f"{lp.scheme!r}, ranks {lp.ranks} is not a valid layer plan (kind "
+                                  f"conv/linear; form module/function; ranks per scheme: {counts}; each >= 1)")
         return lp
 
 
@@ -203,9 +204,9 @@ class RankPlan(Ratios):
             (16,)
         """
         if name not in self.layers:
-            raise KeyError(f"no layer {name!r} in the plan; layers are {sorted(self.layers)}")
+            raise CstarKeyError(f"no layer {name!r} in the plan; layers are {sorted(self.layers)}")
         if "name" in changes and changes["name"] != name:
-            raise ValueError(f"with_layer cannot rename layer {name!r}; the layer names come from the model")
+            raise CstarValueError(f"with_layer cannot rename layer {name!r}; the layer names come from the model")
         layers = dict(self.layers)
         layers[name] = replace(layers[name], **changes)
         return replace(self, layers=layers)
@@ -235,26 +236,26 @@ class RankPlan(Ratios):
     def from_dict(cls, d: dict[str, Any]) -> "RankPlan":
         """Inverse of :meth:`to_dict`; raises ``ValueError`` for anything that is not a rank plan."""
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
-            raise ValueError(f"not a cstar_fx rank plan (expected format {PLAN_FORMAT!r})")
+            raise CstarValueError(f"not a cstar_fx rank plan (expected format {PLAN_FORMAT!r})")
         try:
             return cls._from_checked_dict(d)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ValueError(f"malformed rank plan ({type(exc).__name__}: {exc}); write plans with "
-                             f"RankPlan.to_json()") from exc
+            raise CstarValueError(f"malformed rank plan ({type(exc).__name__}: {exc}); write plans with "
+                                  f"RankPlan.to_json()") from exc
 
     @classmethod
     def _from_checked_dict(cls, d: dict[str, Any]) -> "RankPlan":
         if not isinstance(d["layers"], list) or not all(isinstance(x, dict) for x in d["layers"]):
-            raise ValueError("layers must be a list of layer-plan objects")
+            raise CstarValueError("layers must be a list of layer-plan objects")
         for key in ("target_ratio", "dense_flops", "flops", "dense_cost", "cost"):
             value = d.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{key} must be a number or null, got {value!r}")
+                raise CstarValueError(f"{key} must be a number or null, got {value!r}")
         for key in ("unsupported", "options"):
             if not isinstance(d.get(key, {}), dict):
-                raise ValueError(f"{key} must be an object, got {d[key]!r}")
+                raise CstarValueError(f"{key} must be an object, got {d[key]!r}")
         if not isinstance(d.get("budget", "params"), str):
-            raise ValueError(f"budget must be a string, got {d['budget']!r}")
+            raise CstarValueError(f"budget must be a string, got {d['budget']!r}")
         layers = {lp.name: lp for lp in (LayerPlan.from_dict(x) for x in d["layers"])}
         return cls(layers=layers, target_ratio=d.get("target_ratio"), budget=d.get("budget", "params"),
                    dense_params=int(d.get("dense_params", 0)), params=int(d.get("params", 0)),
@@ -265,10 +266,13 @@ class RankPlan(Ratios):
     @classmethod
     def from_json(cls, text: str) -> "RankPlan":
         """Parse a plan written by :meth:`to_json`."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise CstarTypeError(f"the JSON object must be str, bytes or bytearray, got {type(text).__name__}; pass "
+                                 "the text RankPlan.to_json() wrote (e.g. Path('plan.json').read_text())")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"rank plan is not valid JSON: {exc}") from exc
+            raise CstarValueError(f"rank plan is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
     @classmethod
@@ -398,7 +402,7 @@ def check_plan(plan: RankPlan, a: Analysis) -> None:
         >>> check_plan(full_rank_plan(model), analyse(model, TraceConfig(), need_spectra=False))
     """
     if not isinstance(plan, RankPlan):
-        raise TypeError(f"plan must be a cstar_fx.RankPlan, got {type(plan).__name__}")
+        raise CstarTypeError(f"plan must be a cstar_fx.RankPlan, got {type(plan).__name__}")
     sites = {s.name: s for s in a.sites}
     problems = []
     for name, lp in plan.factorized.items():
@@ -434,4 +438,4 @@ def get_plan(gm: fx.GraphModule) -> RankPlan:
     try:
         return gm.meta["cstar_plan"]
     except (AttributeError, KeyError):
-        raise ValueError("this module was not produced by cstar_fx.transform (no rank plan attached)") from None
+        raise CstarValueError("this module was not produced by cstar_fx.transform (no rank plan attached)") from None

@@ -8,6 +8,7 @@ from typing import Any
 import torch.fx as fx
 
 from .decompose import relative_error
+from .errors import CstarValueError
 from .passes.discover import LayerSite
 from .passes.factorize import dense_weight, factors_path
 from .plan import RankPlan, Ratios
@@ -84,4 +85,4 @@ def get_report(gm: fx.GraphModule) -> TransformReport:
     try:
         return gm.meta["cstar_report"]
     except (AttributeError, KeyError):
-        raise ValueError("this module was not produced by cstar_fx.transform (no report attached)") from None
+        raise CstarValueError("this module was not produced by cstar_fx.transform (no report attached)") from None

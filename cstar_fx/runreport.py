@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .errors import CstarValueError
 from .extras import require
 
 __all__ = ["RESULTS_FORMAT", "validate_results", "write_report", "plot_all"]
@@ -41,28 +42,28 @@ def validate_results(results: dict[str, Any]) -> None:
         >>> validate_results({"format": "x"})
         Traceback (most recent call last):
         ...
-        ValueError: results.format must be 'cstar-fx/run/1', got 'x'
+        cstar_fx.errors.CstarValueError: results.format must be 'cstar-fx/run/1', got 'x'
     """
     if results.get("format") != RESULTS_FORMAT:
-        raise ValueError(f"results.format must be {RESULTS_FORMAT!r}, got {results.get('format')!r}")
+        raise CstarValueError(f"results.format must be {RESULTS_FORMAT!r}, got {results.get('format')!r}")
     for key, kind in (("config", dict), ("dense", dict), ("runs", list), ("bench", list), ("timings", dict)):
         if not isinstance(results.get(key), kind):
-            raise ValueError(f"results.{key} must be a {kind.__name__}")
+            raise CstarValueError(f"results.{key} must be a {kind.__name__}")
     for key in ("params", "clean"):
         if key not in results["dense"]:
-            raise ValueError(f"results.dense.{key} is missing")
+            raise CstarValueError(f"results.dense.{key} is missing")
     for i, run in enumerate(results["runs"]):
         for key, kind in _RUN_KEYS.items():
             if not isinstance(run.get(key), kind):
-                raise ValueError(f"results.runs[{i}].{key} must be {kind}")
+                raise CstarValueError(f"results.runs[{i}].{key} must be {kind}")
         for key in ("clean", "pgd", "autoattack"):
             v = run.get(key)
             if v is not None and not 0.0 <= v <= 1.0:
-                raise ValueError(f"results.runs[{i}].{key} must be an accuracy in [0, 1], got {v}")
+                raise CstarValueError(f"results.runs[{i}].{key} must be an accuracy in [0, 1], got {v}")
     for i, row in enumerate(results["bench"]):
         for key in ("model", "provider", "batch", "median_ms"):
             if key not in row:
-                raise ValueError(f"results.bench[{i}].{key} is missing")
+                raise CstarValueError(f"results.bench[{i}].{key} is missing")
 
 
 def _pct(v: float | None) -> str:

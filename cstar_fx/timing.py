@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from .errors import CstarRuntimeError
 
 __all__ = ["ort_session", "OrtRunner", "time_interleaved", "median_ms", "NP_TYPES", "GPU_PROVIDERS"]
 
@@ -101,8 +102,8 @@ class OrtRunner:
             binding.bind_ortvalue_input(n, v)
         shapes = _output_shapes(session, batch)
         if shapes is None and cuda_graph:
-            raise RuntimeError("CUDA graphs need outputs of known shape; export with dynamic_batch=True "
-                               "and no other symbolic output dims")
+            raise CstarRuntimeError("CUDA graphs need outputs of known shape; export with dynamic_batch=True "
+                                    "and no other symbolic output dims")
         self.device_outputs = {}
         for out, shape in zip(session.get_outputs(), shapes or [None] * len(self.out_names)):
             if shape is None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from .errors import CstarTypeError
 
 __all__ = ["eval_mode", "as_tuple", "pair", "model_device", "private_rng"]
 
@@ -52,7 +53,7 @@ def as_tuple(example_inputs: Any) -> tuple[Any, ...]:
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    raise CstarTypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
 def model_device(model: nn.Module) -> torch.device:

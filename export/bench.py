@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
+from cstar_fx.errors import CstarFileNotFoundError, CstarKeyError, CstarTypeError, CstarValueError
 from cstar_fx.sysinfo import cpu_name
 from cstar_fx.timing import NP_TYPES, OrtRunner, ort_session, time_interleaved
 
@@ -89,7 +90,7 @@ class BenchResult:
             if (r.model, r.provider, r.batch, r.cuda_graph) == (model, provider, batch, cuda_graph):
                 return r
         why = self.unavailable.get(_label(provider, cuda_graph))
-        raise KeyError(f"no row for {model!r} on {provider} at batch {batch}" + (f" ({why})" if why else ""))
+        raise CstarKeyError(f"no row for {model!r} on {provider} at batch {batch}" + (f" ({why})" if why else ""))
 
     @property
     def models(self) -> list[str]:
@@ -141,20 +142,21 @@ def _label(provider: str, cuda_graph: bool) -> str:
 def _check(providers: Sequence[str], batch_sizes: Sequence[int], warmup: int, iters: int, cuda_graph: Any,
            intra_op_threads: int | None) -> None:
     if isinstance(providers, str) or not providers or not all(isinstance(p, str) for p in providers):
-        raise ValueError(f"providers must be a non-empty sequence of provider names, e.g. ({CPU!r},); "
-                         f"got {providers!r}")
+        raise CstarValueError(f"providers must be a non-empty sequence of provider names, e.g. ({CPU!r},); "
+                              f"got {providers!r}")
     if isinstance(batch_sizes, int) or not batch_sizes or not all(
             isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes):
-        raise ValueError(f"batch_sizes must be a non-empty sequence of ints >= 1, e.g. (1, 64); got {batch_sizes!r}")
+        raise CstarValueError("batch_sizes must be a non-empty sequence of "
+                              f"ints >= 1, e.g. (1, 64); got {batch_sizes!r}")
     if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        raise CstarValueError(f"warmup must be an int >= 0, got {warmup!r}")
     if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
+        raise CstarValueError(f"iters must be an int >= 1, got {iters!r}")
     if cuda_graph not in (False, True, "both"):
-        raise ValueError(f"cuda_graph must be False, True or 'both', got {cuda_graph!r}")
+        raise CstarValueError(f"cuda_graph must be False, True or 'both', got {cuda_graph!r}")
     if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
-        raise ValueError(f"intra_op_threads must be an int >= 1 or None (onnxruntime's default), "
-                         f"got {intra_op_threads!r}")
+        raise CstarValueError(f"intra_op_threads must be an int >= 1 or None (onnxruntime's default), "
+                              f"got {intra_op_threads!r}")
 
 
 def _resolve(models_or_paths: Any, example_inputs: Any, tmp: Callable[[], Path]) -> dict[str, Path]:
@@ -166,24 +168,24 @@ def _resolve(models_or_paths: Any, example_inputs: Any, tmp: Callable[[], Path])
         items = [(Path(m).stem if isinstance(m, (str, os.PathLike)) else f"model{i}", m)
                  for i, m in enumerate(models_or_paths)]
     if not items:
-        raise ValueError("models_or_paths is empty; pass ONNX paths or {name: path or nn.Module}")
+        raise CstarValueError("models_or_paths is empty; pass ONNX paths or {name: path or nn.Module}")
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}; pass a dict {{name: path}} to name them")
+        raise CstarValueError(f"model names must be unique, got {names}; pass a dict {{name: path}} to name them")
     paths: dict[str, Path] = {}
     for name, m in items:
         if isinstance(m, nn.Module):
             if example_inputs is None:
-                raise ValueError(f"model {name!r} is an nn.Module: pass example_inputs= to export it, "
-                                 f"or export it first with cstar_fx.export.to_onnx")
+                raise CstarValueError(f"model {name!r} is an nn.Module: pass example_inputs= to export it, "
+                                      f"or export it first with cstar_fx.export.to_onnx")
             paths[name] = to_onnx(m, example_inputs, tmp() / f"{name}.onnx")
         elif isinstance(m, (str, os.PathLike)):
             path = Path(m)
             if not path.is_file():
-                raise FileNotFoundError(f"model {name!r}: no ONNX file at {path}")
+                raise CstarFileNotFoundError(f"model {name!r}: no ONNX file at {path}")
             paths[name] = path
         else:
-            raise TypeError(f"model {name!r} must be an ONNX path or an nn.Module, got {type(m).__name__}")
+            raise CstarTypeError(f"model {name!r} must be an ONNX path or an nn.Module, got {type(m).__name__}")
     return paths
 
 
@@ -193,19 +195,19 @@ def _feeds(session: Any, batch: int, input_shapes: Mapping[str, Sequence[int]] |
     feeds = {}
     for inp in session.get_inputs():
         if inp.type not in NP_TYPES:
-            raise ValueError(f"model {name!r}: input {inp.name!r} has type {inp.type}; benchmark feeds random "
-                             f"floats only")
+            raise CstarValueError(f"model {name!r}: input {inp.name!r} has type {inp.type}; benchmark feeds random "
+                                  f"floats only")
         dims = list(inp.shape)
         if input_shapes and inp.name in input_shapes:
             rest = [int(d) for d in input_shapes[inp.name]]
         else:
             rest = dims[1:]
             if any(not isinstance(d, int) for d in rest):
-                raise ValueError(f"model {name!r}: input {inp.name!r} has symbolic dims {dims}; pass "
-                                 f"input_shapes={{{inp.name!r}: (C, H, W)}} (the shape without the batch axis)")
+                raise CstarValueError(f"model {name!r}: input {inp.name!r} has symbolic dims {dims}; pass "
+                                      f"input_shapes={{{inp.name!r}: (C, H, W)}} (the shape without the batch axis)")
         if dims and isinstance(dims[0], int) and dims[0] != batch:
-            raise ValueError(f"model {name!r} has a fixed batch size {dims[0]}; export it with dynamic_batch=True "
-                             f"or ask for batch_sizes=({dims[0]},)")
+            raise CstarValueError(f"model {name!r} has a fixed batch size {dims[0]}; export it with dynamic_batch=True "
+                                  f"or ask for batch_sizes=({dims[0]},)")
         feeds[inp.name] = rng.random([batch, *rest], dtype=np.float32).astype(NP_TYPES[inp.type])
     return feeds
 
@@ -256,7 +258,7 @@ def benchmark(models_or_paths: Mapping[str, str | os.PathLike | nn.Module] | Seq
     with tempfile.TemporaryDirectory(prefix="cstar_bench_") as tmpdir:
         paths = _resolve(models_or_paths, example_inputs, lambda: Path(tmpdir))
         if baseline is not None and baseline not in paths:
-            raise ValueError(f"baseline {baseline!r} is not one of the models {list(paths)}")
+            raise CstarValueError(f"baseline {baseline!r} is not one of the models {list(paths)}")
         baseline = baseline if baseline is not None else next(iter(paths))
         graph_modes = {False: [False], True: [True], "both": [False, True]}[cuda_graph]
         variants = [(p, g) for p in providers for g in (graph_modes if p == CUDA else [False])]

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cstar_fx.errors import CstarError
+from cstar_fx.errors import (CstarError, CstarFileNotFoundError, CstarIsADirectoryError, CstarNotADirectoryError,
+                             CstarTypeError, CstarValueError)
 from cstar_fx.extras import require
 from cstar_fx.passes.shapes import ExampleInputError
 from cstar_fx.torchutil import as_tuple, eval_mode
@@ -148,22 +149,22 @@ class OnnxExport:
 
 def _check_args(model: Any, dtype: str, opset: int | None, atol: float | None, rtol: float | None) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (a GraphModule from cstar_fx.transform is one), "
-                        f"got {type(model).__name__}")
+        raise CstarTypeError(f"model must be a torch.nn.Module (a GraphModule from cstar_fx.transform is one), "
+                             f"got {type(model).__name__}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise CstarValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 9):
-        raise ValueError(f"opset must be an int >= 9 or None (the exporter's default), got {opset!r}")
+        raise CstarValueError(f"opset must be an int >= 9 or None (the exporter's default), got {opset!r}")
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and (not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0):
-            raise ValueError(f"{name} must be a finite number >= 0 or None (the dtype's default), got {tol!r}")
+            raise CstarValueError(f"{name} must be a finite number >= 0 or None (the dtype's default), got {tol!r}")
 
 
 def _tensor_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     args = as_tuple(example_inputs)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors, "
-                        "e.g. torch.rand(1, 3, 32, 32)")
+        raise CstarTypeError("example_inputs must be a tensor or a non-empty tuple of tensors, "
+                             "e.g. torch.rand(1, 3, 32, 32)")
     return args
 
 
@@ -174,7 +175,7 @@ def _flatten(out: Any) -> list[torch.Tensor]:
         return [t for o in out for t in _flatten(o)]
     if isinstance(out, dict):
         return [t for o in out.values() for t in _flatten(o)]
-    raise TypeError(f"model outputs must be tensors (or tuples/lists/dicts of them), got {type(out).__name__}")
+    raise CstarTypeError(f"model outputs must be tensors (or tuples/lists/dicts of them), got {type(out).__name__}")
 
 
 def _names(prefix: str, n: int) -> list[str]:
@@ -325,7 +326,7 @@ def verify_onnx(path: str | Path, model: nn.Module, example_inputs: Any, *, dtyp
     _check_args(model, dtype, None, atol, rtol)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}; export one with cstar_fx.export.to_onnx")
+        raise CstarFileNotFoundError(f"no ONNX file at {path}; export one with cstar_fx.export.to_onnx")
     d_atol, d_rtol = DEFAULT_TOLERANCES[dtype]
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
@@ -334,7 +335,7 @@ def verify_onnx(path: str | Path, model: nn.Module, example_inputs: Any, *, dtyp
     in_names = [i.name for i in session.get_inputs()]
     in_types = [i.type for i in session.get_inputs()]
     if len(in_names) != len(args):
-        raise ValueError(f"{path.name} takes {len(in_names)} input(s) but {len(args)} example input(s) were given")
+        raise CstarValueError(f"{path.name} takes {len(in_names)} input(s) but {len(args)} example input(s) were given")
     batches = [args, _second_batch(args)] if dynamic_batch else [args]
     max_abs, scale = 0.0, 0.0
     with torch.no_grad(), _eval_mode(model):
@@ -356,10 +357,10 @@ def verify_onnx(path: str | Path, model: nn.Module, example_inputs: Any, *, dtyp
                     f"onnxruntime cannot run {path.name} at batch size {size}: {error_summary(exc)}. If the model "
                     f"fixes its batch size, export with dynamic_batch=False.") from exc
             if len(got) != len(ref):
-                raise ValueError(f"{path.name} has {len(got)} output(s); the model returns {len(ref)}")
+                raise CstarValueError(f"{path.name} has {len(got)} output(s); the model returns {len(ref)}")
             for r, g in zip(ref, got):
                 if r.shape != g.shape:
-                    raise ValueError(f"output shape {g.shape} from onnxruntime differs from torch's {r.shape}")
+                    raise CstarValueError(f"output shape {g.shape} from onnxruntime differs from torch's {r.shape}")
                 max_abs = max(max_abs, float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0)
                 scale = max(scale, float(np.max(np.abs(r))) if r.size else 0.0)
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
@@ -392,11 +393,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
         require("onnxconverter_common")
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{str(path)!r} is a directory; pass a file path such as {str(path / 'model.onnx')!r}")
+        raise CstarIsADirectoryError(f"{str(path)!r} is a directory; pass a file path such as "
+                                     f"{str(path / 'model.onnx')!r}")
     if path.suffix != ".onnx":
-        raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+        raise CstarValueError(f"path must end in .onnx, got {str(path)!r}")
     if path.parent.exists() and not path.parent.is_dir():
-        raise NotADirectoryError(f"{str(path.parent)!r} is a file, not a directory; pass a path inside a directory")
+        raise CstarNotADirectoryError(f"{str(path.parent)!r} is a file, not a directory; pass a path inside a "
+                                      "directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Everything is written and checked in a private folder beside path, then moved into place: a failed or
     # mismatching export never replaces a good file at path.
@@ -445,9 +448,9 @@ def _export_checked(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path
     opset_used = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                        if o.domain in ("", "ai.onnx")), None)
     if opset is not None and opset_used != opset:
-        raise ValueError(f"opset={opset} was asked for, but torch.onnx wrote opset {opset_used} ({exporter} exporter; "
-                         f"the dynamo exporter writes opset >= 18); pass opset=None or opset={opset_used}, or convert "
-                         f"the file with onnx.version_converter")
+        raise CstarValueError(f"opset={opset} was asked for, but torch.onnx wrote opset {opset_used} "
+                              f"({exporter} exporter; the dynamo exporter writes opset >= 18); pass opset=None "
+                              f"or opset={opset_used}, or convert the file with onnx.version_converter")
     check = None
     if verify:
         check = verify_onnx(path, model, args, dtype=dtype, atol=atol, rtol=rtol, dynamic_batch=dynamic_batch)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cstar_fx.errors import CstarError
+from cstar_fx.errors import CstarError, CstarFileNotFoundError, CstarTypeError, CstarValueError
 from cstar_fx.extras import require
 from cstar_fx.fileutil import atomic_path
 
@@ -138,7 +138,7 @@ def calibration_array(data: Any, limit: int | None = None) -> np.ndarray:
         (2, 3, 2, 2)
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"the number of calibration images must be an int >= 1, got {limit!r}")
+        raise CstarValueError(f"the number of calibration images must be an int >= 1, got {limit!r}")
     if hasattr(data, "x") and isinstance(getattr(data, "x"), torch.Tensor):
         data = data.x
     if isinstance(data, (torch.Tensor, np.ndarray)):
@@ -146,8 +146,8 @@ def calibration_array(data: Any, limit: int | None = None) -> np.ndarray:
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict)):
         chunks = data
     else:
-        raise TypeError(f"calibration data must be images (a tensor or array N x C x H x W, a TensorData, or "
-                        f"an iterable of batches), got {type(data).__name__}")
+        raise CstarTypeError(f"calibration data must be images (a tensor or array N x C x H x W, a TensorData, or "
+                             f"an iterable of batches), got {type(data).__name__}")
     out, total = [], 0
     for chunk in chunks:
         if isinstance(chunk, (tuple, list)) and chunk:
@@ -156,19 +156,19 @@ def calibration_array(data: Any, limit: int | None = None) -> np.ndarray:
         if arr.dtype == np.uint8:
             arr = arr.astype(np.float32) / 255.0
         elif not np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"calibration images must be float in [0, 1] or uint8, got dtype {arr.dtype}")
+            raise CstarTypeError(f"calibration images must be float in [0, 1] or uint8, got dtype {arr.dtype}")
         arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
-            raise ValueError("calibration images contain NaN or Inf; pass real images")
+            raise CstarValueError("calibration images contain NaN or Inf; pass real images")
         out.append(arr)
         total += arr.shape[0] if arr.ndim else 1
         if limit is not None and total >= limit:
             break
     if not out or total == 0:
-        raise ValueError("calibration data is empty; pass a few hundred training images")
+        raise CstarValueError("calibration data is empty; pass a few hundred training images")
     shapes = {a.shape[1:] for a in out}
     if len(shapes) > 1 or out[0].ndim < 2:
-        raise ValueError(f"calibration batches must share one image shape (N x C x H x W), got {sorted(shapes)}")
+        raise CstarValueError(f"calibration batches must share one image shape (N x C x H x W), got {sorted(shapes)}")
     arr = np.concatenate(out)
     return arr[:limit] if limit is not None else arr
 
@@ -176,7 +176,7 @@ def calibration_array(data: Any, limit: int | None = None) -> np.ndarray:
 def _input_spec(session: Any) -> tuple[str, list[Any]]:
     inputs = session.get_inputs()
     if len(inputs) != 1:
-        raise ValueError(f"quantize_int8 handles models with one image input; this one has {len(inputs)}")
+        raise CstarValueError(f"quantize_int8 handles models with one image input; this one has {len(inputs)}")
     return inputs[0].name, list(inputs[0].shape)
 
 
@@ -184,8 +184,8 @@ def _check_shape(images: np.ndarray, shape: list[Any], what: str) -> None:
     fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int) and i > 0]
     if images.ndim != len(shape) or any(images.shape[i] != d for i, d in fixed):
         want = "x".join(str(d) if isinstance(d, int) else "N" for d in shape)
-        raise ValueError(f"{what} have shape {tuple(images.shape)}, the model takes {want}; pass images of "
-                         f"that size")
+        raise CstarValueError(f"{what} have shape {tuple(images.shape)}, the model takes {want}; pass images of "
+                              f"that size")
 
 
 def _session(path: Path, threads: int | None = None) -> Any:
@@ -244,12 +244,12 @@ def quantize_int8(model: str | Path | nn.Module, calibration: Any, path: str | P
     """
     for label, v in (("num_calibration", num_calibration), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{label} must be an int >= 1, got {v!r}")
+            raise CstarValueError(f"{label} must be an int >= 1, got {v!r}")
     if min_agreement is not None and not (isinstance(min_agreement, (int, float)) and 0 <= min_agreement <= 1):
-        raise ValueError(f"min_agreement must be a number in [0, 1] or None, got {min_agreement!r}")
+        raise CstarValueError(f"min_agreement must be a number in [0, 1] or None, got {min_agreement!r}")
     path = Path(path)
     if path.suffix != ".onnx":
-        raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+        raise CstarValueError(f"path must end in .onnx, got {str(path)!r}")
     # onnxruntime ships onnxruntime.quantization, so the onnx extra brings it
     _, _, quantization = require("onnx", "onnxruntime", "onnxruntime.quantization", purpose="quantize_int8")
     images = calibration_array(calibration, num_calibration)
@@ -261,9 +261,9 @@ def quantize_int8(model: str | Path | nn.Module, calibration: Any, path: str | P
         else:
             float_path = Path(model)
             if not float_path.is_file():
-                raise FileNotFoundError(f"no ONNX file at {float_path}; export one with cstar_fx.export.to_onnx")
+                raise CstarFileNotFoundError(f"no ONNX file at {float_path}; export one with cstar_fx.export.to_onnx")
         if float_path.resolve() == path.resolve():
-            raise ValueError(f"path {path} is the float model itself; write the int8 model to another file")
+            raise CstarValueError(f"path {path} is the float model itself; write the int8 model to another file")
         name, shape = _input_spec(_session(float_path))
         _check_shape(images, shape, "calibration images")
         _check_shape(check, shape, "check images")
@@ -279,8 +279,8 @@ def quantize_int8(model: str | Path | nn.Module, calibration: Any, path: str | P
         out = tmpdir / "int8.onnx"
         float_bytes = _file_bytes(float_path)
         if float_bytes > (1 << 30):
-            raise ValueError(f"{float_path.name} is over 1 GiB (weights in external data); quantize_int8 "
-                             f"handles single-file models only: quantize it with onnxruntime.quantization directly")
+            raise CstarValueError(f"{float_path.name} is over 1 GiB (weights in external data); quantize_int8 handles "
+                                  "single-file models only: quantize it with onnxruntime.quantization directly")
         try:
             quantization.quantize_static(
                 str(source), str(out), _reader(name, images, batch_size),
@@ -313,12 +313,12 @@ def _labelled(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
     else:
-        raise TypeError(f"data must be a TensorData or an (images, labels) pair, got {type(data).__name__}")
+        raise CstarTypeError(f"data must be a TensorData or an (images, labels) pair, got {type(data).__name__}")
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if x.ndim != 4 or y.shape != (x.shape[0],) or y.is_floating_point():
-        raise ValueError(f"need images N x C x H x W and N integer labels, got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)} {y.dtype}")
+        raise CstarValueError(f"need images N x C x H x W and N integer labels, got {tuple(x.shape)} and "
+                              f"{tuple(y.shape)} {y.dtype}")
     return x, y.long()
 
 
@@ -367,13 +367,13 @@ def evaluate_onnx(path: str | Path, data: Any, *, attack_from: nn.Module | None 
         >>> print(f"{ev.clean:.3f} {ev.pgd:.3f} ({ev.pgd_label})")  # doctest: +SKIP
     """
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps < 1):
-        raise ValueError(f"eps must be a finite number in [0, 1), got {eps!r}")
+        raise CstarValueError(f"eps must be a finite number in [0, 1), got {eps!r}")
     for label, v in (("pgd_steps", pgd_steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if label == "pgd_steps" else 1):
-            raise ValueError(f"{label} must be a non-negative int (batch_size >= 1), got {v!r}")
+            raise CstarValueError(f"{label} must be a non-negative int (batch_size >= 1), got {v!r}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}; export one with cstar_fx.export.to_onnx")
+        raise CstarFileNotFoundError(f"no ONNX file at {path}; export one with cstar_fx.export.to_onnx")
     x, y = _labelled(data)
     session = _session(path, threads)
     name, shape = _input_spec(session)
@@ -386,14 +386,14 @@ def evaluate_onnx(path: str | Path, data: Any, *, attack_from: nn.Module | None 
     clean = accuracy(x)
     pgd_acc = noise_acc = None
     if attack_from is not None and adversarial is not None:
-        raise ValueError("pass attack_from (PGD is run here) or adversarial (examples made before), not both")
+        raise CstarValueError("pass attack_from (PGD is run here) or adversarial (examples made before), not both")
     if attack_from is not None:
         adversarial = pgd_examples(attack_from, (x, y), eps=eps, steps=pgd_steps, alpha=alpha,
                                    batch_size=batch_size, seed=seed)
     if adversarial is not None:
         if tuple(adversarial.shape) != tuple(x.shape):
-            raise ValueError(f"adversarial has shape {tuple(adversarial.shape)}, the images {tuple(x.shape)}; "
-                             f"make them with pgd_examples(model, data)")
+            raise CstarValueError(f"adversarial has shape {tuple(adversarial.shape)}, the images {tuple(x.shape)}; "
+                                  f"make them with pgd_examples(model, data)")
         pgd_acc = accuracy(adversarial.detach().cpu().float())
     if noise:
         gen = torch.Generator().manual_seed(seed)

@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CstarNotImplementedError, CstarRuntimeError, CstarTypeError, CstarValueError
 from .trace import CstarTracer
 
 __all__ = ["ExplicitAttention", "unpack_attention"]
@@ -38,7 +39,7 @@ def _additive_mask(mask: torch.Tensor | None, name: str, dtype: torch.dtype) -> 
     if mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
     if not torch.is_floating_point(mask):
-        raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+        raise CstarTypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
     return mask
 
 
@@ -51,13 +52,13 @@ def _merge_masks(key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor 
         if am.dim() == 3 and am.shape[1:] == (tgt_len, src_len) and am.shape[0] == math.prod(batch_heads):
             am = am.reshape(*batch_heads, tgt_len, src_len)  # (N*heads, L, S) -> (N, heads, L, S)
         elif am.shape != (tgt_len, src_len):
-            raise RuntimeError(f"attn_mask has shape {tuple(am.shape)}; expected {(tgt_len, src_len)} or "
-                               f"{(math.prod(batch_heads), tgt_len, src_len)} (batch * num_heads, L, S)")
+            raise CstarRuntimeError(f"attn_mask has shape {tuple(am.shape)}; expected {(tgt_len, src_len)} or "
+                                    f"{(math.prod(batch_heads), tgt_len, src_len)} (batch * num_heads, L, S)")
     kpm = _additive_mask(key_padding_mask, "key_padding_mask", q.dtype)
     if kpm is not None:
         expected = (*q.shape[:-3], src_len)
         if kpm.shape != expected:
-            raise RuntimeError(f"key_padding_mask has shape {tuple(kpm.shape)}; expected {expected} (batch, S)")
+            raise CstarRuntimeError(f"key_padding_mask has shape {tuple(kpm.shape)}; expected {expected} (batch, S)")
         kpm = kpm[..., None, None, :]  # broadcast over heads and target positions
     if am is None:
         return kpm
@@ -108,10 +109,10 @@ class ExplicitAttention(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
-                             f"num_heads={num_heads}")
+            raise CstarValueError(f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
+                                  f"num_heads={num_heads}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            raise CstarValueError(f"dropout must be in [0, 1), got {dropout!r}")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.kdim = kdim if kdim is not None else embed_dim
@@ -171,9 +172,9 @@ class ExplicitAttention(nn.Module):
         """Attention of ``query`` over ``key``/``value``; returns ``(output, weights or None)`` as
         ``nn.MultiheadAttention.forward`` does."""
         if is_causal and attn_mask is None:
-            raise RuntimeError("is_causal=True is a hint that attn_mask is causal and needs attn_mask too (as in "
-                               "nn.MultiheadAttention); pass e.g. attn_mask=nn.Transformer.generate_square_subsequent_"
-                               "mask(L)")
+            raise CstarRuntimeError("is_causal=True is a hint that attn_mask is causal and needs "
+                                    "attn_mask too (as in nn.MultiheadAttention); pass e.g. "
+                                    "attn_mask=nn.Transformer.generate_square_subsequent_mask(L)")
         q = self._split_heads(self.q_proj(query))
         k = self._split_heads(self.k_proj(key))
         v = self._split_heads(self.v_proj(value))
@@ -201,13 +202,13 @@ def _set(module: nn.Module, name: str, source: torch.Tensor) -> None:
 
 def _check_supported(mha: nn.Module, where: str) -> None:
     if type(mha).forward is not nn.MultiheadAttention.forward:
-        raise NotImplementedError(f"{where}: {type(mha).__name__} overrides nn.MultiheadAttention.forward, so an "
-                                  "equivalent cannot be built from its weights; keep unpack_attention=False")
+        raise CstarNotImplementedError(f"{where}: {type(mha).__name__} overrides nn.MultiheadAttention.forward, so an "
+                                       "equivalent cannot be built from its weights; keep unpack_attention=False")
     for feature, present in (("add_bias_kv=True", mha.bias_k is not None or mha.bias_v is not None),
                              ("add_zero_attn=True", mha.add_zero_attn)):
         if present:
-            raise NotImplementedError(f"{where}: nn.MultiheadAttention with {feature} is not supported by "
-                                      "unpack_attention; keep unpack_attention=False for this model")
+            raise CstarNotImplementedError(f"{where}: nn.MultiheadAttention with {feature} is not supported by "
+                                           "unpack_attention; keep unpack_attention=False for this model")
 
 
 def _retrace(gm: fx.GraphModule, unpacked: set[str]) -> fx.GraphModule:
@@ -236,7 +237,7 @@ def unpack_attention(model: nn.Module) -> nn.Module:
         ['k_proj', 'out_proj', 'q_proj', 'v_proj']
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"unpack_attention expects an nn.Module, got {type(model).__name__}")
+        raise CstarTypeError(f"unpack_attention expects an nn.Module, got {type(model).__name__}")
     found = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
              if isinstance(m, nn.MultiheadAttention)]
     for name, m in found:  # refuse before copying anything

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import CstarTypeError, CstarValueError
 from ..schemes import DENSE, Factors, factor_path, get
 from .discover import LayerSite
 
@@ -99,7 +100,7 @@ def factorize(gm: fx.GraphModule, sites: list[LayerSite], choices: dict[str, tup
         seq = build_factors(site, scheme, ranks, decompose, (moments or {}).get(site.name))
         path = factors_path(site)
         if site.form == "module" and not path:
-            raise ValueError("cannot factorize the root module itself; wrap it in an nn.Sequential first")
+            raise CstarValueError("cannot factorize the root module itself; wrap it in an nn.Sequential first")
         _set_submodule(gm, path, seq)
         if site.form == "function":
             released.update(t for t in (site.param, site.bias_target) if t)
@@ -142,7 +143,7 @@ def dense_weight(factors: nn.Sequential) -> torch.Tensor:
         True
     """
     if not isinstance(factors, Factors):
-        raise TypeError(f"expected the factor chain of a transformed layer (a cstar_fx.schemes.Factors, made by "
-                        f"build_factors or transform), got {type(factors).__name__}")
+        raise CstarTypeError(f"expected the factor chain of a transformed layer (a cstar_fx.schemes.Factors, made by "
+                             f"build_factors or transform), got {type(factors).__name__}")
     with torch.no_grad():
         return get(factors.scheme).reconstruct(factors)

@@ -40,7 +40,7 @@ from ..allocate import UnreachableBudgetError
 from ..analysis import count_flops, count_params, positions
 from ..config import check_ratio
 from ..costs import FlopCost, LayerSpec, ParamCost
-from ..errors import PlanMismatchError
+from ..errors import CstarTypeError, CstarValueError, PlanMismatchError
 from ..extras import require
 from ..plan import LayerPlan, RankPlan, get_plan
 from ..schemes import DENSE, Factors, get
@@ -67,7 +67,7 @@ def budget_costs(model: nn.Module, example_inputs: Any, budget: str) -> dict[str
         {'params': 8.0, 'flops': 16.0}
     """
     if budget not in PRUNE_BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, got {budget!r}")
+        raise CstarValueError(f"budget must be one of {', '.join(map(repr, PRUNE_BUDGETS))}, got {budget!r}")
     out = {}
     if budget != "flops":
         out["params"] = float(count_params(model))
@@ -235,7 +235,7 @@ def derive_plan(gm: fx.GraphModule, original_plan: RankPlan | None = None, *,
     """
     plan = get_plan(gm) if original_plan is None else original_plan
     if not isinstance(plan, RankPlan):
-        raise TypeError(f"original_plan must be a cstar_fx.RankPlan, got {type(plan).__name__}")
+        raise CstarTypeError(f"original_plan must be a cstar_fx.RankPlan, got {type(plan).__name__}")
     containers = _containers(gm, plan)
     shapes = {}
     if example_inputs is not None:
@@ -302,8 +302,8 @@ def _importance(importance: str | Callable[..., Any]) -> Callable[..., Any]:
               "fpgm": imp.FPGMImportance, "lamp": imp.LAMPImportance, "bn": imp.BNScaleImportance,
               "random": imp.RandomImportance}
     if importance not in makers:
-        raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)} "
-                         "or pass a torch_pruning.importance object")
+        raise CstarValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)} "
+                              "or pass a torch_pruning.importance object")
     return makers[importance]()
 
 
@@ -366,13 +366,13 @@ def _resolve_ignored(model: nn.Module, ignored_layers: Iterable[nn.Module | str]
             try:
                 model.get_submodule(layer)
             except AttributeError:
-                raise ValueError(f"ignored_layers: the model has no submodule {layer!r}") from None
+                raise CstarValueError(f"ignored_layers: the model has no submodule {layer!r}") from None
             out.append(layer)
         elif isinstance(layer, nn.Module) and layer in names:
             out.append(names[layer])
         else:
-            raise ValueError(f"ignored_layers: {layer!r} is not a submodule (or submodule name) of the model; "
-                             "pass layers of the model you prune, e.g. ignored_layers=[model.fc]")
+            raise CstarValueError(f"ignored_layers: {layer!r} is not a submodule (or submodule name) of the model; "
+                                  "pass layers of the model you prune, e.g. ignored_layers=[model.fc]")
     return out
 
 
@@ -411,11 +411,11 @@ def prune_to_ratio(model: nn.Module, ratio: float, example_inputs: Any, *, impor
     if round_to is None:
         round_to = 1
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be an int >= 1 (or None for 1), got {round_to!r}")
+        raise CstarValueError(f"round_to must be an int >= 1 (or None for 1), got {round_to!r}")
     if not 0 < tolerance < 1:
-        raise ValueError(f"tolerance must be in (0, 1), e.g. 0.03 for 3%, got {tolerance!r}")
+        raise CstarValueError(f"tolerance must be in (0, 1), e.g. 0.03 for 3%, got {tolerance!r}")
     if not isinstance(at_least, bool):
-        raise TypeError(f"at_least must be True or False, got {at_least!r}")
+        raise CstarTypeError(f"at_least must be True or False, got {at_least!r}")
     dense = budget_costs(model, example_inputs, budget)
     scorer = _importance(importance)
     ignored_names = _resolve_ignored(model, ignored_layers)

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import CstarError
+from ..errors import CstarError, CstarTypeError, CstarValueError
 from ..extras import optional
 
 __all__ = ["TraceError", "register_leaf", "registered_leaves", "timm_notrace", "trace", "CstarTracer", "check_hooks"]
@@ -56,7 +56,7 @@ def register_leaf(cls: M) -> M:
         True
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_leaf expects an nn.Module subclass, got {cls!r}")
+        raise CstarTypeError(f"register_leaf expects an nn.Module subclass, got {cls!r}")
     _LEAF_TYPES.add(cls)
     return cls
 
@@ -271,9 +271,9 @@ def check_leaf_patterns(model: nn.Module, leaf_modules: Iterable[str | type]) ->
                  and not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
         shown = ", ".join(repr(n) for n in names[:8]) + (" ..." if len(names) > 8 else "")
-        raise ValueError(f"leaf_modules pattern(s) {unmatched} match no submodule of this model, so they would mark "
-                         f"nothing a leaf; the submodules are named {shown or '(none)'} (globs such as "
-                         f"'blocks.*.attn' match timm-style names)")
+        raise CstarValueError(f"leaf_modules pattern(s) {unmatched} match no submodule of this model, so "
+                              "they would mark nothing a leaf; the submodules are named "
+                              f"{shown or '(none)'} (globs such as 'blocks.*.attn' match timm-style names)")
 
 
 def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
@@ -304,7 +304,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
         check_hooks(model)
         return model
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module or torch.fx.GraphModule, got {type(model).__name__}")
+        raise CstarTypeError(f"expected a torch.nn.Module or torch.fx.GraphModule, got {type(model).__name__}")
     check_hooks(model)
     root = _private_copy(model)
     before = dict(model.named_buffers())

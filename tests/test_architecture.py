@@ -9,6 +9,7 @@ are already running).
 from __future__ import annotations
 
 import ast
+import builtins
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,40 @@ def test_no_private_names_from_other_modules(name):
     assert not taken, (f"{name} imports private names of other modules: "
                        + ", ".join(f"{mod}.{what} (line {line})" for mod, what, line in taken)
                        + "; make the name public where it belongs, or move it to the module that uses it")
+
+
+# What the package raises on purpose is a cstar_fx.CstarError (docs/errors.md); these builtins have a
+# CstarError twin in cstar_fx.errors that keeps them as a base.
+BUILTIN_ERRORS = {name for name, obj in vars(builtins).items()
+                  if isinstance(obj, type) and issubclass(obj, BaseException)}
+
+
+def raised_builtins(tree: ast.AST) -> list[tuple[str, int]]:
+    """``raise ValueError(...)`` / ``raise ValueError`` of a builtin exception class in ``tree``, in line order;
+    a bare ``raise NotImplementedError`` (an abstract method's body, a contract for subclasses) is not one."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            target = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            abstract = isinstance(node.exc, ast.Name) and node.exc.id == "NotImplementedError"
+            if isinstance(target, ast.Name) and target.id in BUILTIN_ERRORS and not abstract:
+                found.append((target.id, node.lineno))
+    return sorted(found, key=lambda f: f[1])
+
+
+def test_raised_builtins_finds_them():
+    tree = ast.parse("def f(x):\n    if x:\n        raise ValueError('x')\n    raise KeyError\n"
+                     "def g():\n    raise NotImplementedError\n")
+    assert raised_builtins(tree) == [("ValueError", 3), ("KeyError", 4)]
+    reraise = "raise CstarValueError('x')\ntry:\n    pass\nexcept ValueError:\n    raise\n"
+    assert raised_builtins(ast.parse(reraise)) == []
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_error_raised_on_purpose_is_a_cstar_error(name):
+    path, _ = MODULES[name]
+    found = raised_builtins(ast.parse(path.read_text()))
+    assert not found, (f"{name} raises builtin exceptions: "
+                       + ", ".join(f"{cls} (line {line})" for cls, line in found)
+                       + "; raise the CstarError twin from cstar_fx.errors (e.g. CstarValueError), so that "
+                         "`except cstar_fx.CstarError` catches it")

@@ -224,6 +224,9 @@ def names(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
 
 
+PACKAGE_FOLDERS = [Path(__file__).resolve().parents[1] / name for name in ("cstar_fx", "passes", "export")]
+
+
 def _error_class(name: str) -> type[BaseException]:
     for where in (cstar_fx, cstar_fx.io, cstar_fx.robust, cstar_fx.export, cstar_fx.passes.trace, builtins):
         if isinstance(getattr(where, name, None), type):
@@ -241,6 +244,9 @@ def test_bad_input_raises_documented_error(names, function, call, error, message
     with pytest.raises(_error_class(_code(error))) as info:
         eval(_code(call), dict(names))  # the call is from our own docs table, like a doctest
     assert message in str(info.value), f"message was: {info.value}"
+    if any(Path(entry.path).is_relative_to(folder) for entry in info.traceback for folder in PACKAGE_FOLDERS):
+        # raised once the package's code ran (not by Python refusing the call's signature): a CstarError
+        assert isinstance(info.value, cstar_fx.CstarError), f"{type(info.value).__name__} is not a CstarError"
     assert _snapshot(names["tmp"]) == before  # a refused call changes nothing on disk
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+import cstar_fx
 from cstar_fx import pipeline as P
 from cstar_fx.cli import main
 from cstar_fx.export import CPU
@@ -57,6 +58,14 @@ def test_config_is_typed_and_checked():
 
     assert PipelineConfig().prune_epochs == RECOMMENDED.prune_epochs  # unset: the recipe's, where it applies
     assert PipelineConfig(prune_share=0).prune_epochs == 0 and PipelineConfig(finetune_epochs=1).prune_epochs == 0
+
+
+def test_load_data_refuses_a_root_it_would_ignore(tmp_path):
+    with pytest.raises(cstar_fx.CstarError, match="digits' is built in and reads no files") as info:
+        load_data("digits", tmp_path)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="needs root="):
+        load_data("folder")
 
 
 def test_unreachable_ratio_is_refused_before_training(data):

@@ -158,6 +158,9 @@ def _check(args: argparse.Namespace) -> None:
     """The input errors that involve several options (each option's own range is checked by its type)."""
     if args.dataset in ("cifar10", "folder") and args.data is None:
         raise UsageError(f"--dataset {args.dataset} needs --data PATH (the dataset root)")
+    if args.dataset == "digits" and args.data is not None:
+        raise UsageError(f"--data {args.data} is not read by --dataset digits (built in); drop --data, or pass "
+                         f"--dataset cifar10, cifar10-jpeg or folder")
     if args.data is not None and not args.data.exists():
         raise UsageError(f"--data {args.data} does not exist; pass the dataset root (or archive for cifar10-jpeg)")
     if args.checkpoint is not None and not args.checkpoint.is_file():

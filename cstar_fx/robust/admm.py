@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..api import plan_ranks
+from ..errors import CstarTypeError, CstarValueError
 from ..plan import RankPlan
 from ..schemes import get
 from .config import AdmmConfig, TrainConfig
@@ -47,7 +48,7 @@ def auto_rho(cfg: TrainConfig, steps_per_refresh: int) -> float:
         0.1
     """
     if isinstance(steps_per_refresh, bool) or not isinstance(steps_per_refresh, int) or steps_per_refresh < 1:
-        raise ValueError(f"steps_per_refresh must be an int >= 1, got {steps_per_refresh!r}")
+        raise CstarValueError(f"steps_per_refresh must be an int >= 1, got {steps_per_refresh!r}")
     return max(1.0 - cfg.momentum, 1e-3) / (cfg.lr * steps_per_refresh)
 
 
@@ -83,9 +84,9 @@ class AdmmRecord:
 
 def _default_replan(plan: RankPlan, projection: str) -> Callable[[nn.Module], RankPlan]:
     if plan.target_ratio is None or plan.budget != "params":
-        raise ValueError("replan=True needs replan_fn=... for a plan made with a FLOP or custom budget "
-                         "(e.g. replan_fn=lambda m: cstar_fx.plan_ranks(m, 8, budget='flops', example_inputs=x, "
-                         "objective='discarded')); or set AdmmConfig(replan=False)")
+        raise CstarValueError("replan=True needs replan_fn=... for a plan made with a FLOP or custom budget "
+                              "(e.g. replan_fn=lambda m: cstar_fx.plan_ranks(m, 8, budget='flops', example_inputs=x, "
+                              "objective='discarded')); or set AdmmConfig(replan=False)")
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in plan.options.items()}
     if projection == "euclidean":
         options["objective"] = "discarded"
@@ -112,12 +113,13 @@ class Admm(TrainHook):
     def __init__(self, model: nn.Module, plan: RankPlan, cfg: AdmmConfig, *,
                  replan_fn: Callable[[nn.Module], RankPlan] | None = None) -> None:
         if not isinstance(cfg, AdmmConfig):
-            raise TypeError(f"cfg must be an AdmmConfig, got {type(cfg).__name__}")
+            raise CstarTypeError(f"cfg must be an AdmmConfig, got {type(cfg).__name__}")
         if not isinstance(plan, RankPlan):
-            raise TypeError(f"plan must be a cstar_fx.RankPlan (from plan_ranks), got {type(plan).__name__}")
+            raise CstarTypeError(f"plan must be a cstar_fx.RankPlan (from plan_ranks), got {type(plan).__name__}")
         if cfg.rho is None:
-            raise ValueError("AdmmConfig(rho=None) means 'auto', which cstar() resolves from the joint phase's learning "
-                             "rate; to use Admm directly pass a number, e.g. AdmmConfig(rho=auto_rho(train_cfg, steps))")
+            raise CstarValueError("AdmmConfig(rho=None) means 'auto', which cstar() resolves "
+                                  "from the joint phase's learning rate; to use Admm directly "
+                                  "pass a number, e.g. AdmmConfig(rho=auto_rho(train_cfg, steps))")
         self.model, self.cfg, self.plan = model, cfg, plan
         self.replan_fn = (replan_fn or _default_replan(plan, cfg.projection)) if cfg.replan else None
         self.params = dict(model.named_parameters())
@@ -136,11 +138,11 @@ class Admm(TrainHook):
     def _check_plan(self, plan: RankPlan) -> None:
         missing = [lp.param for lp in plan.factorized.values() if lp.param not in self.params]
         if missing:
-            raise ValueError(f"plan parameters {missing[:3]} are not parameters of this model; "
-                             "make the plan from this model with plan_ranks(model, ...)")
+            raise CstarValueError(f"plan parameters {missing[:3]} are not parameters of this model; "
+                                  "make the plan from this model with plan_ranks(model, ...)")
         if not plan.factorized:
-            raise ValueError("the plan factorizes no layer, so there is nothing for ADMM to constrain; "
-                             "use a higher ratio or fewer skip= entries")
+            raise CstarValueError("the plan factorizes no layer, so there is nothing for ADMM to constrain; "
+                                  "use a higher ratio or fewer skip= entries")
 
     @property
     def ranks(self) -> dict[str, tuple[int, ...]]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CstarTypeError, CstarValueError
 from ..torchutil import eval_mode
 from .config import NORMS, AttackConfig
 
@@ -46,16 +47,16 @@ def as_logits(out: Any) -> torch.Tensor:
         >>> as_logits({"logits": torch.zeros(2, 3)})
         Traceback (most recent call last):
         ...
-        TypeError: the model returns a dict with keys ['logits'], not a tensor of logits; wrap it so forward returns the logits ...
+        cstar_fx.errors.CstarTypeError: the model returns a dict with keys ['logits'], not a tensor of logits; wrap it so forward returns the logits ...
     """
     if isinstance(out, torch.Tensor):
         if out.ndim != 2:
-            raise TypeError(f"the model returns a tensor of shape {tuple(out.shape)}; attacks and evaluation need "
-                            f"(batch, classes) logits")
+            raise CstarTypeError(f"the model returns a tensor of shape {tuple(out.shape)}; attacks and evaluation need "
+                                 f"(batch, classes) logits")
         return out
     what = f"a dict with keys {sorted(map(str, out))[:5]}" if isinstance(out, dict) else f"a {type(out).__name__}"
-    raise TypeError(f"the model returns {what}, not a tensor of logits; wrap it so forward returns the logits "
-                    f"(e.g. a module whose forward returns model(x)['logits'])")
+    raise CstarTypeError(f"the model returns {what}, not a tensor of logits; wrap it so forward returns the logits "
+                         f"(e.g. a module whose forward returns model(x)['logits'])")
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -101,29 +102,31 @@ def _step(grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
 
 def _check(x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, norm: str, restarts: int) -> None:
     if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        raise CstarValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor of inputs in [0, 1]")
+        raise CstarTypeError("x must be a floating-point tensor of inputs in [0, 1]")
     if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
-        raise ValueError(f"y must be a tensor with one label per input ({x.shape[0]}), got {getattr(y, 'shape', y)}")
+        raise CstarValueError("y must be a tensor with one label per input "
+                              f"({x.shape[0]}), got {getattr(y, 'shape', y)}")
     if y.ndim != 1:
-        raise ValueError(f"y must be a 1-D tensor of class indices, shape ({x.shape[0]},), got shape {tuple(y.shape)}; "
-                         f"pass y.view(-1)")
+        raise CstarValueError("y must be a 1-D tensor of class indices, shape "
+                              f"({x.shape[0]},), got shape {tuple(y.shape)}; pass y.view(-1)")
     for name, value in (("steps", steps), ("restarts", restarts)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
+            raise CstarTypeError(f"{name} must be an int, got {value!r}")
     if not (math.isfinite(eps) and math.isfinite(alpha) and eps >= 0 and alpha >= 0):
-        raise ValueError(f"eps and alpha must be finite numbers >= 0, got eps={eps:g}, alpha={alpha:g}")
+        raise CstarValueError(f"eps and alpha must be finite numbers >= 0, got eps={eps:g}, alpha={alpha:g}")
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or (y.numel() and int(y.min()) < 0):
-        raise ValueError("y must hold integer class indices >= 0 (e.g. torch.long labels)")
+        raise CstarValueError("y must hold integer class indices >= 0 (e.g. torch.long labels)")
     if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or Inf; inputs must be images in [0, 1]")
+        raise CstarValueError("x contains NaN or Inf; inputs must be images in [0, 1]")
     if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-        raise ValueError(f"x must hold images in [0, 1] (the attack clips to that box and measures eps in pixels), "
-                         f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]; pass unnormalised images and "
-                         f"put the normalisation inside the model, e.g. nn.Sequential(Normalize(mean, std), model)")
+        raise CstarValueError("x must hold images in [0, 1] (the attack clips to that box and measures "
+                              f"eps in pixels), got values in [{float(x.min()):.3g}, "
+                              f"{float(x.max()):.3g}]; pass unnormalised images and put the normalisation "
+                              "inside the model, e.g. nn.Sequential(Normalize(mean, std), model)")
     if steps < 0 or restarts < 1:
-        raise ValueError(f"steps must be >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+        raise CstarValueError(f"steps must be >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
 
 
 def _attack_once(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
@@ -161,16 +164,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     """
     for name, value in (("eps", eps), ("alpha", alpha)):
         if (value is not None or name == "eps") and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
+            raise CstarTypeError(f"{name} must be a number, got {value!r}")
     eps = float(eps)
     if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {steps!r}")
+        raise CstarTypeError(f"steps must be an int, got {steps!r}")
     alpha = 2.5 * eps / max(steps, 1) if alpha is None else float(alpha)
     _check(x, y, eps, alpha, steps, norm, restarts)
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is not None and weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"x is {x.dtype} but the model's weights are {weight.dtype}; pass x.to({weight.dtype}) "
-                        f"(or convert the model)")
+        raise CstarTypeError(f"x is {x.dtype} but the model's weights are {weight.dtype}; pass x.to({weight.dtype}) "
+                             f"(or convert the model)")
     x = x.detach()
     y = y.long()
     if steps == 0 and not random_start:

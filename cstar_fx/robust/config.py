@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..costs import budget_names
+from ..errors import CstarTypeError, CstarValueError
 
 __all__ = ["AttackConfig", "LossConfig", "TrainConfig", "AdmmConfig", "JointConfig", "Recipe", "RECOMMENDED",
            "NORMS", "LOSSES", "SCHEDULES", "check_prune_share", "check_prune_epochs"]
@@ -30,12 +31,12 @@ PROJECTIONS = ("euclidean", "plan")  # what the ADMM Z-step optimises when it re
 def _number(obj: Any, name: str, *, low: float | None = None, high: float | None = None, strict_low: bool = False) -> float:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
+        raise CstarTypeError(f"{name} must be a finite number, got {value!r}")
     value = float(value)
     if low is not None and (value < low or (strict_low and value == low)):
-        raise ValueError(f"{name} must be {'>' if strict_low else '>='} {low:g}, got {value:g}")
+        raise CstarValueError(f"{name} must be {'>' if strict_low else '>='} {low:g}, got {value:g}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high:g}, got {value:g}")
+        raise CstarValueError(f"{name} must be <= {high:g}, got {value:g}")
     object.__setattr__(obj, name, value)
     return value
 
@@ -48,8 +49,8 @@ def check_prune_share(value: Any) -> float:
         0.5
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-        raise ValueError(f"prune must be the share of the compression given to channel pruning, 0 <= prune < 1 "
-                         f"(0: off; 1 would leave nothing to factorize), got {value!r}")
+        raise CstarValueError(f"prune must be the share of the compression given to channel pruning, 0 <= prune < 1 "
+                              f"(0: off; 1 would leave nothing to factorize), got {value!r}")
     return float(value)
 
 
@@ -62,13 +63,13 @@ def check_prune_epochs(value: Any, prune: float | None = None, epochs: int | Non
         1
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"prune_epochs must be a number of epochs >= 0 (0: off), got {value!r}")
+        raise CstarValueError(f"prune_epochs must be a number of epochs >= 0 (0: off), got {value!r}")
     if value and prune is not None and not prune:
-        raise ValueError(f"prune_epochs={value} trains the pruned network, so it needs a prune share > 0 (the share "
-                         "of the compression given to channel pruning)")
+        raise CstarValueError(f"prune_epochs={value} trains the pruned network, so it needs a prune "
+                              "share > 0 (the share of the compression given to channel pruning)")
     if value and epochs is not None and value >= epochs:
-        raise ValueError(f"prune_epochs ({value}) must be fewer than the fine-tune's epochs ({epochs}): the "
-                         "factorized network needs the rest")
+        raise CstarValueError(f"prune_epochs ({value}) must be fewer than the fine-tune's epochs ({epochs}): the "
+                              "factorized network needs the rest")
     return int(value)
 
 
@@ -81,17 +82,17 @@ def check_gradual_epochs(value: Any, epochs: int | None = None, prune_epochs: in
         1
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"gradual_epochs must be a number of epochs >= 0 (0: off), got {value!r}")
+        raise CstarValueError(f"gradual_epochs must be a number of epochs >= 0 (0: off), got {value!r}")
     if value and epochs is not None and value + prune_epochs >= epochs:
-        raise ValueError(f"gradual_epochs ({value}) plus prune_epochs ({prune_epochs}) must be fewer than the "
-                         f"fine-tune's epochs ({epochs}): the network at its final ranks needs the rest")
+        raise CstarValueError(f"gradual_epochs ({value}) plus prune_epochs ({prune_epochs}) must be fewer than the "
+                              f"fine-tune's epochs ({epochs}): the network at its final ranks needs the rest")
     return int(value)
 
 
 def _int(obj: Any, name: str, low: int) -> int:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        raise CstarValueError(f"{name} must be an int >= {low}, got {value!r}")
     object.__setattr__(obj, name, int(value))
     return int(value)
 
@@ -99,7 +100,7 @@ def _int(obj: Any, name: str, low: int) -> int:
 def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise CstarValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 class _Replace:
@@ -141,7 +142,7 @@ class AttackConfig(_Replace):
         _int(self, "steps", 0)
         _int(self, "restarts", 1)
         if not isinstance(self.random_start, bool):
-            raise TypeError(f"random_start must be a bool, got {self.random_start!r}")
+            raise CstarTypeError(f"random_start must be a bool, got {self.random_start!r}")
 
     def scaled(self, eps: float) -> "AttackConfig":
         """The same attack at another radius, the step size scaled in proportion (used by eps sweeps).
@@ -184,14 +185,15 @@ class LossConfig(_Replace):
         _choice(self, "kind", LOSSES)
         _number(self, "distill", low=0.0, high=1.0)
         if self.distill > 0 and self.kind == "trades":
-            raise ValueError("distill is defined for kinds 'pgd', 'fast' and 'clean' (TRADES has its own KL term); "
-                             "use LossConfig('pgd', distill=...)")
+            raise CstarValueError("distill is defined for kinds 'pgd', 'fast' and 'clean' (TRADES "
+                                  "has its own KL term); use LossConfig('pgd', distill=...)")
         if not isinstance(self.attack, AttackConfig):
-            raise TypeError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
+            raise CstarTypeError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
         _number(self, "beta", low=0.0)
         _number(self, "fast_alpha", low=0.0, strict_low=True)
         if self.kind == "fast" and self.attack.norm != "linf":
-            raise ValueError("loss 'fast' (FGSM with random start) is defined for norm='linf'; use kind='pgd' for L2")
+            raise CstarValueError("loss 'fast' (FGSM with random start) is "
+                                  "defined for norm='linf'; use kind='pgd' for L2")
 
 
 @dataclass(frozen=True)
@@ -233,17 +235,17 @@ class TrainConfig(_Replace):
         _choice(self, "schedule", SCHEDULES)
         _number(self, "warmup_epochs", low=0.0)
         if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs ({self.epochs})")
+            raise CstarValueError(f"warmup_epochs ({self.warmup_epochs:g}) must not exceed epochs ({self.epochs})")
         if not isinstance(self.loss, LossConfig):
-            raise TypeError(f"loss must be a LossConfig (e.g. LossConfig('pgd')), got {type(self.loss).__name__}")
+            raise CstarTypeError(f"loss must be a LossConfig (e.g. LossConfig('pgd')), got {type(self.loss).__name__}")
         _int(self, "seed", 0)
         if self.grad_clip is not None:
             _number(self, "grad_clip", low=0.0, strict_low=True)
         for name in ("nesterov", "amp", "channels_last", "progress"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise CstarTypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
+            raise CstarValueError("nesterov=True needs momentum > 0")
 
 
 @dataclass(frozen=True)
@@ -289,13 +291,14 @@ class AdmmConfig(_Replace):
         _number(self, "rho_growth", low=1.0)
         _number(self, "rho_max", low=0.0, strict_low=True)
         if self.rho is not None and self.rho_max < self.rho:
-            raise ValueError(f"rho_max ({self.rho_max:g}) must be >= rho ({self.rho:g}); raise rho_max or lower rho")
+            raise CstarValueError(f"rho_max ({self.rho_max:g}) must be >= rho "
+                                  f"({self.rho:g}); raise rho_max or lower rho")
         if self.refresh_every is not None:
             _int(self, "refresh_every", 1)
         if not isinstance(self.replan, bool):
-            raise TypeError(f"replan must be a bool, got {self.replan!r}")
+            raise CstarTypeError(f"replan must be a bool, got {self.replan!r}")
         if self.projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+            raise CstarValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
 
 
 @dataclass(frozen=True)
@@ -320,7 +323,7 @@ class JointConfig(_Replace):
     def __post_init__(self) -> None:
         for name, kind in (("joint", TrainConfig), ("finetune", TrainConfig), ("admm", AdmmConfig)):
             if not isinstance(getattr(self, name), kind):
-                raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+                raise CstarTypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
 
 
 @dataclass(frozen=True)
@@ -358,7 +361,7 @@ class Recipe(_Replace):
         object.__setattr__(self, "prune", check_prune_share(self.prune))
         check_prune_epochs(self.prune_epochs, self.prune)
         if self.budget not in budget_names():
-            raise ValueError(f"budget must be one of {budget_names()}, got {self.budget!r}")
+            raise CstarValueError(f"budget must be one of {budget_names()}, got {self.budget!r}")
 
 
 RECOMMENDED = Recipe(calibrate=512, prune=0.5, prune_epochs=1, budget="both")

@@ -34,6 +34,7 @@ from ..analysis import TRACE_OPTIONS, count_flops, count_params
 from ..api import get_plan, plan_ranks, refold, transform
 from ..config import CstarConfig
 from ..data import as_loader
+from ..errors import CstarTypeError, CstarValueError
 from ..passes.prune import PRUNE_BUDGETS, budget_costs, prune_to_ratio_finer
 from ..plan import RankPlan
 from ..report import get_report
@@ -67,7 +68,7 @@ def calibration_batches(model: nn.Module, train_data: Any, n: int, cfg: TrainCon
         [(32, 1, 8, 8), (32, 1, 8, 8), (32, 1, 8, 8), (32, 1, 8, 8)]
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of calibration images must be an int >= 1, got {n!r}")
+        raise CstarValueError(f"the number of calibration images must be an int >= 1, got {n!r}")
     dev = device if device is not None else model_device(model)
     a = cfg.loss.attack
     out: list[torch.Tensor] = []
@@ -113,8 +114,8 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     """
     cfg = JointConfig() if cfg is None else cfg
     if not isinstance(cfg, JointConfig):
-        raise TypeError(f"cfg must be a JointConfig (joint=TrainConfig, finetune=TrainConfig, admm=AdmmConfig), "
-                        f"got {type(cfg).__name__}")
+        raise CstarTypeError(f"cfg must be a JointConfig (joint=TrainConfig, finetune=TrainConfig, admm=AdmmConfig), "
+                             f"got {type(cfg).__name__}")
     _check_count("calibrate", calibrate)
     dense = copy.deepcopy(model)
     dev = torch.device(device) if device is not None else model_device(model)
@@ -125,9 +126,9 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     # the Z-step's plans: the plan's objective, or under projection="euclidean" the projection onto the budget
     euclidean = admm_cfg.projection == "euclidean"
     if euclidean and plan_options.get("objective", "discarded") != "discarded":
-        raise ValueError(f"objective={plan_options['objective']!r}: the ADMM Z-step's plans are Euclidean projections "
-                         "(objective='discarded'); drop objective=, or set AdmmConfig(projection='plan') to plan "
-                         "with it")
+        raise CstarValueError(f"objective={plan_options['objective']!r}: the ADMM Z-step's "
+                              "plans are Euclidean projections (objective='discarded'); drop "
+                              "objective=, or set AdmmConfig(projection='plan') to plan with it")
     z_options = dict(plan_options, objective="discarded") if euclidean else plan_options
 
     def replan(m: nn.Module) -> RankPlan:
@@ -199,7 +200,7 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
     """
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        raise CstarTypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     _check_count("calibrate", calibrate)
     _check_count("sensitivity", sensitivity)
     prune = check_prune_share(prune)
@@ -276,8 +277,8 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
     _check_numeric_ratio(ratio, "prune= needs a numeric ratio (the total ratio)")
     budget = plan_options.get("budget", CstarConfig.budget)
     if budget not in PRUNE_BUDGETS:
-        raise ValueError(f"prune= splits a parameter or FLOP ratio; it cannot go with budget={budget!r} "
-                         f"(use one of {', '.join(PRUNE_BUDGETS)})")
+        raise CstarValueError(f"prune= splits a parameter or FLOP ratio; it cannot go with budget={budget!r} "
+                              f"(use one of {', '.join(PRUNE_BUDGETS)})")
     if example_inputs is None:
         example_inputs = (next(iter(as_loader(train_data, 1, False, dev)))[0],)
     # the factorization takes whatever the pruning leaves, so the pruning need not land within 3% of its share
@@ -291,7 +292,7 @@ def _prune_first(teacher: nn.Module, train_data: Any, ratio: Any, share: float, 
 
 def _check_numeric_ratio(ratio: Any, need: str) -> None:
     if isinstance(ratio, (CstarConfig, bool)) or not isinstance(ratio, (int, float)):
-        raise TypeError(f"{need}, got {type(ratio).__name__}")
+        raise CstarTypeError(f"{need}, got {type(ratio).__name__}")
 
 
 def _only(options: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -301,7 +302,7 @@ def _only(options: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 
 def _check_count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a number of training images >= 0 (0: off), got {value!r}")
+        raise CstarValueError(f"{name} must be a number of training images >= 0 (0: off), got {value!r}")
 
 
 def model_on(model: nn.Module, device: torch.device) -> nn.Module:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from ..errors import CstarRuntimeError, CstarValueError
 
 __all__ = ["World", "world", "init_from_env", "process_group", "is_main_process", "barrier", "all_reduce_sum",
            "broadcast_object", "rank0_first", "local_device"]
@@ -76,8 +77,8 @@ def world(enabled: bool | None = None) -> World:
     if enabled is False or (enabled is None and not _initialised()):
         return World()
     if not _initialised():
-        raise RuntimeError("distributed=True needs an initialised torch.distributed process group; launch with "
-                           "torchrun and call cstar_fx.robust.init_from_env() (or use process_group()) first")
+        raise CstarRuntimeError("distributed=True needs an initialised torch.distributed process group; launch with "
+                                "torchrun and call cstar_fx.robust.init_from_env() (or use process_group()) first")
     rank, size = dist.get_rank(), dist.get_world_size()
     return World(rank, size, int(os.environ.get("LOCAL_RANK", rank)))
 
@@ -98,7 +99,7 @@ def init_from_env(backend: str | None = None, *, timeout_s: float | None = None)
     if not all(k in os.environ for k in _ENV):
         return World()
     if not dist.is_available():
-        raise RuntimeError("this torch build has no torch.distributed; install a build with distributed support")
+        raise CstarRuntimeError("this torch build has no torch.distributed; install a build with distributed support")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     kwargs: dict[str, Any] = {}
@@ -106,8 +107,8 @@ def init_from_env(backend: str | None = None, *, timeout_s: float | None = None)
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s); "
-                               "lower --nproc-per-node to the number of GPUs")
+            raise CstarRuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s); "
+                                    "lower --nproc-per-node to the number of GPUs")
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
     dist.init_process_group(backend, **kwargs)
@@ -259,6 +260,6 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the model has no trainable parameters to train with DistributedDataParallel")
+        raise CstarValueError("the model has no trainable parameters to train with DistributedDataParallel")
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import TensorData, as_loader
-from ..errors import MissingExtraError
+from ..errors import CstarKeyError, CstarTypeError, CstarValueError, MissingExtraError
 from ..extras import require
 from ..torchutil import eval_mode, model_device, private_rng
 from . import distributed as D
@@ -101,7 +101,7 @@ class SanityReport:
         for c in self.checks:
             if c.name == name:
                 return c
-        raise KeyError(f"no sanity check {name!r}; have {[c.name for c in self.checks]}")
+        raise CstarKeyError(f"no sanity check {name!r}; have {[c.name for c in self.checks]}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -174,9 +174,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     (pyautoattack,) = require("pyautoattack", purpose="AutoAttack (the authors' reference implementation)")
     norms = {"linf": "Linf", "l2": "L2"}
     if norm not in norms:
-        raise ValueError(f"norm must be one of {tuple(norms)}, got {norm!r}")
+        raise CstarValueError(f"norm must be one of {tuple(norms)}, got {norm!r}")
     if version not in ("standard", "apgd"):
-        raise ValueError(f"version must be 'standard' or 'apgd', got {version!r}")
+        raise CstarValueError(f"version must be 'standard' or 'apgd', got {version!r}")
     device = x.device
     with eval_mode(model), private_rng(device, seed):
         aa = pyautoattack.AutoAttack(model, eps=float(eps), norm=norms[norm], version="standard", device=device, seed=seed)
@@ -261,7 +261,7 @@ def _collect(data: Any, n: int | None, batch_size: int, device: torch.device) ->
         if n is not None and seen >= n:
             break
     if not xs:
-        raise ValueError("the evaluation data is empty")
+        raise CstarValueError("the evaluation data is empty")
     x, y = torch.cat(xs), torch.cat(ys)
     return (x[:n], y[:n]) if n is not None else (x, y)
 
@@ -298,20 +298,20 @@ def evaluate(model: nn.Module, data: Any, attacks: Sequence[str] = ("pgd",), *, 
     """
     attack = AttackConfig(steps=20) if attack is None else attack
     if not isinstance(attack, AttackConfig):
-        raise TypeError(f"attack must be an AttackConfig, got {type(attack).__name__}")
+        raise CstarTypeError(f"attack must be an AttackConfig, got {type(attack).__name__}")
     for name, value, allow_none in (("n", n, True), ("autoattack_n", autoattack_n, True),
                                     ("batch_size", batch_size, False), ("sanity_n", sanity_n, False)):
         if value is None and allow_none:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+            raise CstarValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
     if isinstance(attacks, str):
         attacks = (attacks,)
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
-        raise ValueError(f"unknown attack(s) {unknown}; choose from {ATTACKS}")
+        raise CstarValueError(f"unknown attack(s) {unknown}; choose from {ATTACKS}")
     if "fgsm" in attacks and attack.norm != "linf":
-        raise ValueError("fgsm is an L_inf attack; drop it or use AttackConfig(norm='linf')")
+        raise CstarValueError("fgsm is an L_inf attack; drop it or use AttackConfig(norm='linf')")
     for name in ("autoattack", "apgd"):
         if name not in attacks:
             continue
@@ -322,10 +322,10 @@ def evaluate(model: nn.Module, data: Any, attacks: Sequence[str] = ("pgd",), *, 
     x, y = _collect(data, n, batch_size, dev)
     total = x.shape[0]
     if total == 0:
-        raise ValueError("the evaluation data is empty (0 examples); pass data with at least one example")
+        raise CstarValueError("the evaluation data is empty (0 examples); pass data with at least one example")
     if y.ndim != 1 or y.is_floating_point():
-        raise ValueError(f"labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)} {y.dtype}; "
-                         f"pass y.view(-1).long()")
+        raise CstarValueError(f"labels must be a 1-D tensor of class indices, got shape {tuple(y.shape)} {y.dtype}; "
+                              f"pass y.view(-1).long()")
     y = y.long()
     xs, ys = _shard(x, w), _shard(y, w)
     amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and dev.type == "cuda")

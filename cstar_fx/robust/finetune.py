@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..data import as_loader
-from ..errors import CstarError
+from ..errors import CstarError, CstarFloatingPointError, CstarRuntimeError, CstarTypeError, CstarValueError
 from ..fileutil import atomic_save
 from ..torchutil import model_device, private_rng
 from . import distributed as D
@@ -144,7 +144,7 @@ def load_checkpoint(run_dir: str | os.PathLike[str], map_location: str | torch.d
         return None
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a cstar-fx training checkpoint; use another run_dir")
+        raise CstarValueError(f"{path} is not a cstar-fx training checkpoint; use another run_dir")
     return ckpt
 
 
@@ -191,9 +191,9 @@ def _config_diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -
 def _distributed_loader(loader: Any, w: D.World, train_data: Any) -> None:
     lo, hi = D.min_max(len(loader))
     if lo != hi:
-        raise ValueError(f"the ranks have different numbers of batches per epoch ({lo} to {hi}), which would "
-                         "deadlock the gradient all-reduce; shard a DataLoader with a DistributedSampler "
-                         "(it pads every rank to the same length), or pass a TensorData")
+        raise CstarValueError(f"the ranks have different numbers of batches per epoch ({lo} to {hi}), which would "
+                              "deadlock the gradient all-reduce; shard a DataLoader with a DistributedSampler "
+                              "(it pads every rank to the same length), or pass a TensorData")
     if (w.is_main and not hasattr(train_data, "loader") and not isinstance(train_data, (tuple, list))
             and not hasattr(getattr(train_data, "sampler", None), "set_epoch")):
         warnings.warn("distributed training on a loader without a DistributedSampler: every rank sees every "
@@ -237,14 +237,14 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     """
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        raise CstarTypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise CstarTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if cfg.loss.distill > 0 and teacher is None:
-        raise ValueError(f"cfg.loss.distill={cfg.loss.distill:g} needs teacher=<the dense robust model>; "
-                         "pass it, or set LossConfig(distill=0)")
+        raise CstarValueError(f"cfg.loss.distill={cfg.loss.distill:g} needs teacher=<the dense robust model>; "
+                              "pass it, or set LossConfig(distill=0)")
     if teacher is not None and not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        raise CstarTypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
     w = D.world(distributed)
     if run_dir is None:
         path = None
@@ -254,8 +254,8 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     cuda = device.type == "cuda"
     model.to(device)
     if teacher is not None and model_device(teacher) != device:
-        raise ValueError(f"the teacher is on {model_device(teacher)}, training runs on {device}; "
-                         f"move it first: teacher.to({str(device)!r})")
+        raise CstarValueError(f"the teacher is on {model_device(teacher)}, training runs on {device}; "
+                              f"move it first: teacher.to({str(device)!r})")
     if cfg.channels_last:  # NHWC: faster convolutions on GPUs and on CPUs (oneDNN), 1.6x measured on 2 cores
         model.to(memory_format=torch.channels_last)
     loader = as_loader(train_data, cfg.batch_size, True, device, seed=cfg.seed, sampler=sampler,
@@ -263,16 +263,16 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     try:
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError("training data needs a length (number of batches per epoch) for the schedule; "
-                        "use a TensorData, a DataLoader or a list of batches") from None
+        raise CstarTypeError("training data needs a length (number of batches per epoch) for the schedule; "
+                             "use a TensorData, a DataLoader or a list of batches") from None
     if w.active:
         _distributed_loader(loader, w, train_data)
     if steps_per_epoch == 0:
         size = _size(train_data)
         if size == 0:
-            raise ValueError("the training data is empty (0 examples); pass data with at least one batch")
-        raise ValueError(f"no full training batch: {cfg.batch_size=} is larger than the dataset"
-                         + (f" ({size} examples)" if size else "") + "; lower batch_size")
+            raise CstarValueError("the training data is empty (0 examples); pass data with at least one batch")
+        raise CstarValueError(f"no full training batch: {cfg.batch_size=} is larger than the dataset"
+                              + (f" ({size} examples)" if size else "") + "; lower batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov)
@@ -283,30 +283,30 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
     if ckpt is not None:
         diffs = _config_diff(ckpt["config"], cfg.to_dict())
         if diffs:
-            raise ValueError(f"the checkpoint in {path.parent} was written with another config ({'; '.join(diffs)}); "
-                             "resume with the same TrainConfig, or start a new run_dir")
+            raise CstarValueError(f"the checkpoint in {path.parent} was written with another config "
+                                  f"({'; '.join(diffs)}); resume with the same TrainConfig, or start a new run_dir")
         mine = model.state_dict()
         theirs = ckpt["model"]
         clash = ([f"{k!r} {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in mine.items()
                   if k in theirs and hasattr(theirs[k], "shape") and theirs[k].shape != v.shape]
                  + [f"{k!r} missing" for k in mine if k not in theirs] + [f"{k!r} unexpected" for k in theirs if k not in mine])
         if clash:
-            raise ValueError(f"the checkpoint in {path.parent} was written by a different model ({'; '.join(clash[:3])}"
-                             f"{' ...' if len(clash) > 3 else ''}); resume with the model that wrote it, or start a new "
-                             f"run_dir")
+            raise CstarValueError(f"the checkpoint in {path.parent} was written by a different model "
+                                  f"({'; '.join(clash[:3])}{' ...' if len(clash) > 3 else ''}); "
+                                  "resume with the model that wrote it, or start a new run_dir")
         model.load_state_dict(theirs)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if hook is not None:
             if not ckpt["hook"] and hook.state_dict():
-                raise ValueError(f"the checkpoint in {path.parent} was written without this hook "
-                                 f"({type(hook).__name__}); start a new run_dir")
+                raise CstarValueError(f"the checkpoint in {path.parent} was written without this hook "
+                                      f"({type(hook).__name__}); start a new run_dir")
             hook.load_state_dict(ckpt["hook"])
         history = TrainHistory(list(ckpt["history"]), resumed_from=int(ckpt["epoch"]))
         start = int(ckpt["epoch"])
     if w.active and len(set(D.min_max(start))) > 1:
-        raise RuntimeError(f"the ranks found different checkpoints in {run_dir} (rank {w.rank} resumes after epoch "
-                           f"{start}); put run_dir on a filesystem every rank sees")
+        raise CstarRuntimeError(f"the ranks found different checkpoints in {run_dir} (rank {w.rank} "
+                                f"resumes after epoch {start}); put run_dir on a filesystem every rank sees")
     # The DDP constructor broadcasts rank 0's weights and buffers; the hook then takes rank 0's state.
     forward = D.wrap_ddp(model, device) if w.active else model
     if w.active and hook is not None:
@@ -335,8 +335,9 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
                     if extra is not None:
                         loss = loss + extra
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                                 "lower lr, set grad_clip, or check the inputs lie in [0, 1]")
+                        raise CstarFloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}, step "
+                                                      f"{step + 1}; lower lr, set grad_clip, or check the inputs lie "
+                                                      "in [0, 1]")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip is not None:
@@ -398,7 +399,7 @@ def recalibrate_bn(model: nn.Module, data: Any, batches: int = 20, batch_size: i
     if not norms:
         return 0
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise ValueError(f"batches must be an int >= 1, got {batches!r}")
+        raise CstarValueError(f"batches must be an int >= 1, got {batches!r}")
     dev = torch.device(device) if device is not None else model_device(model)
     saved = [(m.momentum, m.training) for m in norms]
     was_training = model.training

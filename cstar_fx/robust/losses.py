@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CstarTypeError, CstarValueError
 from ..torchutil import eval_mode
 from .attacks import fgsm, pgd_attack, project_delta
 from .config import LossConfig, TrainConfig
@@ -53,8 +54,8 @@ def _with_distill(ce: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, cfg: 
     if cfg.distill == 0:
         return ce
     if teacher is None:
-        raise ValueError(f"LossConfig(distill={cfg.distill:g}) needs the teacher: pass teacher=<dense robust model> "
-                         "to finetune/adversarial_loss, or set distill=0")
+        raise CstarValueError(f"LossConfig(distill={cfg.distill:g}) needs the teacher: pass teacher=<dense "
+                              "robust model> to finetune/adversarial_loss, or set distill=0")
     with torch.no_grad(), eval_mode(teacher):
         target = F.softmax(teacher(x).float(), dim=1)
     return (1.0 - cfg.distill) * ce + cfg.distill * _kl(logits, target).mean()
@@ -79,7 +80,7 @@ def adversarial_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
     """
     cfg = cfg.loss if isinstance(cfg, TrainConfig) else cfg
     if not isinstance(cfg, LossConfig):
-        raise TypeError(f"cfg must be a LossConfig or TrainConfig, got {type(cfg).__name__}")
+        raise CstarTypeError(f"cfg must be a LossConfig or TrainConfig, got {type(cfg).__name__}")
     a = cfg.attack
     fwd = model if forward is None else forward
     if cfg.kind == "clean":

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import as_loader
+from ..errors import CstarTypeError, CstarValueError
 from ..passes.discover import find_layers
 from ..passes.trace import trace
 from ..torchutil import eval_mode, model_device, private_rng
@@ -53,13 +54,13 @@ def layer_sensitivity(model: nn.Module, data: Any, attack: AttackConfig | None =
     """
     attack = AttackConfig() if attack is None else attack
     if not isinstance(attack, AttackConfig):
-        raise TypeError(f"attack must be an AttackConfig, got {type(attack).__name__}")
+        raise CstarTypeError(f"attack must be an AttackConfig, got {type(attack).__name__}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1 (examples to measure on), got {n!r}")
+        raise CstarValueError(f"n must be an int >= 1 (examples to measure on), got {n!r}")
     sites, _ = find_layers(trace(model, **trace_options))
     names = [s.name for s in sites if s.form == "module" and s.name]
     if not names:
-        raise ValueError("the model has no conv2d/linear module to measure; layer_sensitivity needs module layers")
+        raise CstarValueError("the model has no conv2d/linear module to measure; layer_sensitivity needs module layers")
     modules = {name: model.get_submodule(name) for name in names}
     dev = model_device(model)
     totals = dict.fromkeys(names, 0.0)
@@ -94,7 +95,7 @@ def layer_sensitivity(model: nn.Module, data: Any, attack: AttackConfig | None =
             if seen >= n:
                 break
     if seen == 0:
-        raise ValueError("the data holds no example to measure on; pass training data")
+        raise CstarValueError("the data holds no example to measure on; pass training data")
     mean = sum(totals.values()) / len(totals)
     floor = mean * 1e-3  # a layer the loss does not reach (e.g. unused) still keeps a small positive weight
     weights = {k: max(v, floor) for k, v in totals.items()}

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.nn.utils import skip_init
 
 from ..decompose import Spectrum, mode_spectra
+from ..errors import CstarTypeError, CstarValueError
 
 __all__ = ["LayerSpec", "Op", "Scheme", "Factors", "register", "get", "names", "conv_scheme_names", "candidates",
            "layer_spectra", "factor_path", "DENSE", "AUTO", "DEFAULT_CONV"]
@@ -273,13 +274,15 @@ class Scheme:
     def flops(self, layer: LayerSpec, ranks: tuple[int, ...]) -> float:
         """FLOPs on the example input (2 per multiply-add, bias not counted, as ``FlopCounterMode`` counts)."""
         if layer.in_positions is None or layer.out_positions is None:
-            raise ValueError(f"layer {layer.name!r} has no shape information; pass example_inputs for a FLOP budget")
+            raise CstarValueError(f"layer {layer.name!r} has no shape information; "
+                                  "pass example_inputs for a FLOP budget")
         return 2.0 * self.macs(layer, ranks)
 
     def latency_ops(self, layer: LayerSpec, ranks: tuple[int, ...]) -> list[Op]:
         """:meth:`ops`, after checking the layer's shapes are known."""
         if layer.in_shape is None or layer.out_shape is None:
-            raise ValueError(f"layer {layer.name!r} has no shape information; pass example_inputs for a latency budget")
+            raise CstarValueError(f"layer {layer.name!r} has no shape information; "
+                                  "pass example_inputs for a latency budget")
         return self.ops(layer, ranks)
 
     def build(self, site: Any, ranks: tuple[int, ...], *, decompose: bool = True,
@@ -287,12 +290,13 @@ class Scheme:
         """The :class:`Factors` replacing ``site`` at ``ranks``, initialised from its weight (``decompose=False``:
         zero weights, to load saved ones into)."""
         if not self.factorizes:
-            raise ValueError(f"layer {site.name!r}: scheme {self.name!r} keeps the layer as it is; nothing to build")
+            raise CstarValueError(f"layer {site.name!r}: scheme {self.name!r} "
+                                  "keeps the layer as it is; nothing to build")
         seq = Factors(self.name, self.chain(site, ranks))
         children = list(seq._modules)
         if children[0] != "reduce" or children[-1] != "expand":
-            raise TypeError(f"scheme {self.name!r} built the chain {children}; a chain starts with 'reduce' and ends "
-                            f"with 'expand' (the layout transform, save/load and pruning rely on)")
+            raise CstarTypeError(f"scheme {self.name!r} built the chain {children}; a chain starts with 'reduce' "
+                                 "and ends with 'expand' (the layout transform, save/load and pruning rely on)")
         with torch.no_grad():
             if decompose:
                 found = self.factor_weights(site.weight.detach(), ranks, moment if self.data_aware else None)
@@ -325,9 +329,9 @@ def register(scheme: Scheme) -> Scheme:
         True
     """
     if not isinstance(scheme, Scheme) or not scheme.name:
-        raise TypeError(f"register takes a named Scheme instance, got {scheme!r}")
+        raise CstarTypeError(f"register takes a named Scheme instance, got {scheme!r}")
     if scheme.name in _REGISTRY or scheme.name == AUTO:
-        raise ValueError(f"a scheme named {scheme.name!r} is already registered; choose another name")
+        raise CstarValueError(f"a scheme named {scheme.name!r} is already registered; choose another name")
     _REGISTRY[scheme.name] = scheme
     return scheme
 
@@ -342,7 +346,7 @@ def get(name: str) -> Scheme:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown scheme {name!r}; the registered schemes are {names()}") from None
+        raise CstarValueError(f"unknown scheme {name!r}; the registered schemes are {names()}") from None
 
 
 def names() -> tuple[str, ...]:

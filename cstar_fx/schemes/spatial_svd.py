@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..decompose import Spectrum, mode_spectra, svd_factors, svd_reconstruct
+from ..errors import CstarValueError
 from ..torchutil import pair
 from .base import LayerSpec, Op, Scheme, conv, register
 
@@ -79,8 +80,9 @@ class SpatialSVD(Scheme):
 
     def energy(self, layer: LayerSpec, ranks: tuple[int, ...]) -> float:
         if not self.has_spectra(layer):
-            raise ValueError(f"layer {layer.name!r} has no spatial-SVD spectrum; plan with conv_scheme='spatial_svd' "
-                             f"or 'auto', or build the LayerSpec with scheme_spectra=layer_spectra(weight, ...)[1]")
+            raise CstarValueError(f"layer {layer.name!r} has no spatial-SVD spectrum; plan "
+                                  "with conv_scheme='spatial_svd' or 'auto', or build the "
+                                  "LayerSpec with scheme_spectra=layer_spectra(weight, ...)[1]")
         return layer.scheme_spectra[self.name][0].kept_energy(ranks[0])
 
     def weight_count(self, layer: LayerSpec, ranks: tuple[int, ...]) -> int:
@@ -105,7 +107,8 @@ class SpatialSVD(Scheme):
 
     def chain(self, site: object, ranks: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
         if site.kind != "conv":
-            raise ValueError(f"layer {site.name!r}: spatial_svd needs a kxk conv weight; use 'svd' for linear layers")
+            raise CstarValueError(f"layer {site.name!r}: spatial_svd needs a "
+                                  "kxk conv weight; use 'svd' for linear layers")
         w, (r,) = site.weight, ranks
         c_out, c_in, kh, kw = w.shape
         height, width = _halves(site.stride, site.padding, site.dilation)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..decompose import project, tucker2_factors, tucker2_factors_data, tucker2_reconstruct
 from .base import LayerSpec, Op, Scheme, conv, register, site_conv_args, spec_conv_args
+from ..errors import CstarValueError
 
 
 class Tucker2(Scheme):
@@ -73,7 +74,7 @@ class Tucker2(Scheme):
 
     def chain(self, site: object, ranks: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
         if site.kind != "conv":
-            raise ValueError(f"layer {site.name!r}: tucker2 needs a conv weight; use 'svd' for linear layers")
+            raise CstarValueError(f"layer {site.name!r}: tucker2 needs a conv weight; use 'svd' for linear layers")
         w, (r_out, r_in) = site.weight, ranks
         return [("reduce", conv(w.shape[1], r_in, (1, 1), w)),
                 ("core", conv(r_in, r_out, tuple(w.shape[2:]), w, **site_conv_args(site))),
