@@ -188,6 +188,9 @@ def _check(args: argparse.Namespace) -> None:
     elif "prune_epochs" in _explicit(args) and args.prune_epochs:
         raise UsageError(f"--prune-epochs {args.prune_epochs} trains the pruned network of the decompose method; "
                          f"add decompose to --methods or drop --prune-epochs")
+    if "stem" in _explicit(args) and (args.model == "small_cnn" or args.model_class is not None):
+        raise UsageError(f"--stem {args.stem} sets a torchvision model's first layers; --model "
+                         f"{args.model_class or args.model} has none to set, so drop --stem or pick a torchvision --model")
     if args.int8 and args.no_export:
         raise UsageError("--int8 quantizes the exported ONNX models; drop --no-export")
     if args.min_agreement is not None and not args.int8:
