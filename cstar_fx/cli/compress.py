@@ -156,6 +156,7 @@ def _explicit(args: argparse.Namespace) -> set[str]:
 
 def _check(args: argparse.Namespace) -> None:
     """The input errors that involve several options (each option's own range is checked by its type)."""
+    explicit = _explicit(args)
     if args.dataset in ("cifar10", "folder") and args.data is None:
         raise UsageError(f"--dataset {args.dataset} needs --data PATH (the dataset root)")
     if args.dataset == "digits" and args.data is not None:
@@ -175,7 +176,7 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--ratios and --methods must not repeat a value")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a folder")
-    if "prune_share" in _explicit(args) and args.prune_share and "decompose" not in args.methods:
+    if "prune_share" in explicit and args.prune_share and "decompose" not in args.methods:
         raise UsageError(f"--prune-share {args.prune_share:g} splits the ratio of the decompose method; add "
                          f"decompose to --methods or drop --prune-share")
     if args.prune_epochs and "decompose" in args.methods:
@@ -185,12 +186,13 @@ def _check(args: argparse.Namespace) -> None:
         if args.prune_epochs >= args.finetune_epochs:
             raise UsageError(f"--prune-epochs {args.prune_epochs} must be fewer than --finetune-epochs "
                              f"{args.finetune_epochs}: the factorized network needs the rest; lower --prune-epochs")
-    elif "prune_epochs" in _explicit(args) and args.prune_epochs:
+    elif "prune_epochs" in explicit and args.prune_epochs:
         raise UsageError(f"--prune-epochs {args.prune_epochs} trains the pruned network of the decompose method; "
                          f"add decompose to --methods or drop --prune-epochs")
-    if "stem" in _explicit(args) and (args.model == "small_cnn" or args.model_class is not None):
+    if "stem" in explicit and (args.model == "small_cnn" or args.model_class is not None):
         raise UsageError(f"--stem {args.stem} sets a torchvision model's first layers; --model "
-                         f"{args.model_class or args.model} has none to set, so drop --stem or pick a torchvision --model")
+                         f"{args.model_class or args.model} has none to set, so drop --stem or pick a torchvision "
+                         "--model")
     if args.int8 and args.no_export:
         raise UsageError("--int8 quantizes the exported ONNX models; drop --no-export")
     if args.min_agreement is not None and not args.int8:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -80,6 +80,18 @@ class AdmmRecord:
         return dict(step=self.step, residual=self.residual, relative=self.relative, gap=self.gap,
                     rho=self.rho, ratio=self.ratio, worst=self.worst, worst_layer=self.worst_layer,
                     rank_moves=self.rank_moves)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdmmRecord":
+        """The inverse of :meth:`to_dict`, each value cast back to its field's type (a checkpoint or a
+        broadcast may hand back tensors or other numbers); a record without ``rank_moves`` gets 0.
+
+        Example:
+            >>> AdmmRecord.from_dict(AdmmRecord(3, 1.0, 0.5, 0.4, 0.01, 8.0, rank_moves=2).to_dict()).rank_moves
+            2
+        """
+        casts = {f.name: {"int": int, "str": str}.get(f.type, float) for f in fields(cls)}
+        return cls(**{k: casts[k](v) for k, v in data.items()})
 
 
 def _default_replan(plan: RankPlan, projection: str) -> Callable[[nn.Module], RankPlan]:
@@ -300,8 +312,7 @@ class Admm(TrainHook):
     def _restore_meta(self, state: dict[str, Any]) -> None:
         self.rho, self.steps = float(state["rho"]), int(state["steps"])
         self.plan = RankPlan.from_json(state["plan"])
-        self.history = [AdmmRecord(**{k: (int(v) if k in ("step", "rank_moves") else str(v) if k == "worst_layer" else float(v))
-                                      for k, v in r.items()}) for r in state["history"]]
+        self.history = [AdmmRecord.from_dict(r) for r in state["history"]]
 
     def state_dict(self) -> dict[str, Any]:
         """Z, U, rho, the step count, the plan (JSON), the ranks Z was projected at and the history."""
