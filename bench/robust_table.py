@@ -227,6 +227,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ft-epochs", type=int, default=None,
                    help="adversarial epochs per method instead of the profile's (same teachers; its cells go to "
                         "seed*/ft<N>/ and its table to robust_table_<profile>_ft<N>)")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="teacher epochs instead of the profile's: other teachers, so everything (teachers, cells, "
+                        "table) goes to robust_<profile>_t<N> (runs and table name)")
     p.add_argument("--handoff", action="store_true",
                    help="evaluate each method's compressed model before its fine-tune (batch norm re-estimated), into "
                         "seed*/handoff/ and robust_table_<profile>_handoff.md (the same teachers; CSTAR excluded)")
@@ -234,7 +237,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     prof = PROFILES[args.profile]
     args.ratios = tuple(args.ratios or prof.ratios)
     args.seeds = tuple(args.seeds if args.seeds is not None else prof.seeds)
-    args.runs = args.runs or OUT / "runs" / f"robust_{args.profile}"
+    if args.teacher_epochs is not None and args.teacher_epochs < 1:
+        p.error(f"--teacher-epochs must be >= 1, got {args.teacher_epochs}")
+    # other teachers make a separate benchmark: its own run folder and table name
+    args.stem = f"robust_{args.profile}" + (
+        f"_t{args.teacher_epochs}" if args.teacher_epochs not in (None, prof.teacher_epochs) else "")
+    args.runs = args.runs or OUT / "runs" / args.stem
     if args.threads < 1:
         p.error("--threads must be >= 1")
     if args.aa_split:
@@ -735,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     prof = PROFILES[args.profile]
     if args.ft_epochs is not None:
         prof = dataclasses.replace(prof, ft_epochs=args.ft_epochs)
+    if args.teacher_epochs is not None:
+        prof = dataclasses.replace(prof, teacher_epochs=args.teacher_epochs)
     aa_col = AA_LABELS[prof.aa_attack]
     if args.aa_n is None:
         args.aa_n = prof.aa_n
@@ -820,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"joint + {prof.ft_epochs - prof.joint_epochs} FT); BN re-estimated after compression; "
                         f"distill weight {prof.distill}; calibration {prof.calibrate} images + their PGD examples",
             "seeds": list(args.seeds), "device": str(device), "wall s": round(time.perf_counter() - t_all, 1)}
-    name = f"robust_table_{args.profile}" + (f"_{args.variant}" if args.variant else "")
+    name = args.stem.replace("robust_", "robust_table_", 1) + (f"_{args.variant}" if args.variant else "")
     columns = ["method", "ratio", "seeds", "ratio params", "ratio FLOPs", "student passes", "dense passes",
                "teacher fwd", "calib passes", "clean %", "PGD-20 %", f"{aa_col} %", "sanity", "train s"]
     pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", f"Δ {aa_col}"]

@@ -171,6 +171,18 @@ def test_a_longer_fine_tune_gets_its_own_cells_on_the_same_teachers(table) -> No
         assert err.value.code == 2
 
 
+def test_other_teachers_make_a_separate_benchmark(table) -> None:  # noqa: ANN001
+    prof = table.PROFILES["cpu"]
+    own = table._args(["--profile", "cpu"])
+    longer = table._args(["--profile", "cpu", "--teacher-epochs", str(prof.teacher_epochs * 2), "--ft-epochs", "6"])
+    assert longer.runs.name == f"robust_cpu_t{prof.teacher_epochs * 2}" != own.runs.name  # no teacher or cell shared
+    assert longer.variant == "ft6"  # the fine-tune's folder inside it, as for the profile's teachers
+    assert table._args(["--profile", "cpu", "--teacher-epochs", str(prof.teacher_epochs)]).runs == own.runs
+    with pytest.raises(SystemExit) as err:
+        table._args(["--profile", "cpu", "--teacher-epochs", "0"])
+    assert err.value.code == 2
+
+
 def test_the_fresh_training_images_come_after_the_unseen_ones_and_the_reserve_after_them(table) -> None:  # noqa: ANN001
     train = [name for name, split in table.SPLITS.items() if split.source == "train"]
     assert train == ["unseen", "fresh", "reserve"] and table.PROFILES["cpu"].fresh_per_class > 0
