@@ -472,9 +472,13 @@ def image_folder(root: str | os.PathLike[str], *, cache: str | os.PathLike[str] 
 
 def _default_archive() -> Path:
     env = os.environ.get("CSTAR_FX_CIFAR10_JPEG")
-    candidates = [Path(env)] if env else []
+    if env:  # an explicit choice: never silently replaced by an archive found elsewhere
+        if not Path(env).is_file():
+            raise CstarFileNotFoundError(f"CSTAR_FX_CIFAR10_JPEG={env} does not exist; point it at "
+                                         "cifar10-jpeg.tar.xz or unset it")
+        return Path(env).resolve()
     here = Path(__file__).resolve().parent.parent
-    candidates += [Path.cwd() / "../shared/data/cifar10-jpeg.tar.xz", here / "../shared/data/cifar10-jpeg.tar.xz"]
+    candidates = [Path.cwd() / "../shared/data/cifar10-jpeg.tar.xz", here / "../shared/data/cifar10-jpeg.tar.xz"]
     for c in candidates:
         if c.is_file():
             return c.resolve()
@@ -507,8 +511,8 @@ def cifar10_jpeg(archive: str | os.PathLike[str] | None = None, *, cache_dir: st
                  augment: bool = True, progress: bool = True) -> tuple[TensorData, TensorData]:
     """CIFAR-10 (JPEG q75) from the ImageFolder archive ``cifar10-jpeg.tar.xz``: ``(train, test)``.
 
-    The archive (default: ``$CSTAR_FX_CIFAR10_JPEG`` or ``../shared/data/cifar10-jpeg.tar.xz``) is
-    extracted once under ``cache_dir`` (default :func:`default_cache_dir`), each split decoded once
+    The archive (default: ``$CSTAR_FX_CIFAR10_JPEG`` when set, which must then exist, else
+    ``../shared/data/cifar10-jpeg.tar.xz``) is extracted once under ``cache_dir`` (default :func:`default_cache_dir`), each split decoded once
     and cached as a uint8 tensor file. ``per_class`` (one int, or ``(train, test)``) keeps the first
     N images of each class, for smoke runs. The training split gets crop+flip augmentation.
 

@@ -52,12 +52,14 @@ from .sysinfo import describe
 
 __all__ = ["Pipeline", "PipelineConfig", "PipelineResult", "DenseResult", "MethodResult", "Int8Result",
            "Latency", "Workspace", "Directory", "load_data", "model_for", "default_eps", "run_label", "METHODS",
-           "DATASETS",
-           "MODELS"]
+           "DATASETS", "NEEDS_ROOT", "MODELS"]
 
 METHODS = ("cstar", "decompose", "prune")
 """cstar: ADMM joint training + fine-tune; decompose: transform + fine-tune; prune: Torch-Pruning + fine-tune."""
 DATASETS = ("digits", "cifar10", "cifar10-jpeg", "folder")
+NEEDS_ROOT = ("cifar10", "folder")
+"""The datasets with no default location (cifar10-jpeg's archive defaults to ``$CSTAR_FX_CIFAR10_JPEG`` or
+``../shared/data/cifar10-jpeg.tar.xz``; digits is built in)."""
 MODELS = ("small_cnn", *TORCHVISION_NAMES)
 
 
@@ -75,8 +77,9 @@ def load_data(dataset: str, root: str | Path | None = None, *, limit: int | None
     """The ``(train, test)`` TensorData of a dataset in :data:`DATASETS`; ``limit`` keeps the first ``limit``
     training and ``limit // 4`` (at least 8) test images.
 
-    ``root``: cifar10: the torchvision root; cifar10-jpeg: the ``.tar.xz`` archive; folder: a root with
-    ``train/`` and ``test/`` ImageFolder trees (the training split gets crop-and-flip augmentation).
+    ``root``: cifar10: the torchvision root; cifar10-jpeg: the ``.tar.xz`` archive (default: see
+    :func:`cstar_fx.data.cifar10_jpeg`); folder: a root with ``train/`` and ``test/`` ImageFolder trees (the
+    training split gets crop-and-flip augmentation).
     A missing or unreadable dataset raises ``FileNotFoundError``, ``RuntimeError`` or ``ValueError``.
 
     Example:
@@ -88,8 +91,8 @@ def load_data(dataset: str, root: str | Path | None = None, *, limit: int | None
 
     if dataset not in DATASETS:
         raise CstarValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if dataset != "digits" and root is None:
-        raise CstarValueError(f"dataset {dataset!r} needs root= (the dataset root, or archive for cifar10-jpeg)")
+    if dataset in NEEDS_ROOT and root is None:
+        raise CstarValueError(f"dataset {dataset!r} needs root= (the dataset root)")
     if dataset == "digits" and root is not None:
         raise CstarValueError(f"dataset 'digits' is built in and reads no files, so root={str(root)!r} would be "
                               "ignored; drop it, or name the dataset it belongs to (cifar10, cifar10-jpeg or folder)")

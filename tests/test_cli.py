@@ -13,9 +13,9 @@ TINY = ["--teacher-epochs", "1", "--joint-epochs", "1", "--finetune-epochs", "1"
         "--threads", "1"]
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "cstar_fx", *args], capture_output=True, text=True, cwd=cwd,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"})
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg", **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,14 @@ def test_bad_options_one_line_exit_2_and_no_run_folder(tmp_path, args, message):
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert not (out / "COMPLETE").exists()
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cifar10_jpeg_without_data_reads_the_archives_default_location(tmp_path):
+    out = tmp_path / "run"
+    res = cli("compress", "--dataset", "cifar10-jpeg", "--model", "resnet18", "--out", str(out),
+              env={"CSTAR_FX_CIFAR10_JPEG": str(tmp_path / "missing.tar.xz")})
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "CSTAR_FX_CIFAR10_JPEG=" in res.stderr and "missing.tar.xz does not exist" in res.stderr
 
 
 def test_existing_run_folder_is_not_overwritten(run_dir):

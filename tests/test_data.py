@@ -122,14 +122,18 @@ def test_image_folder_reports_missing_or_mixed_inputs(tmp_path: Path) -> None:
         Image.new("RGB", (size, size)).save(tmp_path / "imgs" / cls / "x.png")
     with pytest.raises(ValueError, match="different sizes"):
         image_folder(tmp_path / "imgs", processes=1, progress=False)
-    with pytest.raises(FileNotFoundError, match="pass archive=PATH"):
-        monkey_env = {"CSTAR_FX_CIFAR10_JPEG": str(tmp_path / "missing.tar.xz")}
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in monkey_env.items():
-                mp.setenv(k, v)
-            mp.chdir(tmp_path)
-            mp.setattr(D, "__file__", str(tmp_path / "x" / "data.py"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("CSTAR_FX_CIFAR10_JPEG", raising=False)
+        mp.chdir(tmp_path)
+        mp.setattr(D, "__file__", str(tmp_path / "x" / "data.py"))
+        with pytest.raises(FileNotFoundError, match="pass archive=PATH"):
             cifar10_jpeg()
+        mp.setattr(D, "__file__", str(tmp_path / "repo" / "cstar_fx" / "data.py"))
+        (tmp_path / "shared" / "data").mkdir(parents=True)
+        (tmp_path / "shared" / "data" / "cifar10-jpeg.tar.xz").write_bytes(b"")  # the fall-back location
+        mp.setenv("CSTAR_FX_CIFAR10_JPEG", str(tmp_path / "missing.tar.xz"))
+        with pytest.raises(FileNotFoundError, match="CSTAR_FX_CIFAR10_JPEG=.*missing.tar.xz does not exist"):
+            cifar10_jpeg()  # a wrong setting is an error, not a silent switch to the archive found elsewhere
 
 
 def _fake_cifar(root: Path, n: int) -> None:

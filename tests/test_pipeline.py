@@ -68,6 +68,13 @@ def test_load_data_refuses_a_root_it_would_ignore(tmp_path):
         load_data("folder")
 
 
+def test_load_data_takes_the_cifar10_jpeg_archives_default_location(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere.tar.xz"
+    monkeypatch.setenv("CSTAR_FX_CIFAR10_JPEG", str(missing))
+    with pytest.raises(cstar_fx.CstarError, match="nowhere.tar.xz does not exist"):  # looked there, and only there
+        load_data("cifar10-jpeg")
+
+
 def test_unreachable_ratio_is_refused_before_training(data):
     train, test = data
     with pytest.raises(ValueError, match="decompose at 1000x"):

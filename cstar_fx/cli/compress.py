@@ -22,8 +22,8 @@ from .runfolder import RunFolder
 from ..allocate import UnreachableBudgetError
 from ..io import CheckpointError, load_weights
 from ..robust.config import RECOMMENDED
-from ..pipeline import (DATASETS, METHODS, MODELS, Directory, Pipeline, PipelineConfig, PipelineResult, default_eps,
-                        load_data, model_for, run_label)
+from ..pipeline import (DATASETS, METHODS, MODELS, NEEDS_ROOT, Directory, Pipeline, PipelineConfig, PipelineResult,
+                        default_eps, load_data, model_for, run_label)
 
 __all__ = ["register", "run", "parse_eps"]
 
@@ -69,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="digits", choices=DATASETS, help="training/evaluation data")
     g.add_argument("--data", type=Path, default=None,
-                   help="cifar10: torchvision root; cifar10-jpeg: the .tar.xz archive; folder: root with train/ test/")
+                   help="cifar10: torchvision root; cifar10-jpeg: the .tar.xz archive (default $CSTAR_FX_CIFAR10_JPEG or "
+                        "../shared/data/cifar10-jpeg.tar.xz); folder: root with train/ test/")
     g.add_argument("--limit", type=integer(at_least=8), default=None,
                    help="use only the first N training and N//4 test images")
     g = p.add_argument_group("compression")
@@ -157,7 +158,7 @@ def _explicit(args: argparse.Namespace) -> set[str]:
 def _check(args: argparse.Namespace) -> None:
     """The input errors that involve several options (each option's own range is checked by its type)."""
     explicit = _explicit(args)
-    if args.dataset in ("cifar10", "folder") and args.data is None:
+    if args.dataset in NEEDS_ROOT and args.data is None:
         raise UsageError(f"--dataset {args.dataset} needs --data PATH (the dataset root)")
     if args.dataset == "digits" and args.data is not None:
         raise UsageError(f"--data {args.data} is not read by --dataset digits (built in); drop --data, or pass "
