@@ -46,6 +46,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import math
 import statistics
 import sys
@@ -437,6 +438,7 @@ class Bench:
         if done.is_file():
             return json.loads(done.read_text())
         self._method, self._ratio = method, ratio  # the cell's; a method may plan at another ratio
+        _log(f"seed {self.seed} {ratio:g}x {method}: compressing and training")
         t0 = time.perf_counter()
         model, compute = getattr(self, method)(ratio)
         train_s = time.perf_counter() - t0
@@ -527,6 +529,7 @@ class Bench:
         if done.is_file():
             row = json.loads(done.read_text())
         else:
+            _log(f"seed {self.seed} teacher: training ({self.prof.teacher_epochs} epochs)")
             t0 = time.perf_counter()
             self.train_teacher()
             row = {"seed": self.seed, "method": "teacher", "ratio": 1.0, "params": self.dense_params,
@@ -749,6 +752,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.aa_n is None:
         args.aa_n = prof.aa_n
     torch.set_num_threads(args.threads)
+    lib = logging.getLogger("cstar_fx")
+    if not sys.stderr.isatty() and not any(h.get_name() == "robust_table" for h in lib.handlers):
+        handler = logging.StreamHandler(sys.stderr)  # a log file: the library's line per epoch instead of tqdm bars
+        handler.set_name("robust_table")
+        handler.setFormatter(logging.Formatter("[%(asctime)s]   %(message)s", "%H:%M:%S"))
+        lib.addHandler(handler)
+        lib.setLevel(logging.INFO)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.aa_n:

@@ -38,11 +38,15 @@ def test_adversarial_training_beats_standard_training_under_pgd() -> None:
     assert acc["pgd"][1] >= acc["clean"][1] + 0.2, acc
 
 
-def test_finetune_restores_mode_moves_nothing_global_and_logs() -> None:
+def test_finetune_restores_mode_moves_nothing_global_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     model = small_cnn(width=4).eval()
     state = torch.random.get_rng_state()
-    hist = finetune(model, digits()[0].subset(128), TrainConfig(epochs=2, batch_size=32, loss=LossConfig("fast", attack=ATTACK),
-                                                                progress=False))
+    with caplog.at_level("INFO", logger="cstar_fx.robust"):
+        hist = finetune(model, digits()[0].subset(128), TrainConfig(epochs=2, batch_size=32,
+                                                                    loss=LossConfig("fast", attack=ATTACK), progress=False))
+    lines = [r.getMessage() for r in caplog.records if r.name == "cstar_fx.robust.finetune"]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]  # one line per epoch, for log files
+    assert f"loss {hist.epochs[1]['loss']:.4g}" in lines[1] and "acc " in lines[1] and "lr " in lines[1]
     assert not model.training
     assert torch.equal(torch.random.get_rng_state(), state)  # the loop used a private generator
     assert [e["epoch"] for e in hist.epochs] == [1, 2]

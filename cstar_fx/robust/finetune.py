@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -38,6 +39,8 @@ from ..torchutil import model_device, private_rng
 from . import distributed as D
 from .config import TrainConfig
 from .losses import adversarial_step
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["finetune", "TrainHook", "TrainHistory", "RunDirError", "CHECKPOINT_NAME", "load_checkpoint", "recalibrate_bn"]
 
@@ -366,6 +369,9 @@ def finetune(model: nn.Module, train_data: Any, cfg: TrainConfig | None = None, 
                     if w.active:
                         hook.sync()
             history.epochs.append(metrics)
+            if w.is_main and _log.isEnabledFor(logging.INFO):  # for log files, where a tqdm bar leaves nothing
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "seconds"))
+                _log.info("epoch %d/%d: %s (%.0f s)", epoch + 1, cfg.epochs, shown, metrics["seconds"])
             if path is not None:
                 if w.is_main:
                     atomic_save({"format": _FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
