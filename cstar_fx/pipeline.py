@@ -44,7 +44,7 @@ from .io import load_weights
 from .models import TORCHVISION_NAMES, build_model, small_cnn
 from .passes.prune import PRUNE_BUDGETS
 from .robust.cstar import model_on
-from .robust.config import (RECOMMENDED, AdmmConfig, AttackConfig, JointConfig, LossConfig, TrainConfig,
+from .robust.config import (RECOMMENDED, AdmmConfig, AttackConfig, JointConfig, LossConfig, Recipe, TrainConfig,
                             check_prune_epochs, check_prune_share)
 from .robust.distributed import is_main_process
 from .runreport import RESULTS_FORMAT
@@ -200,6 +200,13 @@ class PipelineConfig:
         object.__setattr__(self, "prune_epochs", check_prune_epochs(
             epochs, self.prune_share if decompose else None, self.finetune_epochs if decompose else None))
         self.joint_config  # noqa: B018 - builds (and so checks) every training and attack setting now
+
+    @property
+    def recipe(self) -> Recipe:
+        """The decompose method's :class:`~cstar_fx.robust.Recipe` (its calibration, distillation, pruning share
+        and epochs, budget)."""
+        return Recipe(calibrate=self.calibrate, distill=self.distill, prune=self.prune_share,
+                      prune_epochs=self.prune_epochs, budget=self.budget)
 
     @property
     def eval_attack(self) -> AttackConfig:
@@ -466,9 +473,8 @@ def _compress(method: str, model: nn.Module, train: Any, ratio: float, cfg: Pipe
                               calibrate=cfg.calibrate, **plan_options)
             return gm, get_plan(gm), None
         if method == "decompose":
-            gm = robust.decompose_finetune(model, train, ratio, cfg.tune_config, example_inputs=ex, run_dir=run_dir,
-                                           device=device, calibrate=cfg.calibrate, prune=cfg.prune_share,
-                                           prune_epochs=cfg.prune_epochs, **plan_options)
+            gm = robust.compress(model, train, ratio, cfg.tune_config, recipe=cfg.recipe, example_inputs=ex,
+                                 run_dir=run_dir, device=device, round_to=cfg.round_to, skip=cfg.skip)
             return gm, get_plan(gm), None
         tune = cfg.tune_config
         pruned, used = prune_to_ratio_finer(model, ratio, ex, round_to=prune_round_to, budget=cfg.budget)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -382,3 +383,43 @@ def test_sensitivity_mistakes_are_named() -> None:
         cstar_fx.plan_ranks(model, 2, round_to=1, sensitivity=[1.0])
     with pytest.raises(ValueError, match="plan_ranks"):
         cstar_fx.transform(model, plan=cstar_fx.plan_ranks(model, 2, round_to=1), sensitivity={"0": 1.0})
+
+
+# -- the recipe as one call ------------------------------------------------------------------------------------
+
+def test_compress_is_decompose_finetune_with_the_recipes_levers() -> None:
+    from cstar_fx.robust import RECOMMENDED, compress
+
+    train = digits()[0].subset(96)
+    torch.manual_seed(0)
+    teacher = small_cnn(width=8)
+    before = copy.deepcopy(teacher.state_dict())
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.01, progress=False,
+                      loss=LossConfig("pgd", attack=AttackConfig(eps=0.1, alpha=0.05, steps=1)))
+    gm = compress(teacher, train, 4, cfg, example_inputs=train.x[:1], round_to=1)
+    by_hand = decompose_finetune(teacher, train, 4, cfg, example_inputs=train.x[:1], round_to=1,
+                                 calibrate=RECOMMENDED.calibrate, prune=RECOMMENDED.prune,
+                                 prune_epochs=RECOMMENDED.prune_epochs, budget=RECOMMENDED.budget)
+    assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), by_hand.state_dict().values()))
+    assert gm.meta["cstar_training"]["recipe"] == RECOMMENDED.to_dict()
+    assert gm.meta["cstar_training"]["prune_epochs"] == RECOMMENDED.prune_epochs == 1
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # the input is untouched
+
+
+def test_compress_refuses_what_the_recipe_would_overrule_naming_the_fix() -> None:
+    from cstar_fx.robust import RECOMMENDED, compress
+
+    train = digits()[0].subset(32)
+    model, cfg, x = small_cnn(width=4), TrainConfig(epochs=2, progress=False), train.x[:1]
+    cases = [
+        (dict(example_inputs=x, budget="params"), "recipe.replace(budget='params')"),
+        (dict(example_inputs=x, cfg=cfg.replace(loss=LossConfig(distill=0.5))), "recipe.replace(distill=0.5)"),
+        (dict(example_inputs=x, cfg=cfg.replace(epochs=1)), "recipe.replace(prune_epochs=0)"),
+        (dict(), "needs example_inputs="),
+        (dict(example_inputs=x, recipe={"calibrate": 8}), "must be a cstar_fx.robust.Recipe"),
+    ]
+    for kwargs, fix in cases:
+        kwargs.setdefault("cfg", cfg)
+        with pytest.raises(cstar_fx.CstarError, match=re.escape(fix)):
+            compress(model, train, 4, **kwargs)
+    assert RECOMMENDED.replace(budget="params").budget == "params"  # the fix the messages name works

@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     import cstar_fx
     from cstar_fx.data import digits
     from cstar_fx.models import small_cnn
-    from cstar_fx.robust import AttackConfig, LossConfig, TrainConfig, decompose_finetune, evaluate, finetune
-    from cstar_fx.robust.config import RECOMMENDED
+    from cstar_fx.robust import (RECOMMENDED, AttackConfig, LossConfig, TrainConfig, compress, decompose_finetune,
+                                 evaluate, finetune)
 
     t_start = time.perf_counter()
     train, test = digits(seed=args.seed)
@@ -91,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"2/4 recommended recipe at {args.ratio:g}x: {pruning}data-aware transform ({recipe.calibrate} "
               f"calibration images, budget {recipe.budget!r}) + adversarial fine-tune ({args.epochs} ep)")
         try:
-            gm = decompose_finetune(dense, train, args.ratio, tune.replace(loss=loss.replace(distill=recipe.distill)),
-                                    calibrate=min(recipe.calibrate, len(train)), prune=recipe.prune,
-                                    prune_epochs=recipe.prune_epochs, budget=recipe.budget,
-                                    example_inputs=train.x[:1], round_to=1)
+            gm = compress(dense, train, args.ratio, tune, recipe=recipe, example_inputs=train.x[:1], round_to=1)
         except cstar_fx.UnreachableBudgetError as exc:
             raise UsageError(str(exc).replace("\n", " ")) from None
         rows.append((f"recipe {args.ratio:g}x", gm, cstar_fx.get_report(gm).ratio_params, f"+{args.epochs} ep"))

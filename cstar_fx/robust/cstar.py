@@ -41,11 +41,12 @@ from ..report import get_report
 from ..torchutil import as_tuple, model_device, private_rng
 from .admm import Admm, auto_rho
 from .attacks import pgd_attack
-from .config import JointConfig, TrainConfig, check_gradual_epochs, check_prune_epochs, check_prune_share
+from .config import (RECOMMENDED, JointConfig, Recipe, TrainConfig, check_gradual_epochs, check_prune_epochs,
+                     check_prune_share)
 from .finetune import finetune, recalibrate_bn
 from .sensitivity import layer_sensitivity
 
-__all__ = ["cstar", "decompose_finetune", "calibration_batches", "model_on"]
+__all__ = ["compress", "cstar", "decompose_finetune", "calibration_batches", "model_on"]
 
 # what layer_sensitivity traces with (unpack_attention rewrites the model before tracing; it does not take it)
 _TRACE_CALL_OPTIONS = ("leaf_modules", "concrete_args", "autowrap_functions")
@@ -106,6 +107,9 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
     ``run_dir/finetune``; ``resume=True`` continues a killed run. The input model is not modified.
     ``calibrate=N`` makes the hand-off data-aware (as in :func:`decompose_finetune`, on the jointly
     trained weights); ``cfg.finetune.loss.distill > 0`` distils from ``model`` in the fine-tune.
+
+    The paper's method. At equal training compute it measured no better than transform + fine-tune and
+    below the recommended recipe (docs/robustness.md); for that recipe call :func:`compress`.
 
     Example:
         >>> gm = cstar(teacher, train, ratio=16, cfg=JointConfig(), run_dir="runs/cstar16")  # doctest: +SKIP
@@ -246,6 +250,54 @@ def decompose_finetune(model: nn.Module, train_data: Any, ratio: float | CstarCo
                                  "calibrate": calibrate, "sensitivity": weights, "prune": prune,
                                  "prune_epochs": prune_epochs, "pruned_finetune": pruned_history,
                                  "gradual_epochs": gradual_epochs, "gradual_finetune": gradual_history}
+    return gm
+
+
+def compress(model: nn.Module, train_data: Any, ratio: float = 8, cfg: TrainConfig | None = None, *,
+             recipe: Recipe = RECOMMENDED, example_inputs: Any = None, run_dir: str | os.PathLike[str] | None = None,
+             resume: bool = False, device: str | torch.device | None = None, **plan_options: Any) -> fx.GraphModule:
+    """Robust compression by a :class:`Recipe`, by default :data:`RECOMMENDED`, the one the benchmark supports.
+
+    :func:`decompose_finetune` with the recipe's levers (calibration, sensitivity, pruning share, epochs on the
+    pruned network, budget) and its distillation weight in ``cfg``'s loss; ``cfg`` is the whole adversarial
+    fine-tune (the epochs on the pruned network come out of ``cfg.epochs``). ``plan_options`` are
+    :func:`cstar_fx.plan_ranks`' other options (``round_to``, ``skip``, ...); the budget is the recipe's, so
+    ``budget=`` is refused, as is a ``cfg.loss.distill`` the recipe would overrule. With the default recipe
+    (``budget="both"``) ``example_inputs`` is required. The recipe is recorded in
+    ``gm.meta["cstar_training"]["recipe"]``. The input model is not modified.
+
+    Example:
+        >>> from cstar_fx.data import digits
+        >>> from cstar_fx.models import small_cnn
+        >>> train = digits()[0].subset(128)
+        >>> gm = compress(small_cnn(width=16), train, 4, TrainConfig(epochs=2, lr=0.01), example_inputs=train.x[:1])
+        >>> gm.meta["cstar_training"]["recipe"] == RECOMMENDED.to_dict()
+        True
+    """
+    if not isinstance(recipe, Recipe):
+        raise CstarTypeError(f"recipe must be a cstar_fx.robust.Recipe (e.g. RECOMMENDED.replace(...)), "
+                             f"got {type(recipe).__name__}")
+    cfg = TrainConfig() if cfg is None else cfg
+    if not isinstance(cfg, TrainConfig):
+        raise CstarTypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if "budget" in plan_options:
+        raise CstarValueError(f"budget comes from the recipe ({recipe.budget!r}); pass "
+                              f"recipe=recipe.replace(budget={plan_options['budget']!r}) instead of budget=")
+    if cfg.loss.distill not in (0.0, recipe.distill):
+        raise CstarValueError(f"cfg.loss.distill={cfg.loss.distill:g} but the recipe's distill is {recipe.distill:g}; "
+                              f"pass recipe=recipe.replace(distill={cfg.loss.distill:g}) to distil")
+    if recipe.prune_epochs and recipe.prune_epochs >= cfg.epochs:
+        raise CstarValueError(f"the recipe spends {recipe.prune_epochs} of the fine-tune's epochs on the pruned "
+                              f"network, so cfg.epochs must be more than that (got {cfg.epochs}); raise cfg.epochs "
+                              "or pass recipe=recipe.replace(prune_epochs=0)")
+    if recipe.budget in ("flops", "both") and example_inputs is None:
+        raise CstarValueError(f"the recipe's budget {recipe.budget!r} counts FLOPs, so it needs example_inputs= "
+                              "(one input batch, e.g. x[:1]); or pass recipe=recipe.replace(budget='params')")
+    gm = decompose_finetune(model, train_data, ratio, cfg.replace(loss=cfg.loss.replace(distill=recipe.distill)),
+                            example_inputs=example_inputs, run_dir=run_dir, resume=resume, device=device,
+                            calibrate=recipe.calibrate, sensitivity=recipe.sensitivity, prune=recipe.prune,
+                            prune_epochs=recipe.prune_epochs, budget=recipe.budget, **plan_options)
+    gm.meta["cstar_training"]["recipe"] = recipe.to_dict()
     return gm
 
 
