@@ -103,7 +103,7 @@ def test_failed_overwrite_keeps_previous_run_and_user_files(finished, tmp_path, 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in training")
 
-    monkeypatch.setattr(cstar_fx.robust, "decompose_finetune", boom)
+    monkeypatch.setattr(cstar_fx.robust, "compress", boom)  # the decompose method's entry
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(["compress", *TINY, "--methods", "decompose", "--lr", "0.02", "--overwrite", "--out", str(out)])
     capsys.readouterr()
