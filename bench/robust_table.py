@@ -37,7 +37,8 @@ choice once it is made. ``--unseen``, ``--fresh`` and ``--reserve`` score traini
 ones after the table's training images, then the ones after those, and so on); ``--reserve`` scores its images in
 five blocks, and the paired table then also gives the evaluation noise in each paired difference (its spread over
 the blocks). ``--ft-epochs N`` gives every method N adversarial epochs instead of the profile's, on the same
-teachers, in its own cells (``seed*/ftN/``) and table.
+teachers, in its own cells (``seed*/ftN/``) and table. ``--teacher-epochs N`` trains other teachers (N epochs), so
+the whole run (teachers, cells, table) goes to its own folder ``robust_<profile>_tN``.
 """
 
 from __future__ import annotations
