@@ -242,9 +242,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         p.error(f"--teacher-epochs must be >= 1, got {args.teacher_epochs}")
     # other teachers make a separate benchmark: its own run folder and table name
-    args.stem = f"robust_{args.profile}" + (
-        f"_t{args.teacher_epochs}" if args.teacher_epochs not in (None, prof.teacher_epochs) else "")
-    args.runs = args.runs or OUT / "runs" / args.stem
+    args.teachers = f"_t{args.teacher_epochs}" if args.teacher_epochs not in (None, prof.teacher_epochs) else ""
+    args.runs = args.runs or OUT / "runs" / f"robust_{args.profile}{args.teachers}"
     if args.threads < 1:
         p.error("--threads must be >= 1")
     if args.aa_split:
@@ -841,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"joint + {prof.ft_epochs - prof.joint_epochs} FT); BN re-estimated after compression; "
                         f"distill weight {prof.distill}; calibration {prof.calibrate} images + their PGD examples",
             "seeds": list(args.seeds), "device": str(device), "wall s": round(time.perf_counter() - t_all, 1)}
-    name = args.stem.replace("robust_", "robust_table_", 1) + (f"_{args.variant}" if args.variant else "")
+    name = f"robust_table_{args.profile}{args.teachers}" + (f"_{args.variant}" if args.variant else "")
     columns = ["method", "ratio", "seeds", "ratio params", "ratio FLOPs", "student passes", "dense passes",
                "teacher fwd", "calib passes", "clean %", "PGD-20 %", f"{aa_col} %", "sanity", "train s"]
     pcols = ["ratio", "vs", "seeds", "Δ PGD-20", "PGD-20 gain > 2 sd", "Δ clean", f"Δ {aa_col}"]

@@ -512,8 +512,8 @@ def cifar10_jpeg(archive: str | os.PathLike[str] | None = None, *, cache_dir: st
     """CIFAR-10 (JPEG q75) from the ImageFolder archive ``cifar10-jpeg.tar.xz``: ``(train, test)``.
 
     The archive (default: ``$CSTAR_FX_CIFAR10_JPEG`` when set, which must then exist, else
-    ``../shared/data/cifar10-jpeg.tar.xz``) is extracted once under ``cache_dir`` (default :func:`default_cache_dir`), each split decoded once
-    and cached as a uint8 tensor file. ``per_class`` (one int, or ``(train, test)``) keeps the first
+    ``../shared/data/cifar10-jpeg.tar.xz``) is extracted once under ``cache_dir`` (default
+    :func:`default_cache_dir`), each split decoded once and cached as a uint8 tensor file. ``per_class`` (one int, or ``(train, test)``) keeps the first
     N images of each class, for smoke runs. The training split gets crop+flip augmentation.
 
     Example:

@@ -415,7 +415,7 @@ def test_compress_refuses_what_the_recipe_would_overrule_naming_the_fix() -> Non
         (dict(example_inputs=x, budget="params"), "recipe.replace(budget='params')"),
         (dict(example_inputs=x, cfg=cfg.replace(loss=LossConfig(distill=0.5))), "recipe.replace(distill=0.5)"),
         (dict(example_inputs=x, cfg=cfg.replace(epochs=1)), "recipe.replace(prune_epochs=0)"),
-        (dict(), "needs example_inputs="),
+        (dict(), "needs example_inputs"),
         (dict(example_inputs=x, recipe={"calibrate": 8}), "must be a cstar_fx.robust.Recipe"),
     ]
     for kwargs, fix in cases:

@@ -286,13 +286,11 @@ def compress(model: nn.Module, train_data: Any, ratio: float = 8, cfg: TrainConf
     if cfg.loss.distill not in (0.0, recipe.distill):
         raise CstarValueError(f"cfg.loss.distill={cfg.loss.distill:g} but the recipe's distill is {recipe.distill:g}; "
                               f"pass recipe=recipe.replace(distill={cfg.loss.distill:g}) to distil")
-    if recipe.prune_epochs and recipe.prune_epochs >= cfg.epochs:
-        raise CstarValueError(f"the recipe spends {recipe.prune_epochs} of the fine-tune's epochs on the pruned "
-                              f"network, so cfg.epochs must be more than that (got {cfg.epochs}); raise cfg.epochs "
-                              "or pass recipe=recipe.replace(prune_epochs=0)")
-    if recipe.budget in ("flops", "both") and example_inputs is None:
-        raise CstarValueError(f"the recipe's budget {recipe.budget!r} counts FLOPs, so it needs example_inputs= "
-                              "(one input batch, e.g. x[:1]); or pass recipe=recipe.replace(budget='params')")
+    try:
+        check_prune_epochs(recipe.prune_epochs, recipe.prune, cfg.epochs)
+    except CstarValueError as exc:
+        raise CstarValueError(f"the recipe's {exc}; raise cfg.epochs or pass "
+                              "recipe=recipe.replace(prune_epochs=0)") from None
     gm = decompose_finetune(model, train_data, ratio, cfg.replace(loss=cfg.loss.replace(distill=recipe.distill)),
                             example_inputs=example_inputs, run_dir=run_dir, resume=resume, device=device,
                             calibrate=recipe.calibrate, sensitivity=recipe.sensitivity, prune=recipe.prune,
