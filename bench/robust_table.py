@@ -23,7 +23,7 @@ distillation from the teacher), ``flops_ft`` / ``flops_data`` (a FLOP-budget pla
 ``hybrid_ft`` / ``hybrid_both`` (channel pruning for ``sqrt(r)``, then data-aware low rank for the rest,
 at equal parameters / at ``budget="both"``; ``hybrid25_both`` / ``hybrid75_both`` prune ``r ** 0.25`` /
 ``r ** 0.75``; ``hybrid_staged`` spends the first fine-tune epoch on the pruned network before factorizing
-it), ``sens_distill`` / ``sens_both`` (ranks weighted by each layer's measured sensitivity of the adversarial loss;
+it; ``staged_distill`` is that with the distilling fine-tune), ``sens_distill`` / ``sens_both`` (ranks weighted by each layer's measured sensitivity of the adversarial loss;
 the second is ``both_data`` with that weighting), ``cstar`` (ADMM joint epochs on the dense weights, then transform
 and fine-tune, same total epochs; the ranks fixed at the start) and ``cstar_euclid`` (the same with the Euclidean
 Z-step: the ranks re-planned as the projection onto the budget at every refresh). Writes
@@ -123,7 +123,7 @@ PROFILES = {
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
            "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-           "sens_both", "gradual_both", "sens_staged", "cstar_euclid")
+           "sens_both", "gradual_both", "sens_staged", "cstar_euclid", "staged_distill")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -150,24 +150,27 @@ LABELS = {
     "gradual_both": "data-aware low rank at sqrt(r), FT 1 epoch, then re-truncated to r, >= r fewer FLOPs and params "
                     "+ FT the other epochs",
     "sens_staged": "the recipe (hybrid_staged) with sensitivity-weighted ranks",
+    "staged_distill": "the recipe (hybrid_staged) + distill FT",
 }
 class Staged(NamedTuple):
     """A method that prunes first: the budget, the share of the compression (in log terms) given to pruning, the
-    number of the fine-tune's epochs spent on the pruned network before it is factorized, and whether the
-    factorization's ranks are weighted by the layers' measured sensitivity."""
+    number of the fine-tune's epochs spent on the pruned network before it is factorized, whether the
+    factorization's ranks are weighted by the layers' measured sensitivity, and whether the fine-tune distils."""
 
     budget: str
     share: float
     epochs: int
     sensitivity: bool = False
+    distill: bool = False
 
 
 PRUNED_FIRST = {"hybrid_ft": Staged("params", 0.5, 0), "hybrid_both": Staged("both", 0.5, 0),
                 "hybrid25_both": Staged("both", 0.25, 0), "hybrid75_both": Staged("both", 0.75, 0),
-                "hybrid_staged": Staged("both", 0.5, 1), "sens_staged": Staged("both", 0.5, 1, sensitivity=True)}
+                "hybrid_staged": Staged("both", 0.5, 1), "sens_staged": Staged("both", 0.5, 1, sensitivity=True),
+                "staged_distill": Staged("both", 0.5, 1, distill=True)}
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
               "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-              "gradual_both", "sens_staged")
+              "gradual_both", "sens_staged", "staged_distill")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
@@ -357,11 +360,12 @@ class Bench:
         """Channel pruning for ``ratio ** share``, then data-aware low rank for the rest (``PRUNED_FIRST``)."""
         staged = PRUNED_FIRST[self._method]
         options = {"example_inputs": self.example} if staged.budget != "params" else {}
-        return self.transform_ft(ratio, calibrate=self.prof.calibrate, prune=staged.share, budget=staged.budget,
-                                 prune_epochs=min(staged.epochs, self.prof.ft_epochs - 1),
+        return self.transform_ft(ratio, distill=staged.distill, calibrate=self.prof.calibrate, prune=staged.share,
+                                 budget=staged.budget, prune_epochs=min(staged.epochs, self.prof.ft_epochs - 1),
                                  sensitivity=self.prof.calibrate if staged.sensitivity else 0, **options)
 
     hybrid_ft = hybrid_both = hybrid25_both = hybrid75_both = hybrid_staged = sens_staged = _pruned_first
+    staged_distill = _pruned_first
 
     def prune_ft(self, ratio: float, distill: bool = False, budget: str = "params") -> tuple[nn.Module, dict]:
         pruned = self._pruned(ratio, budget)

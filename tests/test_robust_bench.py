@@ -74,10 +74,12 @@ def test_every_method_is_given_the_same_adversarial_epochs(table) -> None:  # no
 def test_the_benchs_reference_row_is_the_librarys_recommended_recipe(table) -> None:  # noqa: ANN001
     from cstar_fx.robust import RECOMMENDED
 
-    budget, share, epochs, sensitivity = table.PRUNED_FIRST[table.RECOMMENDED]
+    budget, share, epochs, sensitivity, distill = table.PRUNED_FIRST[table.RECOMMENDED]
     assert (budget, share, epochs) == (RECOMMENDED.budget, RECOMMENDED.prune, RECOMMENDED.prune_epochs)
-    assert sensitivity == bool(RECOMMENDED.sensitivity)
+    assert sensitivity == bool(RECOMMENDED.sensitivity) and distill == bool(RECOMMENDED.distill)
     assert table.PROFILES["cpu"].calibrate == RECOMMENDED.calibrate and RECOMMENDED.distill == 0
+    # the distilling row is the recipe with the baselines' distilling fine-tune, nothing else changed
+    assert table.PRUNED_FIRST["staged_distill"] == table.PRUNED_FIRST[table.RECOMMENDED]._replace(distill=True)
 
 
 def test_paired_differences_against_another_reference_and_the_apgd_column(table) -> None:  # noqa: ANN001
