@@ -33,7 +33,7 @@ def plan_ranks(model: nn.Module, ratio: float | CstarConfig = 8, *, budget: str 
     """Choose per-layer schemes and ranks under one global budget. Never modifies ``model``.
 
     ``ratio`` is dense cost / compressed cost for the whole model; ``budget`` is ``"params"``,
-    ``"flops"`` or ``"latency"`` (measured on ``target=LatencyTarget(...)``; then ``target_speedup`` or
+    ``"flops"``, ``"both"`` (at least ``ratio`` in each) or ``"latency"`` (measured on ``target=LatencyTarget(...)``; then ``target_speedup`` or
     ``latency_ms`` may stand for ``ratio``). ``options`` are the other :class:`CstarConfig` fields
     (``round_to``, ``min_rank``, ``skip``, ``conv_scheme``, ``leaf_modules``, ``concrete_args``,
     ``autowrap_functions``, ``cost_model``, ``target``, ``param_ratio``). With ``example_inputs`` the plan

@@ -126,7 +126,9 @@ def model_for(name: str, train: Any, *, stem: str = "cifar") -> nn.Module:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """What a pipeline run does; every field has the default of the ``cstar-fx compress`` option of that name.
+    """What a pipeline run does; every field has the default of the ``cstar-fx compress`` option of that name,
+    except ``eps`` (8/255 here; the CLI's default is :func:`default_eps` of its dataset) and ``export`` (the CLI's
+    ``--no-export``).
 
     Compression: ``ratios``, ``methods`` (of :data:`METHODS`), ``budget`` ("params", "flops" or "both", the
     default), ``round_to``, ``skip`` (layer names or globs kept dense), ``calibrate`` (data-aware factorization images) and

@@ -55,6 +55,12 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Any,
     """``{node: (input shape, output shape)}`` for the given nodes (default: all call nodes).
 
     Raises :class:`ExampleInputError` when the model cannot run on the inputs.
+
+    Example:
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+        >>> [shapes for shapes in record_shapes(gm, torch.randn(3, 4)).values()]
+        [((3, 4), (3, 2))]
     """
     args = as_tuple(example_inputs)
     for i, a in enumerate(args):

@@ -102,7 +102,7 @@ def cstar(model: nn.Module, train_data: Any, ratio: float | CstarConfig = 8, cfg
 
     ``ratio`` and ``plan_options`` (``budget``, ``round_to``, ``skip``, ...) are those of
     :func:`cstar_fx.plan_ranks`; ``example_inputs`` (on the training device) is needed for
-    ``budget="flops"``. ``cfg`` holds the joint-phase and fine-tune :class:`TrainConfig` and the
+    ``budget="flops"`` and ``"both"``. ``cfg`` holds the joint-phase and fine-tune :class:`TrainConfig` and the
     :class:`AdmmConfig`. With ``run_dir`` each phase checkpoints under ``run_dir/joint`` and
     ``run_dir/finetune``; ``resume=True`` continues a killed run. The input model is not modified.
     ``calibrate=N`` makes the hand-off data-aware (as in :func:`decompose_finetune`, on the jointly
