@@ -19,11 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import lzma
 import math
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -389,8 +391,12 @@ def _decode_chunk(paths: list[str]) -> np.ndarray:
     (image,) = require("PIL.Image", purpose="reading image files")
     out = []
     for p in paths:
-        with image.open(p) as img:
-            out.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+        try:
+            with image.open(p) as img:
+                out.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise CstarValueError(f"cannot read the image {p} ({' '.join(str(exc).split()) or type(exc).__name__}); "
+                                  "remove or replace it") from None
     return np.stack(out) if out else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
@@ -449,16 +455,18 @@ def image_folder(root: str | os.PathLike[str], *, cache: str | os.PathLike[str] 
 
     bar = tqdm(total=len(paths), desc=f"decode {root.name}", unit="img", disable=not progress)
     arrays = []
-    if workers == 1:
-        for c in chunks:
-            arrays.append(_decode_chunk(c))
-            bar.update(len(c))
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for c, arr in zip(chunks, pool.map(_decode_chunk, chunks)):
-                arrays.append(arr)
+    try:
+        if workers == 1:
+            for c in chunks:
+                arrays.append(_decode_chunk(c))
                 bar.update(len(c))
-    bar.close()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for c, arr in zip(chunks, pool.map(_decode_chunk, chunks)):
+                    arrays.append(arr)
+                    bar.update(len(c))
+    finally:
+        bar.close()  # also on an error, so that the bar's line ends before the error is reported
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
         raise CstarValueError(f"images under {root} have different sizes "
@@ -493,8 +501,13 @@ def _extract_once(archive: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error) as exc:  # not an archive, or cut short
+            reason = str(exc).strip().splitlines()[0].rstrip(":") if str(exc).strip() else type(exc).__name__
+            raise CstarValueError(f"{archive} is not a readable .tar.xz archive ({reason}); pass "
+                                  "cifar10-jpeg.tar.xz") from None
         marker_tmp = tmp / ".extracted"
         marker_tmp.write_text(str(archive))
         if dest.exists():

@@ -26,7 +26,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from .report import TransformReport, get_report
 from .schemes import get
 from .version import __version__
 
-__all__ = ["save", "load", "load_weights", "CheckpointError", "MODEL_FORMAT"]
+__all__ = ["save", "load", "load_weights", "load_tensors", "CheckpointError", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "cstar-fx/model/1"
 _FORMAT_FAMILY = "cstar-fx/model/"
@@ -84,10 +86,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     if _is_model_file(path):
         raise CheckpointError(f"{str(path)!r} is a cstar_fx model file, not a state dict: load it with "
                               f"cstar_fx.load(path, model=<the original architecture>)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickled code; anything else is not a torch.save file
-        raise CheckpointError(f"{str(path)!r} is not a PyTorch state-dict file ({_first_line(exc)})") from None
+    state = _torch_load(path, "a PyTorch state-dict file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -105,6 +104,51 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         raise CheckpointError(f"{str(path)!r} does not fit the model: {'; '.join(problems)}")
     model.load_state_dict(state)
     return model
+
+
+def load_tensors(path: str | os.PathLike[str]) -> Any:
+    """What ``torch.save`` wrote to ``path`` (tensors, numbers, strings, lists and dicts), read on the CPU with
+    ``weights_only=True`` so that no code in it runs.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (one line saying why) for a
+    file ``torch.load`` cannot read that way: not a ``torch.save`` file, empty or cut short, or holding
+    pickled objects other than tensors.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.pt")
+        >>> torch.save({"x": torch.zeros(2)}, path)
+        >>> load_tensors(path)["x"].shape
+        torch.Size([2])
+    """
+    path = _as_path(path)
+    if not path.is_file():
+        raise CstarFileNotFoundError(f"no file at {str(path)!r}")
+    return _torch_load(path, "a PyTorch tensor file")
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before it refuses a file
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled code; anything else is not a torch.save file
+        raise CheckpointError(f"{str(path)!r} is not {what}: {_load_reason(exc)}") from None
+
+
+def _load_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line (torch's own message is a page of advice)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+        detail = " ".join(detail.split()).split(". ")[0][:200]
+        return ("it holds pickled objects other than tensors, or is not a torch.save file (torch.load with "
+                f"weights_only=True refused it{': ' + detail if detail else ''})")
+    if isinstance(exc, EOFError):
+        return "it is empty or cut short"
+    if isinstance(exc, RuntimeError):
+        return _first_line(exc)
+    return "it is not a file written by torch.save"  # pickle's own errors (a KeyError, "invalid load key") say no more
 
 
 def _is_model_file(path: Path) -> bool:

@@ -23,6 +23,7 @@ from .onnx import (
     OnnxExportError,
     OnnxMismatchError,
     Verification,
+    check_opset,
     export_onnx,
     to_onnx,
     verify_onnx,
@@ -32,6 +33,7 @@ from .quantize import Int8AgreementError, Int8Export, OnnxEvaluation, evaluate_o
 __all__ = [
     "to_onnx",
     "export_onnx",
+    "check_opset",
     "verify_onnx",
     "benchmark",
     "quantize_int8",

@@ -40,6 +40,7 @@ from cstar_fx.torchutil import as_tuple, eval_mode
 __all__ = [
     "to_onnx",
     "export_onnx",
+    "check_opset",
     "verify_onnx",
     "OnnxExport",
     "Verification",
@@ -153,11 +154,50 @@ def _check_args(model: Any, dtype: str, opset: int | None, atol: float | None, r
                              f"got {type(model).__name__}")
     if dtype not in DTYPES:
         raise CstarValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 9):
-        raise CstarValueError(f"opset must be an int >= 9 or None (the exporter's default), got {opset!r}")
+    check_opset(opset)
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and (not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0):
             raise CstarValueError(f"{name} must be a finite number >= 0 or None (the dtype's default), got {tol!r}")
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an ``opset`` that the installed onnx or onnxruntime cannot take, before anything is exported.
+
+    onnxruntime is asked to load an empty model of that opset (milliseconds), since the export is checked with
+    it. Without onnx or onnxruntime installed nothing is checked here (the export says which extra is missing).
+
+    Example:
+        >>> check_opset(None)
+        >>> check_opset(10_000)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cstar_fx.errors.CstarValueError: opset 10000 is newer than the installed onnx ... knows (at most ...); ...
+    """
+    if opset is None:
+        return
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 9:
+        raise CstarValueError(f"opset must be an int >= 9 or None (the exporter's default), got {opset!r}")
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:
+        return
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise CstarValueError(f"opset {opset} is newer than the installed onnx {onnx.__version__} knows (at most "
+                              f"{newest}); pass a lower opset or None")
+    ids = [onnx.helper.make_opsetid("", opset)]
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "opset_check", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=ids, ir_version=onnx.helper.find_min_ir_version_for(ids))
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise CstarValueError(f"the installed onnxruntime {ort.__version__} cannot load models of opset {opset}, so "
+                              "the export could not be checked; pass a lower opset or None") from None
 
 
 def _tensor_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:

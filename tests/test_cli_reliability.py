@@ -182,3 +182,84 @@ def test_config_file_never_imports_code_but_the_flag_does(finished, tmp_path, ca
 def test_config_values_equal_to_flags_repeat_the_run(finished, tmp_path, capsys):
     code, stdout, err = _run(["compress", "--config", str(finished / "config.json"), "--out", str(finished)], capsys)
     assert code == 0 and "nothing to do" in stdout, err  # same options: the finished run is recognised
+
+
+def _bad_inputs(folder: Path) -> None:
+    """Files a user may hand a command by mistake: text where a checkpoint or ONNX file belongs, a pickle, a folder
+    named like a file, an image folder with one unreadable image."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    (folder / "notes.txt").write_text("the user's own file")
+    (folder / "text.pt").write_text("hello\n")
+    (folder / "text.onnx").write_text("hello\n")
+    (folder / "fake.onnx").write_bytes(b"\x08\x07")
+    with open(folder / "pickled.pt", "wb") as f:  # protocol 4: torch warns before it refuses the file
+        pickle.dump({"w": [1, 2]}, f, protocol=4)
+    (folder / "dir.onnx").mkdir()
+    for split in ("train", "test"):
+        (folder / "imgs" / split / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "imgs" / split / "a" / "0.png")
+    (folder / "imgs" / "train" / "a" / "1.png").write_text("not a png")
+
+
+PROBES = [  # (the command, {tmp} for the folder of _bad_inputs; what its one error line says)
+    ("cstar-fx", "give a command: demo, plan, compress, export, bench"),
+    ("cstar-fx demo --bogus", "cstar-fx demo: error: unrecognized arguments: --bogus (see cstar-fx demo --help)"),
+    ("cstar-fx demo --ratio nan", "argument --ratio: must be a finite number, got 'nan'"),
+    ("cstar-fx demo --ratio inf", "argument --ratio: must be a finite number, got 'inf'"),
+    ("cstar-fx demo --seed -1", "--seed must be >= 0 and <= 4294967295"),
+    ("cstar-fx demo --ratio 100", "--ratio 100: ratio 100 is unreachable"),
+    ("cstar-fx plan --ratio 2 --json {tmp}", "--json {tmp} is a folder; pass a file name"),
+    ("cstar-fx plan --ratio 2 --json {tmp}/notes.txt/plan.json", "{tmp}/notes.txt is a file, not a folder"),
+    ("cstar-fx export --dense-weights {tmp}/text.pt --out {tmp}/m.onnx",
+     "is not a PyTorch state-dict file: it is not a file written by torch.save"),
+    ("cstar-fx export --dense-weights {tmp}/pickled.pt --out {tmp}/m.onnx",
+     "torch.load with weights_only=True refused it"),
+    ("cstar-fx export --int8 --calib-data {tmp}/pickled.pt --out {tmp}/m.onnx", "is not a PyTorch tensor file"),
+    ("cstar-fx export --plan {tmp}/fake.onnx --out {tmp}/fake.onnx", "--out {tmp}/fake.onnx is also the --plan file"),
+    ("cstar-fx export --out {tmp}/dir.onnx", "--out {tmp}/dir.onnx is a folder"),
+    ("cstar-fx export --out {tmp}/notes.txt/m.onnx", "{tmp}/notes.txt is a file, not a folder"),
+    ("cstar-fx export --opset 1000 --out {tmp}/m.onnx", "--opset: opset 1000 is newer than the installed onnx"),
+    ("cstar-fx export --atol nan --out {tmp}/m.onnx", "argument --atol: must be a finite number >= 0"),
+    ("cstar-fx bench {tmp}/text.onnx", "{tmp}/text.onnx is not an ONNX model"),
+    ("cstar-fx bench {tmp}/fake.onnx --json {tmp}/fake.onnx", "--json {tmp}/fake.onnx is also the ONNX file fake.onnx"),
+    ("cstar-fx bench {tmp}/fake.onnx --markdown {tmp}/b.md --json {tmp}/b.md",
+     "--markdown {tmp}/b.md is also the --json output"),
+    ("cstar-fx bench {tmp}/fake.onnx --providers cuda",
+     "onnxruntime has no provider 'cuda'; pass full names such as CUDAExecutionProvider"),
+    ("cstar-fx bench {tmp}/fake.onnx --baseline dense", "--baseline 'dense' is not one of the models ['fake']"),
+    ("cstar-fx compress --device meta", "--device 'meta' is not supported; use auto, cpu or cuda[:N]"),
+    ("cstar-fx compress --seed 99999999999", "argument --seed: must be an integer >= 0 and <= 4294967295"),
+    ("cstar-fx compress --checkpoint {tmp}/text.pt", "--checkpoint: '{tmp}/text.pt' is not a PyTorch state-dict file"),
+    ("cstar-fx compress --checkpoint {tmp}/pickled.pt --teacher-epochs 3",
+     "--checkpoint {tmp}/pickled.pt is the teacher"),
+    ("cstar-fx compress --no-export --threads 2", "--threads sets the onnxruntime benchmark, which --no-export skips"),
+    ("cstar-fx compress --calib-samples 8", "--calib-samples 8 calibrates the int8 models; add --int8"),
+    ("cstar-fx compress --providers NoSuchProvider", "onnxruntime has no provider 'NoSuchProvider'"),
+    ("cstar-fx compress --dataset cifar10-jpeg --data {tmp}/notes.txt --model resnet18",
+     "{tmp}/notes.txt is not a readable .tar.xz archive"),
+    ("cstar-fx compress --dataset folder --data {tmp}/imgs --model resnet18",
+     "cannot read the image {tmp}/imgs/train/a/1.png"),
+]
+
+
+@pytest.mark.parametrize("command, message", PROBES, ids=[c for c, _ in PROBES])
+def test_more_user_mistakes_are_one_line_exit_2_and_touch_no_file(tmp_path, capsys, monkeypatch, command, message):
+    monkeypatch.setenv("CSTAR_FX_CACHE", str(tmp_path / "cache"))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _bad_inputs(inputs)
+    argv = [a.replace("{tmp}", str(inputs)) for a in shlex.split(command)][1:]
+    if argv and argv[0] == "compress":
+        argv += ["--out", str(tmp_path / "out")]
+    before = _snapshot(inputs)
+    code, _, err = _run(argv, capsys)
+    assert code == 2, err
+    lines = err[:-1].split("\n")  # one error line, last; before it at most a progress bar's finished line
+    assert "Traceback" not in err and "Warning" not in err and all("\r" in line for line in lines[:-1]), err
+    assert err.endswith("\n") and message.replace("{tmp}", str(inputs)) in lines[-1], err
+    assert _snapshot(inputs) == before  # nothing written into, or next to, the user's files
+    assert not (tmp_path / "out").exists()

@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sub_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The sub-command names of the top-level parser.
+
+    Example:
+        >>> "plan" in _sub_names(build_parser())
+        True
+    """
+    return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 usage error, 1 failure).
 
@@ -89,11 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = None
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the sub-command they were given to, whose --help lists what it takes
+            where = f"cstar-fx {args.command}" if getattr(args, "command", None) else "cstar-fx"
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}", prog=where)
         args.argv = argv
         if not getattr(args, "func", None):
             parser.print_help()
-            return 2
+            raise UsageError(f"give a command: {', '.join(_sub_names(parser))}", prog="cstar-fx")
         command = args.command
         return int(args.func(args) or 0)
     except UsageError as exc:

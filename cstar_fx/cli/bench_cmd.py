@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 from . import UsageError
 from .export_cmd import add_model_args, build_models
+from .options import check_output, check_providers, write_output
 
 __all__ = ["register", "run"]
 
@@ -54,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.onnx and not compress:
         raise UsageError("nothing to compare: give ONNX files, or --ratio 8 (or --plan PLAN) to compare "
                          f"--model {args.model} dense vs compressed")
+    label = "" if args.onnx else (f"cstar {args.ratio:g}x" if args.ratio is not None else f"cstar plan {args.plan.stem}")
+    names = [path.stem for path in args.onnx] if args.onnx else ["dense", label]
+    if args.baseline is not None and args.baseline not in names:
+        raise UsageError(f"--baseline {args.baseline!r} is not one of the models {names}; pass one of them")
+    _check_outputs(args)
+    check_providers(args.providers)
     with tempfile.TemporaryDirectory(prefix="cstar_bench_") as tmp:
         extra: dict[str, dict[str, str]] = {}
         if args.onnx:
@@ -62,9 +70,10 @@ def run(args: argparse.Namespace) -> int:
                 if path.stem in models:
                     raise UsageError(f"two files are named {path.stem!r}; rename one")
                 models[path.stem] = path
+            for path in args.onnx:
+                _check_onnx_file(path)
         else:
             built = build_models(args)
-            label = f"cstar {args.ratio:g}x" if args.ratio is not None else f"cstar plan {args.plan.stem}"
             models = {}
             try:
                 for name, model in (("dense", built.dense), (label, built.compressed)):
@@ -94,11 +103,42 @@ def run(args: argparse.Namespace) -> int:
     table = result.to_markdown(extra)
     print(table)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(result.to_json())
+        write_output(args.json, result.to_json(), "--json")
         print(f"JSON written to {args.json}")
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
+        write_output(args.markdown, table + "\n", "--markdown")
         print(f"markdown written to {args.markdown}")
+    if not result.rows:
+        print("cstar-fx bench: nothing was measured; the reasons are under the table", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --markdown: writable, distinct, and never one of the command's input files."""
+    inputs = {f"the ONNX file {path.name} to compare": path for path in args.onnx}
+    inputs.update({"the --plan file": args.plan, "the --dense-weights file": args.dense_weights,
+                   "the --weights file": args.weights})
+    if args.json is not None:
+        check_output(args.json, "--json", inputs=inputs, example="bench.json")
+    if args.markdown is not None:
+        check_output(args.markdown, "--markdown", inputs={**inputs, "the --json output": args.json},
+                     example="bench.md")
+
+
+def _check_onnx_file(path: Path) -> None:
+    """Refuse, before timing anything, a file that is not an ONNX model (the benchmark would report it as not
+    measured and print an empty table)."""
+    if not path.is_file():
+        raise UsageError(f"no ONNX file at {path}; pass files written by `cstar-fx export`")
+    try:
+        import onnx
+    except ImportError:
+        return  # the benchmark says which extra to install
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        ok = len(model.graph.node) > 0 and len(model.graph.input) > 0
+    except Exception:  # protobuf raises DecodeError and friends for a file that is not ONNX
+        ok = False
+    if not ok:
+        raise UsageError(f"{path} is not an ONNX model; pass files written by `cstar-fx export` (or torch.onnx)")

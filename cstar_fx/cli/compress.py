@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UsageError
-from .options import config_values, explicit_dests, fraction, integer, number
+from .options import MAX_SEED, check_providers, config_values, explicit_dests, fraction, integer, number
 from .runfolder import RunFolder
 from ..allocate import UnreachableBudgetError
 from ..io import CheckpointError, load_weights
@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of robust distillation from the teacher in every method's fine-tune, pruning "
                         "included (0: plain adversarial fine-tune)")
     g = p.add_argument_group("training")
-    g.add_argument("--teacher-epochs", type=count, default=d.teacher_epochs, help="robust teacher epochs (ignored with --checkpoint)")
+    g.add_argument("--teacher-epochs", type=count, default=d.teacher_epochs, help="robust teacher epochs (not with --checkpoint, which is the teacher)")
     g.add_argument("--joint-epochs", type=count, default=d.joint_epochs, help="CSTAR ADMM joint-training epochs")
     g.add_argument("--finetune-epochs", type=count, default=d.finetune_epochs, help="adversarial fine-tune epochs (same for all methods)")
     g.add_argument("--loss", default=d.loss, choices=("pgd", "trades", "fast", "clean"), help="training loss")
@@ -132,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (a cstar-fx run folder) with a new one once the new one has finished")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    g.add_argument("--seed", type=count, default=d.seed, help="random seed")
+    g.add_argument("--seed", type=integer(at_least=0, at_most=MAX_SEED), default=d.seed, help="random seed")
     g.add_argument("--config", type=Path, default=None,
                    help="repeat a run from its config.json (flags override; --model-class is never taken from it)")
     p.set_defaults(func=run, parser=p)
@@ -194,8 +194,18 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--stem {args.stem} sets a torchvision model's first layers; --model "
                          f"{args.model_class or args.model} has none to set, so drop --stem or pick a torchvision "
                          "--model")
+    if args.checkpoint is not None and "teacher_epochs" in explicit:
+        raise UsageError(f"--teacher-epochs {args.teacher_epochs} trains a teacher, but --checkpoint "
+                         f"{args.checkpoint} is the teacher; drop one of them")
     if args.int8 and args.no_export:
         raise UsageError("--int8 quantizes the exported ONNX models; drop --no-export")
+    unused = [f"--{d.replace('_', '-')}" for d in ("bench_batch", "providers", "threads") if d in explicit]
+    if args.no_export and unused:
+        one = len(unused) == 1
+        raise UsageError(f"{' and '.join(unused)} {'sets' if one else 'set'} the onnxruntime benchmark, which "
+                         f"--no-export skips; drop {'it' if one else 'them'} or --no-export")
+    if "calib_samples" in explicit and not args.int8:
+        raise UsageError(f"--calib-samples {args.calib_samples} calibrates the int8 models; add --int8 or drop it")
     if args.min_agreement is not None and not args.int8:
         raise UsageError(f"--min-agreement {args.min_agreement:g} checks the int8 models; add --int8 or drop it")
     if args.distill > 0 and args.loss == "trades":
@@ -212,16 +222,22 @@ def _device(name: str) -> Any:
         dev = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not supported; use auto, cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UsageError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; pass one "
+                         "of them, or --device cuda")
     return dev
 
 
 def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
     try:
         return load_data(args.dataset, args.data, limit=args.limit, seed=args.seed)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"could not load --dataset {args.dataset}: {exc}") from None
+    except (OSError, RuntimeError, ValueError) as exc:  # OSError: also PIL's UnidentifiedImageError (a bad image)
+        raise UsageError(f"could not load --dataset {args.dataset}: {' '.join(str(exc).split())}") from None
 
 
 def _build_model(args: argparse.Namespace, train: Any) -> Any:
@@ -305,6 +321,8 @@ def _resolve(args: argparse.Namespace) -> Pipeline:
     if args.config is not None:
         _apply_config(args)
     _check(args)
+    if not args.no_export:
+        check_providers(args.providers)
     _check_world(args)
     config = _config(args)
     device = local_device(_device(args.device))

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 
 from . import UsageError
+from .options import MAX_SEED, number
 
 __all__ = ["register", "run", "DEMO_EPS"]
 
@@ -32,10 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="robust-train a small CNN on digits, compress it with the recommended recipe and "
                                     "with plain transform + fine-tune, compare (no arguments needed)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ratio", type=float, default=8.0, help="compression ratio (parameters, dense / compressed)")
+    # finite numbers here (NaN and Inf are refused with the flag's name); the ranges are checked in run()
+    p.add_argument("--ratio", type=number(), default=8.0, help="compression ratio (parameters, dense / compressed)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--epochs", type=int, default=10, help="teacher epochs, and the fine-tune epochs of each compression")
-    p.add_argument("--eps", type=float, default=DEMO_EPS, help="L_inf attack radius in [0, 1] pixel units")
+    p.add_argument("--eps", type=number(fractions=True), default=DEMO_EPS,
+                   help="L_inf attack radius in [0, 1] pixel units (a fraction like 8/255 is fine)")
     p.set_defaults(func=run)
 
 
@@ -55,12 +59,14 @@ def _threads(n: int) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline and print the dense vs compressed table."""
-    if args.ratio <= 1:
+    if not 1 < args.ratio < math.inf:
         raise UsageError(f"--ratio must be > 1, got {args.ratio:g}")
     if args.epochs < 2:
         raise UsageError(f"--epochs must be >= 2, got {args.epochs}")
     if not 0 < args.eps < 1:
         raise UsageError(f"--eps must be in (0, 1), got {args.eps:g}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be >= 0 and <= {MAX_SEED} (NumPy's seed range), got {args.seed}")
     import torch
 
     import cstar_fx
@@ -81,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     with _threads(1):
         torch.manual_seed(args.seed)
         dense = small_cnn(in_channels=1, num_classes=10, width=32)
+        try:  # the plain transform's reachability depends on shapes only: refuse now, not after training
+            cstar_fx.plan_ranks(dense, args.ratio, round_to=1, example_inputs=train.x[:1])
+        except cstar_fx.UnreachableBudgetError as exc:
+            raise UsageError(f"--ratio {args.ratio:g}: " + str(exc).replace("\n", " ")) from None
         print(f"1/4 PGD-AT teacher on digits ({len(train)} train images, eps={args.eps:g}, {args.epochs} epochs)")
         finetune(dense, train, teacher_cfg)
         rows.append(("dense PGD-AT teacher", dense, 1.0, f"{args.epochs} ep"))
@@ -93,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             gm = compress(dense, train, args.ratio, tune, recipe=recipe, example_inputs=train.x[:1], round_to=1)
         except cstar_fx.UnreachableBudgetError as exc:
-            raise UsageError(str(exc).replace("\n", " ")) from None
+            raise UsageError(f"--ratio {args.ratio:g}: " + str(exc).replace("\n", " ")) from None
         rows.append((f"recipe {args.ratio:g}x", gm, cstar_fx.get_report(gm).ratio_params, f"+{args.epochs} ep"))
         print(f"3/4 plain transform at {args.ratio:g}x + adversarial fine-tune ({args.epochs} ep)")
         plain = decompose_finetune(dense, train, args.ratio, tune, round_to=1)

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import UsageError
-from .options import integer, number
+from .options import check_output, integer, number
 
 __all__ = ["register", "run", "add_model_args", "build_models", "BuiltModels"]
 
@@ -66,8 +69,9 @@ def _load_state(model: Any, path: Path, what: str) -> None:
     except OSError as exc:
         raise UsageError(f"{what}: {exc}") from None
     except CheckpointError as exc:
-        raise UsageError(f"{what}: {exc}; for a compressed model pass the same --ratio/--plan it was trained "
-                         f"with") from None
+        hint = "; for a compressed model pass the same --ratio/--plan it was trained with" \
+            if "does not fit the model" in str(exc) else ""
+        raise UsageError(f"{what}: {exc}{hint}") from None
 
 
 def build_models(args: argparse.Namespace, *, batch: int = 1) -> BuiltModels:
@@ -102,7 +106,12 @@ def build_models(args: argparse.Namespace, *, batch: int = 1) -> BuiltModels:
         if not args.plan.is_file():
             raise UsageError(f"--plan: no file at {args.plan}; write one with `cstar-fx plan --json PLAN`")
         try:
-            plan = cstar_fx.RankPlan.from_json(args.plan.read_text())
+            text = args.plan.read_text()
+        except UnicodeDecodeError:
+            raise UsageError(f"--plan {args.plan} is not a text file; pass the JSON that `cstar-fx plan --json PLAN` "
+                             "writes") from None
+        try:
+            plan = cstar_fx.RankPlan.from_json(text)
             compressed = cstar_fx.transform(dense, plan=plan, example_inputs=example[:1])
         except (ValueError, cstar_fx.PlanMismatchError) as exc:
             raise UsageError(f"--plan {args.plan}: " + str(exc).replace("\n", " ")) from None
@@ -133,11 +142,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("model.onnx"), help="ONNX file to write")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 stores weights/compute in half precision, inputs/outputs stay float32")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=integer(at_least=9), default=None,
+                   help="ONNX opset (default: the exporter's; the dynamo exporter writes 18 or newer)")
     p.add_argument("--batch", type=integer(at_least=1), default=2, help="batch size of the example input used for export and check")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis instead of making it dynamic")
-    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: 1e-4 fp32, 1e-2 fp16)")
-    p.add_argument("--rtol", type=float, default=None,
+    p.add_argument("--atol", type=number(at_least=0), default=None,
+                   help="absolute tolerance (default: 1e-4 fp32, 1e-2 fp16)")
+    p.add_argument("--rtol", type=number(at_least=0), default=None,
                    help="tolerance relative to max |output| (default: 1e-4 fp32, 1e-2 fp16)")
     q = p.add_argument_group("int8 (onnxruntime static QDQ quantization of the exported float model)")
     q.add_argument("--int8", action="store_true",
@@ -158,21 +169,24 @@ def _load_images(path: Path) -> Any:
     import numpy as np
     import torch
 
+    from ..io import CheckpointError, load_tensors
+
     if not path.is_file():
         raise UsageError(f"--calib-data: no file at {path}")
+    if path.suffix not in (".npy", ".pt", ".pth"):
+        raise UsageError(f"--calib-data {path}: expected a .npy or .pt file of images N x 3 x H x W")
     try:
         if path.suffix == ".npy":
             data = np.load(path, allow_pickle=False)
-        elif path.suffix in (".pt", ".pth"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            data = load_tensors(path)
             if isinstance(data, dict):
                 data = next((data[k] for k in ("x", "images") if k in data), data)
-        else:
-            raise UsageError(f"--calib-data {path}: expected a .npy or .pt file of images N x 3 x H x W")
-    except UsageError:
-        raise
-    except Exception as exc:  # any unreadable file: numpy and torch raise many types
-        raise UsageError(f"--calib-data {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    except CheckpointError as exc:
+        raise UsageError(f"--calib-data: {exc}") from None
+    except Exception as exc:  # any unreadable .npy file: numpy raises many types
+        raise UsageError(f"--calib-data {path}: cannot read it as a .npy array ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())})") from None
     if not isinstance(data, (np.ndarray, torch.Tensor)) or data.ndim != 4:
         raise UsageError(f"--calib-data {path}: expected one tensor of images N x 3 x H x W, "
                          f"got {getattr(data, 'shape', type(data).__name__)}")
@@ -190,23 +204,50 @@ def _check_int8_args(args: argparse.Namespace) -> None:
         raise UsageError("--int8 needs --calib-data FILE (a .npy or .pt tensor of a few hundred training images)")
 
 
+@contextlib.contextmanager
+def _exporter_logs_quiet() -> Iterator[None]:
+    """Keep torch.onnx's and onnxscript's log lines (tracebacks of internal retries) off the terminal: the
+    command prints what the export did, or one line saying why it could not."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build, export, verify; print the exporter used and the verification errors."""
-    from cstar_fx.export import OnnxExportError, OnnxMismatchError, export_onnx
+    from cstar_fx.export import OnnxExportError, OnnxMismatchError, check_opset, export_onnx
 
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     if args.out.suffix != ".onnx":
         raise UsageError(f"--out must end in .onnx, got {args.out}")
     _check_int8_args(args)
-    images = _load_images(args.calib_data) if args.int8 else None
     float_out = args.out.with_name(args.out.stem + ".fp32.onnx") if args.int8 else args.out
+    inputs = {"the --plan file": args.plan, "the --dense-weights file": args.dense_weights,
+              "the --weights file": args.weights, "the --calib-data file": args.calib_data}
+    for path in dict.fromkeys([args.out, float_out]):
+        check_output(path, "--out", inputs=inputs, example="model.onnx")
+    try:
+        check_opset(args.opset)
+    except ValueError as exc:
+        raise UsageError(f"--opset: {exc} (None: drop --opset)") from None
+    images = _load_images(args.calib_data) if args.int8 else None
     built = build_models(args, batch=args.batch)
     try:
-        result = export_onnx(built.final, built.example, float_out, opset=args.opset,
-                             dynamic_batch=not args.static_batch, dtype=args.dtype, atol=args.atol, rtol=args.rtol)
+        with _exporter_logs_quiet():
+            result = export_onnx(built.final, built.example, float_out, opset=args.opset,
+                                 dynamic_batch=not args.static_batch, dtype=args.dtype, atol=args.atol,
+                                 rtol=args.rtol)
     except (ImportError, ValueError, TypeError) as exc:  # a missing extra, a bad dtype or tolerance
-        raise UsageError(str(exc)) from None
+        raise UsageError(" ".join(str(exc).split())) from None
+    except OSError as exc:  # the output could not be written after all (a full disk, a folder gone)
+        raise UsageError(f"cannot write --out {float_out}: {exc.strerror or exc}; pass a writable --out") from None
     except OnnxMismatchError as exc:
         print(f"verification FAILED: {exc}")
         return 1
@@ -234,6 +275,8 @@ def _int8(args: argparse.Namespace, float_out: Path, images: Any) -> int:
                           min_agreement=args.min_agreement)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--calib-data {args.calib_data}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write --out {args.out}: {exc.strerror or exc}; pass a writable --out") from None
     except Int8AgreementError as exc:
         print(f"int8 check FAILED: {exc}")
         return 1

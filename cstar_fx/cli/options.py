@@ -17,17 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from . import UsageError
 
-__all__ = ["number", "integer", "fraction", "explicit_dests", "config_values", "CONFIG_FORMAT"]
+__all__ = ["number", "integer", "fraction", "explicit_dests", "config_values", "check_output", "write_output",
+           "check_providers", "CONFIG_FORMAT", "MAX_SEED"]
 
 CONFIG_FORMAT = "cstar-fx/config/1"
 """The ``format`` field of the ``config.json`` a run writes."""
+MAX_SEED = 2**32 - 1
+"""The largest ``--seed``: NumPy and scikit-learn take 32-bit seeds."""
 
 
 def _bound_text(above: float | None, at_least: float | None, below: float | None, at_most: float | None) -> str:
@@ -78,8 +83,8 @@ def fraction(*, at_least: float = 0.0, below: float = 1.0) -> Callable[[str], fl
     return number(at_least=at_least, below=below, fractions=True)
 
 
-def integer(*, at_least: int) -> Callable[[str], int]:
-    """An argparse ``type=``: a whole number ``>= at_least`` (``"2.5"`` and ``"1e3"`` are refused).
+def integer(*, at_least: int, at_most: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=``: a whole number ``>= at_least`` (and ``<= at_most``; ``"2.5"`` and ``"1e3"`` are refused).
 
     Example:
         >>> integer(at_least=1)("4")
@@ -89,14 +94,15 @@ def integer(*, at_least: int) -> Callable[[str], int]:
         ...
         argparse.ArgumentTypeError: must be an integer >= 1, got '0'
     """
+    what = f"an integer >= {at_least}" + (f" and <= {at_most}" if at_most is not None else "")
 
     def parse(text: str) -> int:
         try:
             value = int(text.strip())
         except (ValueError, TypeError, AttributeError):
-            raise argparse.ArgumentTypeError(f"must be an integer >= {at_least}, got {text!r}") from None
-        if value < at_least:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {at_least}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < at_least or (at_most is not None and value > at_most):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
     parse.__name__ = "integer"
@@ -220,3 +226,86 @@ def config_values(parser: argparse.ArgumentParser, path: Path, *, skip: Iterable
             raise UsageError(f"{where}: {exc}") from None
         values[key] = getattr(parsed, key) if parsed is not None else action.default
     return values
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_output(path: Path, flag: str, *, inputs: Mapping[str, Path | None] | None = None,
+                 example: str = "out.json") -> None:
+    """Refuse, before any work is done, an output file that could not be written or that would replace an input.
+
+    ``inputs`` maps a description (``"the --plan file"``) to each path the command reads (or writes otherwise). Missing folders above
+    ``path`` are fine (they are created when the file is written); the nearest existing one must take a
+    new file. ``example`` is the file name suggested when ``path`` is a folder. Raises :class:`UsageError`
+    naming the fix.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> check_output(folder / "new" / "plan.json", "--json")
+        >>> check_output(folder, "--json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cstar_fx.cli.UsageError: --json ... is a folder; pass a file name, e.g. .../out.json
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; pass a file name, e.g. {path / example}")
+    for what, other in (inputs or {}).items():
+        if other is not None and _same_file(path, Path(other)):
+            raise UsageError(f"{flag} {path} is also {what}; writing it would replace that file, so pass another "
+                             f"{flag}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder; pass another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc}); pass a writable "
+                         f"{flag}") from None
+
+
+def write_output(path: Path, text: str, flag: str) -> None:
+    """Write ``text`` to ``path`` (creating missing folders above it); a failure is a one-line :class:`UsageError`.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "sub" / "x.md"
+        >>> write_output(out, "# hi", "--markdown"); out.read_text()
+        '# hi'
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {flag} {path}: {exc.strerror or exc}; pass a writable {flag}") from None
+
+
+def check_providers(providers: Iterable[str]) -> None:
+    """Refuse an onnxruntime provider name onnxruntime does not know (a typo) as a :class:`UsageError`; a known
+    one that this machine cannot run is reported by the benchmark instead. Without onnxruntime nothing is checked.
+
+    Example:
+        >>> check_providers(["CPUExecutionProvider"])
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return  # the benchmark says which extra to install
+    known = ort.get_all_providers()
+    for name in providers:
+        if name not in known:
+            near = [k for k in known if name.lower().replace("executionprovider", "") in k.lower()]
+            raise UsageError(f"--providers: onnxruntime has no provider {name!r}; pass full names such as "
+                             f"{', '.join(near[:2] or ['CUDAExecutionProvider', 'CPUExecutionProvider'])}")

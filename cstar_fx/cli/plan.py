@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..schemes import DEFAULT_CONV, conv_scheme_names
 from . import UsageError
-from .options import integer, number
+from .options import check_output, integer, number, write_output
 
 __all__ = ["register", "run"]
 
@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     import cstar_fx
     from cstar_fx.models import build_model
 
+    if args.json is not None:
+        check_output(args.json, "--json", example="plan.json")
     try:
         model = build_model(args.model, num_classes=args.num_classes, stem=args.stem)
     except ValueError as exc:
@@ -56,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc).replace("\n", " ")) from None
     print(plan)
     if args.json:
-        args.json.write_text(plan.to_json())
+        write_output(args.json, plan.to_json(), "--json")
         print(f"plan written to {args.json}")
     return 0
