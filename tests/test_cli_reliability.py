@@ -210,7 +210,7 @@ PROBES = [  # (the command, {tmp} for the folder of _bad_inputs; what its one er
     ("cstar-fx demo --bogus", "cstar-fx demo: error: unrecognized arguments: --bogus (see cstar-fx demo --help)"),
     ("cstar-fx demo --ratio nan", "argument --ratio: must be a finite number, got 'nan'"),
     ("cstar-fx demo --ratio inf", "argument --ratio: must be a finite number, got 'inf'"),
-    ("cstar-fx demo --seed -1", "--seed must be >= 0 and <= 4294967295"),
+    ("cstar-fx demo --seed -1", "argument --seed: must be an integer >= 0 and <= 4294967295"),
     ("cstar-fx demo --ratio 100", "--ratio 100: ratio 100 is unreachable"),
     ("cstar-fx plan --ratio 2 --json {tmp}", "--json {tmp} is a folder; pass a file name"),
     ("cstar-fx plan --ratio 2 --json {tmp}/notes.txt/plan.json", "{tmp}/notes.txt is a file, not a folder"),

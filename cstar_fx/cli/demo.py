@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 from . import UsageError
-from .options import MAX_SEED, number
+from .options import MAX_SEED, integer, number
 
 __all__ = ["register", "run", "DEMO_EPS"]
 
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # finite numbers here (NaN and Inf are refused with the flag's name); the ranges are checked in run()
     p.add_argument("--ratio", type=number(), default=8.0, help="compression ratio (parameters, dense / compressed)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=integer(at_least=0, at_most=MAX_SEED), default=0, help="random seed")
     p.add_argument("--epochs", type=int, default=10, help="teacher epochs, and the fine-tune epochs of each compression")
     p.add_argument("--eps", type=number(fractions=True), default=DEMO_EPS,
                    help="L_inf attack radius in [0, 1] pixel units (a fraction like 8/255 is fine)")
@@ -65,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs must be >= 2, got {args.epochs}")
     if not 0 < args.eps < 1:
         raise UsageError(f"--eps must be in (0, 1), got {args.eps:g}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UsageError(f"--seed must be >= 0 and <= {MAX_SEED} (NumPy's seed range), got {args.seed}")
     import torch
 
     import cstar_fx

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UsageError
-from .options import check_output, integer, number
+from .options import check_output, integer, number, unwritable
 
 __all__ = ["register", "run", "add_model_args", "build_models", "BuiltModels"]
 
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     except (ImportError, ValueError, TypeError) as exc:  # a missing extra, a bad dtype or tolerance
         raise UsageError(" ".join(str(exc).split())) from None
     except OSError as exc:  # the output could not be written after all (a full disk, a folder gone)
-        raise UsageError(f"cannot write --out {float_out}: {exc.strerror or exc}; pass a writable --out") from None
+        raise unwritable(float_out, "--out", exc) from None
     except OnnxMismatchError as exc:
         print(f"verification FAILED: {exc}")
         return 1
@@ -276,7 +276,7 @@ def _int8(args: argparse.Namespace, float_out: Path, images: Any) -> int:
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--calib-data {args.calib_data}: {exc}") from None
     except OSError as exc:
-        raise UsageError(f"cannot write --out {args.out}: {exc.strerror or exc}; pass a writable --out") from None
+        raise unwritable(args.out, "--out", exc) from None
     except Int8AgreementError as exc:
         print(f"int8 check FAILED: {exc}")
         return 1

@@ -27,7 +27,7 @@ from typing import Any
 from . import UsageError
 
 __all__ = ["number", "integer", "fraction", "explicit_dests", "config_values", "check_output", "write_output",
-           "check_providers", "CONFIG_FORMAT", "MAX_SEED"]
+           "unwritable", "check_providers", "CONFIG_FORMAT", "MAX_SEED"]
 
 CONFIG_FORMAT = "cstar-fx/config/1"
 """The ``format`` field of the ``config.json`` a run writes."""
@@ -289,7 +289,17 @@ def write_output(path: Path, text: str, flag: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     except OSError as exc:
-        raise UsageError(f"cannot write {flag} {path}: {exc.strerror or exc}; pass a writable {flag}") from None
+        raise unwritable(path, flag, exc) from None
+
+
+def unwritable(path: Path, flag: str, exc: OSError) -> UsageError:
+    """The one-line error for an output ``path`` (given by ``flag``) that could not be written.
+
+    Example:
+        >>> str(unwritable(Path("/x/m.onnx"), "--out", PermissionError(13, "Permission denied")))
+        'cannot write --out /x/m.onnx: Permission denied; pass a writable --out'
+    """
+    return UsageError(f"cannot write {flag} {path}: {exc.strerror or exc}; pass a writable {flag}")
 
 
 def check_providers(providers: Iterable[str]) -> None:
