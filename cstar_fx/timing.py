@@ -12,7 +12,10 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,11 +23,34 @@ from typing import Any
 import numpy as np
 from .errors import CstarRuntimeError
 
-__all__ = ["ort_session", "OrtRunner", "time_interleaved", "median_ms", "NP_TYPES", "GPU_PROVIDERS"]
+__all__ = ["ort_session", "OrtRunner", "time_interleaved", "median_ms", "NP_TYPES", "GPU_PROVIDERS",
+           "gpu_driver_missing"]
 
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 """numpy dtypes of the onnxruntime input/output types a runner feeds and binds."""
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_DRIVER_LIBRARY = {"linux": "libcuda.so.1", "win32": "nvcuda.dll"}
+
+
+@functools.cache
+def gpu_driver_missing() -> str | None:
+    """Why no GPU provider can run on this machine (its NVIDIA driver library does not load), else ``None``.
+
+    ``None`` also where the platform's driver library is not known: onnxruntime then decides.
+
+    Example:
+        >>> reason = gpu_driver_missing()
+        >>> reason is None or reason.startswith("no NVIDIA driver")
+        True
+    """
+    name = _DRIVER_LIBRARY.get(sys.platform)
+    if name is None:
+        return None
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return f"no NVIDIA driver on this machine: {name} cannot be loaded"
+    return None
 
 
 def ort_session(ort: Any, model: Any, provider: str, *, cuda_graph: bool = False, threads: int | None = None,
@@ -32,7 +58,9 @@ def ort_session(ort: Any, model: Any, provider: str, *, cuda_graph: bool = False
     """An onnxruntime session for ``model`` (a path or the serialized bytes) on ``provider`` only.
 
     onnxruntime may still fall back to the CPU when the provider's libraries cannot load: compare
-    ``session.get_providers()[0]`` with ``provider`` before trusting a time.
+    ``session.get_providers()[0]`` with ``provider`` before trusting a time. Without a GPU driver
+    (:func:`gpu_driver_missing`) a GPU provider gets that CPU session directly, since trying it only
+    prints onnxruntime's load errors.
 
     Example:
         >>> import onnxruntime as ort  # doctest: +SKIP
@@ -48,6 +76,8 @@ def ort_session(ort: Any, model: Any, provider: str, *, cuda_graph: bool = False
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if provider in GPU_PROVIDERS and gpu_driver_missing():
+        provider = "CPUExecutionProvider"
     provider_options: dict[str, str] = {}
     if provider in GPU_PROVIDERS and hasattr(ort, "preload_dlls"):
         try:

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from cstar_fx.errors import CstarFileNotFoundError, CstarKeyError, CstarTypeError, CstarValueError
 from cstar_fx.sysinfo import cpu_name
-from cstar_fx.timing import NP_TYPES, OrtRunner, ort_session, time_interleaved
+from cstar_fx.timing import GPU_PROVIDERS, NP_TYPES, OrtRunner, gpu_driver_missing, ort_session, time_interleaved
 
 from .onnx import require, to_onnx
 
@@ -295,9 +295,10 @@ def _run_variant(ort: Any, result: BenchResult, paths: dict[str, Path], provider
                 return f"creating a {provider} session for {name!r} failed: {exc}".replace("\n", " ")[:500]
             ran_on = session.get_providers()[0]
             if ran_on != provider:
-                return (f"{provider} was requested but the session fell back to {ran_on} (the provider's libraries, "
-                        f"e.g. CUDA/cuDNN, could not load, or there is no device); its numbers would be {ran_on} "
-                        f"numbers, so none are reported under {provider}")
+                why = ((provider in GPU_PROVIDERS and gpu_driver_missing())
+                       or "the provider's libraries, e.g. CUDA/cuDNN, could not load, or there is no device")
+                return (f"{provider} was requested but the session fell back to {ran_on} ({why}); its numbers would "
+                        f"be {ran_on} numbers, so none are reported under {provider}")
             try:
                 runners[name] = OrtRunner(ort, session, _feeds(session, batch, input_shapes, seed, name), batch,
                                         device, graph)

@@ -15,6 +15,7 @@ from cstar_fx.cli import main
 from cstar_fx.export import CPU, CUDA, BenchResult, benchmark, to_onnx
 from cstar_fx.export import bench as bench_mod
 from cstar_fx.models import small_cnn
+from cstar_fx import timing
 from cstar_fx.timing import OrtRunner, time_interleaved
 
 FAST = dict(providers=(CPU,), warmup=1, iters=5, intra_op_threads=1, progress=False)
@@ -105,6 +106,48 @@ def test_cuda_silent_fallback_is_detected(onnx_pair: dict[str, Path], monkeypatc
     assert "fell back to CPUExecutionProvider" in res.unavailable[CUDA]
     assert {r.provider for r in res.rows} == {CPU} and len(res.rows) == 2
     assert made[0] == CUDA
+
+
+def test_no_gpu_driver_skips_the_noisy_cuda_attempt(onnx_pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    made = []
+    real = ort.InferenceSession
+
+    def session(path, options=None, providers=None):
+        made.append([p[0] if isinstance(p, tuple) else p for p in providers])
+        return real(path, options, providers=providers)
+
+    def missing():
+        return "no NVIDIA driver on this machine: libcuda.so.1 cannot be loaded"
+
+    monkeypatch.setattr(timing, "gpu_driver_missing", missing)
+    monkeypatch.setattr(bench_mod, "gpu_driver_missing", missing)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    res = benchmark([onnx_pair["dense"]], providers=(CUDA, CPU), batch_sizes=(1,), warmup=1, iters=2, progress=False)
+    assert made[0] == [CPU]  # the CUDA provider was never handed to onnxruntime
+    assert "no NVIDIA driver on this machine" in res.unavailable[CUDA]
+    assert [r.provider for r in res.rows] == [CPU]
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_gpu_driver_check_names_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    timing.gpu_driver_missing.cache_clear()
+    monkeypatch.setattr(timing.sys, "platform", "linux")
+    monkeypatch.setattr(timing.ctypes, "CDLL", fail)
+    try:
+        assert timing.gpu_driver_missing() == "no NVIDIA driver on this machine: libcuda.so.1 cannot be loaded"
+        timing.gpu_driver_missing.cache_clear()
+        monkeypatch.setattr(timing.ctypes, "CDLL", lambda name: object())
+        assert timing.gpu_driver_missing() is None
+        timing.gpu_driver_missing.cache_clear()
+        monkeypatch.setattr(timing.sys, "platform", "darwin")
+        assert timing.gpu_driver_missing() is None  # no known driver library: onnxruntime decides
+    finally:
+        timing.gpu_driver_missing.cache_clear()
 
 
 def test_missing_cuda_provider_is_reported(onnx_pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
