@@ -618,6 +618,10 @@ def class_blocks(data: Any, k: int) -> list[Any]:
     return [data.subset((part == b).nonzero().flatten()) for b in range(k)]
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def aa_subset(test: Any, n: int) -> Any:
     """``n`` test images spread evenly over the set (every k-th): the CPU profile's test set is sorted by class."""
     step = max(1, len(test) // n)
@@ -808,10 +812,10 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     found = []
                     if args.autoattack and method in AA_METHODS:
-                        found.append(f"{aa_col} {row.get(prof.aa_attack, '-')}")
+                        found.append(f"{aa_col} {_pct(row.get(prof.aa_attack))}")
                     if args.aa_split and method in AA_METHODS:
                         found.append(f"{aa_col} {SPLITS[args.aa_split].label} "
-                                     f"{row.get(f'{prof.aa_attack} {args.aa_split}', '-')}")
+                                     f"{_pct(row.get(f'{prof.aa_attack} {args.aa_split}'))}")
                     found += [f"{SPLITS[n].label}: clean {row[f'clean {n}']:.2f} PGD-20 {row[f'pgd20 {n}']:.2f}"
                               for n in splits]
                     if found:
