@@ -754,6 +754,9 @@ def _agg(method: str, ratio: float, cells: list[dict[str, Any]], aa_key: str) ->
             **{f"{m} % {label}": _mean_std([c[f"{key} {split}"] for c in cells if f"{key} {split}" in c], of=len(cells))
                for split, (label, *_) in SPLITS.items()
                for key, m in (("clean", "clean"), ("pgd20", "PGD-20"), (aa_key, AA_LABELS[aa_key]))},
+            **{f"PGD-20 % {label}, the {AA_LABELS[aa_key]} images":
+               _mean_std([c[f"pgd20 {aa_key} {split}"] for c in cells if f"pgd20 {aa_key} {split}" in c], of=len(cells))
+               for split, (label, *_) in SPLITS.items()},
             "sanity": "ok" if all(c["sanity"] for c in cells) else "FAILED",
             "train s": f"{statistics.mean(c['train s'] for c in cells):.0f}"}
 
@@ -882,6 +885,9 @@ def main(argv: list[str] | None = None) -> int:
             pcols.append(f"Δ {aa_col} {label}")
             n = next(r[f"{prof.aa_attack} {split} n"] for r in rows if f"{prof.aa_attack} {split} n" in r)
             meta[f"{aa_col} {label}"] = f"the first {n // 10} of each class of the {label} images"
+        if any(f"pgd20 {prof.aa_attack} {split}" in r for r in rows):
+            columns[-2:-2] = [f"PGD-20 % {label}, the {aa_col} images"]
+            pcols.append(f"Δ PGD-20 {label}, the {aa_col} images")
     md = write(name, table, columns, meta)
     paired_md = markdown_table(paired, pcols)
     with open(OUT / f"{name}.md", "a") as fh:

@@ -242,5 +242,6 @@ def test_autoattack_on_a_split_takes_its_first_images_per_class_and_has_its_own_
     assert not any("the APGD-CE+T images" in col for col in paired[0])  # no column for a PGD-20 never run there
     for r, pgd in zip(rows, (26.0, 27.0, 24.0, 24.0)):
         r["pgd20 apgd reserve"] = pgd
-    _, paired = table.summarise(rows, (16.0,), ["hybrid_staged", "prune_ft"], aa_key="apgd")
+    agg, paired = table.summarise(rows, (16.0,), ["hybrid_staged", "prune_ft"], aa_key="apgd")
     assert paired[0]["Δ PGD-20 reserve training, the APGD-CE+T images"] == "2.50 ± 0.71"
+    assert agg[0]["PGD-20 % reserve training, the APGD-CE+T images"] == "26.50 ± 0.71"
