@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 
 import cstar_fx
+from cstar_fx import timing
 from cstar_fx.cli import main
 from cstar_fx.export import CPU, CUDA, BenchResult, benchmark, to_onnx
 from cstar_fx.export import bench as bench_mod
 from cstar_fx.models import small_cnn
-from cstar_fx import timing
 from cstar_fx.timing import OrtRunner, time_interleaved
 
 FAST = dict(providers=(CPU,), warmup=1, iters=5, intra_op_threads=1, progress=False)
