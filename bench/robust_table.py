@@ -124,7 +124,8 @@ PROFILES = {
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
            "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-           "sens_both", "gradual_both", "sens_staged", "cstar_euclid", "staged_distill")
+           "sens_both", "gradual_both", "sens_staged", "cstar_euclid", "staged_distill", "transform_spatial",
+           "staged_spatial")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -152,6 +153,8 @@ LABELS = {
                     "+ FT the other epochs",
     "sens_staged": "the recipe (hybrid_staged) with sensitivity-weighted ranks",
     "staged_distill": "the recipe (hybrid_staged) + distill FT",
+    "transform_spatial": "transform with spatial SVD for kxk convs + FT",
+    "staged_spatial": "the recipe (hybrid_staged) with spatial SVD for kxk convs",
 }
 class Staged(NamedTuple):
     """A method that prunes first: the budget, the share of the compression (in log terms) given to pruning, the
@@ -163,15 +166,17 @@ class Staged(NamedTuple):
     epochs: int
     sensitivity: bool = False
     distill: bool = False
+    conv_scheme: str | None = None  # None: the library's default
 
 
 PRUNED_FIRST = {"hybrid_ft": Staged("params", 0.5, 0), "hybrid_both": Staged("both", 0.5, 0),
                 "hybrid25_both": Staged("both", 0.25, 0), "hybrid75_both": Staged("both", 0.75, 0),
                 "hybrid_staged": Staged("both", 0.5, 1), "sens_staged": Staged("both", 0.5, 1, sensitivity=True),
-                "staged_distill": Staged("both", 0.5, 1, distill=True)}
+                "staged_distill": Staged("both", 0.5, 1, distill=True),
+                "staged_spatial": Staged("both", 0.5, 1, conv_scheme="spatial_svd")}
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
               "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-              "gradual_both", "sens_staged", "staged_distill")
+              "gradual_both", "sens_staged", "staged_distill", "transform_spatial", "staged_spatial")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
@@ -326,6 +331,9 @@ class Bench:
     def sens_distill(self, ratio: float) -> tuple[nn.Module, dict]:
         return self.transform_ft(ratio, distill=True, calibrate=self.prof.calibrate, sensitivity=self.prof.calibrate)
 
+    def transform_spatial(self, ratio: float) -> tuple[nn.Module, dict]:
+        return self.transform_ft(ratio, conv_scheme="spatial_svd")
+
     def transform_distill(self, ratio: float) -> tuple[nn.Module, dict]:
         return self.transform_ft(ratio, distill=True)
 
@@ -361,12 +369,14 @@ class Bench:
         """Channel pruning for ``ratio ** share``, then data-aware low rank for the rest (``PRUNED_FIRST``)."""
         staged = PRUNED_FIRST[self._method]
         options = {"example_inputs": self.example} if staged.budget != "params" else {}
+        if staged.conv_scheme:
+            options["conv_scheme"] = staged.conv_scheme
         return self.transform_ft(ratio, distill=staged.distill, calibrate=self.prof.calibrate, prune=staged.share,
                                  budget=staged.budget, prune_epochs=min(staged.epochs, self.prof.ft_epochs - 1),
                                  sensitivity=self.prof.calibrate if staged.sensitivity else 0, **options)
 
     hybrid_ft = hybrid_both = hybrid25_both = hybrid75_both = hybrid_staged = sens_staged = _pruned_first
-    staged_distill = _pruned_first
+    staged_distill = staged_spatial = _pruned_first
 
     def prune_ft(self, ratio: float, distill: bool = False, budget: str = "params") -> tuple[nn.Module, dict]:
         pruned = self._pruned(ratio, budget)
