@@ -1,4 +1,4 @@
-"""Pure low-rank maths: SVD and Tucker-2 (HOSVD) factors, spectra and reconstruction errors.
+"""Pure low-rank maths: SVD, Tucker-2 (HOSVD) and spatial-SVD factors, spectra and reconstruction errors.
 
 Nothing here knows about modules or graphs; every function takes and returns tensors, so the
 maths can be tested against the dense weights directly.
@@ -34,6 +34,7 @@ __all__ = [
     "relative_error",
     "svd_factors_data",
     "tucker2_factors_data",
+    "spatial_svd_factors_data",
 ]
 
 
@@ -238,6 +239,58 @@ def _channel_moment(patch_moment: torch.Tensor, c_in: int, taps: int) -> torch.T
     return blocks.diagonal(dim1=1, dim2=3).mean(-1)
 
 
+def _whitened_reduction(gram: torch.Tensor, patch_moment: torch.Tensor, groups: int, taps: int,
+                        rank: int) -> torch.Tensor:
+    """``(rank, groups)``: the reduction of each tap's ``groups`` inputs to the top ``rank`` directions of the
+    weight's input Gram matrix ``gram`` after whitening by the tap-averaged input moment (the reduction that
+    best preserves the outputs when different taps are treated as uncorrelated)."""
+    root, inv_root = _sym_sqrt(_check_moment(_channel_moment(patch_moment, groups, taps), groups))
+    return _top_eigvecs(root @ gram @ root, rank).T @ inv_root
+
+
+def _output_fit(w0: torch.Tensor, patch_moment: torch.Tensor, reduce: torch.Tensor,
+                taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares map ``(out, rank * taps)`` from the per-tap reduced patches to the layer's outputs
+    ``w0 @ p`` (it compensates for what the reduction drops), and the reduced patches' moment."""
+    k = torch.kron(reduce, torch.eye(taps, dtype=w0.dtype, device=w0.device))  # per-tap reduction of a patch
+    c_zz = k @ patch_moment @ k.T
+    return torch.linalg.solve(c_zz, (w0 @ patch_moment @ k.T).T).T, c_zz
+
+
+def spatial_svd_factors_data(weight: torch.Tensor, rank: int,
+                             patch_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-aware spatial SVD of a conv weight: a ``kh x 1`` conv to ``rank`` channels, then a ``1 x kw`` conv,
+    chosen to preserve the conv's outputs on the inputs.
+
+    ``patch_moment`` is ``E[p p^T]`` over the layer's unfolded input patches (ordered channel, kernel row, kernel
+    column, as ``weight.reshape(C_out, -1)``). The height conv is the whitened reduction of each column of a
+    patch (as Tucker-2's input factor, with a (channel, row) pair in place of a channel) and the width conv is
+    the least-squares fit of the outputs from the reduced columns. Returns ``(height (rank, C_in, kh), width
+    (C_out, rank, kw))``, each component's two halves scaled alike; exact at full rank ``min(C_in*kh, C_out*kw)``.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+        >>> p = torch.randn(36, 500, dtype=torch.float64)
+        >>> height, width = spatial_svd_factors_data(w, 12, p @ p.T / 500)
+        >>> torch.allclose(torch.einsum("riy,orx->oiyx", height, width), w)
+        True
+    """
+    _check_weight(weight, (4,))
+    c_out, c_in, kh, kw = weight.shape
+    _check_rank(rank, min(c_in * kh, c_out * kw), "rank")
+    c = _check_moment(patch_moment, c_in * kh * kw)
+    w = weight.detach().to(torch.float64)
+    c = c.to(w.device)
+    rows = w.permute(1, 2, 0, 3).reshape(c_in * kh, c_out * kw)  # (channel, row) x (out, column)
+    height = _whitened_reduction(rows @ rows.T, c, c_in * kh, kw, rank)
+    width = _output_fit(w.reshape(c_out, -1), c, height, kw)[0].reshape(c_out, rank, kw)
+    # even the two halves' scales (the product is unchanged), as the other factorizations do for fine-tuning
+    a, b = torch.linalg.vector_norm(height, dim=1), torch.linalg.vector_norm(width, dim=(0, 2))
+    scale = torch.where((a > 0) & (b > 0), (b / a.clamp_min(1e-300)).sqrt(), torch.ones_like(a))
+    height, width = height * scale[:, None], width / scale[None, :, None]
+    return height.reshape(rank, c_in, kh).to(weight.dtype), width.to(weight.dtype)
+
+
 def tucker2_factors_data(weight: torch.Tensor, rank_out: int, rank_in: int,
                          patch_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Data-aware Tucker-2 of a conv weight: factors chosen to preserve the conv's outputs on the inputs.
@@ -266,15 +319,8 @@ def tucker2_factors_data(weight: torch.Tensor, rank_out: int, rank_in: int,
     c = _check_moment(patch_moment, c_in * taps)
     w = weight.detach().to(torch.float64)
     c = c.to(w.device)
-    root, inv_root = _sym_sqrt(_check_moment(_channel_moment(c, c_in, taps), c_in))
-    gram_in = _unfold(w, 1) @ _unfold(w, 1).T
-    v = _top_eigvecs(root @ gram_in @ root, rank_in)
-    reduce = v.T @ inv_root  # (R_in, C_in): x -> whitened top directions
-    k = torch.kron(reduce, torch.eye(taps, dtype=w.dtype, device=w.device))  # per-tap reduction of a patch
-    w0 = w.reshape(c_out, -1)
-    c_yz = w0 @ c @ k.T
-    c_zz = k @ c @ k.T
-    fit = torch.linalg.solve(c_zz, c_yz.T).T  # (C_out, R_in * taps): least squares outputs <- reduced patches
+    reduce = _whitened_reduction(_unfold(w, 1) @ _unfold(w, 1).T, c, c_in, taps, rank_in)
+    fit, c_zz = _output_fit(w.reshape(c_out, -1), c, reduce, taps)
     u_out = _top_eigvecs(fit @ c_zz @ fit.T, rank_out)
     core = (u_out.T @ fit).reshape(rank_out, rank_in, kh, kw)
     return reduce.T.to(weight.dtype), core.to(weight.dtype), u_out.to(weight.dtype)

@@ -35,8 +35,8 @@ def build_factors(site: LayerSite, scheme: str, ranks: tuple[int, ...], decompos
     """The factorized replacement of one layer in a registered scheme (:meth:`cstar_fx.schemes.Scheme.build`),
     initialised from its weights (``decompose=False``: the same modules with zero weights, when the weights will
     be loaded from elsewhere). With ``moment`` (the second moment of the layer's inputs, from
-    :func:`cstar_fx.passes.calibrate.input_moments`) the factors of a data-aware scheme (SVD, Tucker-2) are the
-    ones that preserve the layer's outputs rather than its weights.
+    :func:`cstar_fx.passes.calibrate.input_moments`) the factors of a data-aware scheme (SVD, Tucker-2, spatial
+    SVD) are the ones that preserve the layer's outputs rather than its weights.
 
     Example:
         >>> import torch.nn as nn

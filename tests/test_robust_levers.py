@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import cstar_fx
 from cstar_fx.analysis import count_params
 from cstar_fx.data import TensorData, digits
-from cstar_fx.decompose import (svd_factors, svd_factors_data, svd_reconstruct, tucker2_factors,
-                                tucker2_factors_data, tucker2_reconstruct)
+from cstar_fx.decompose import (spatial_svd_factors_data, svd_factors, svd_factors_data, svd_reconstruct,
+                                tucker2_factors, tucker2_factors_data, tucker2_reconstruct)
+from cstar_fx.schemes import get as get_scheme
 from cstar_fx.models import small_cnn
 from cstar_fx.passes.calibrate import CalibrationError
 from cstar_fx.robust import (AttackConfig, LossConfig, TrainConfig, adversarial_loss, decompose_finetune, finetune,
@@ -119,6 +120,36 @@ def test_data_aware_tucker2_is_exact_at_full_rank_and_beats_hosvd_on_the_outputs
         assert aware < plain, ranks
 
 
+def _spatial(height: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("riy,orx->oiyx", height, width)
+
+
+@pytest.mark.parametrize("shape", [(16, 4, 3, 3), (4, 16, 3, 3), (6, 5, 3, 2)])
+def test_data_aware_spatial_svd_is_exact_at_full_rank_and_beats_the_weight_svd_on_the_outputs(shape) -> None:
+    torch.manual_seed(0)
+    c_out, c_in, kh, kw = shape
+    w = torch.randn(*shape, dtype=torch.float64)
+    # correlated neighbouring pixels and unequal channel scales, as in real feature maps
+    x = F.avg_pool2d(torch.randn(32, c_in, 11, 11, dtype=torch.float64), 2, 1)
+    x = x * torch.linspace(0.1, 4, c_in, dtype=torch.float64)[None, :, None, None]
+    cols = F.unfold(x, (kh, kw), padding=1)
+    p = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    m = p.T @ p / p.shape[0]
+    y = F.conv2d(x, w, padding=1)
+    full = min(c_in * kh, c_out * kw)
+    height, width = spatial_svd_factors_data(w, full, m)
+    assert height.shape == (full, c_in, kh) and width.shape == (c_out, full, kw)
+    assert torch.allclose(_spatial(height, width), w)
+    weight_form = get_scheme("spatial_svd")
+    for r in (1, full // 3, full - 2):
+        plain = (F.conv2d(x, weight_form.project(w, (r,)), padding=1) - y).norm()
+        aware = (F.conv2d(x, _spatial(*spatial_svd_factors_data(w, r, m)), padding=1) - y).norm()
+        assert aware < plain, r
+    # the two halves of each component carry the same scale
+    h, wd = spatial_svd_factors_data(w, 3, m)
+    assert torch.allclose(h.flatten(1).norm(dim=1), wd.transpose(0, 1).flatten(1).norm(dim=1))
+
+
 def test_data_aware_factors_are_scale_invariant_and_survive_dead_inputs() -> None:
     torch.manual_seed(0)
     w = torch.randn(8, 4, 3, 3)
@@ -132,7 +163,8 @@ def test_data_aware_factors_are_scale_invariant_and_survive_dead_inputs() -> Non
         assert torch.allclose(got / scale, ref, rtol=1e-3, atol=1e-4)
 
 
-def test_transform_with_calibration_is_exact_at_full_rank_and_closer_to_the_dense_outputs() -> None:
+@pytest.mark.parametrize("conv_scheme", ["tucker2", "spatial_svd"])
+def test_transform_with_calibration_is_exact_at_full_rank_and_closer_to_the_dense_outputs(conv_scheme) -> None:
     torch.manual_seed(0)
     model = small_cnn(width=16).eval()
     train, test = digits()
@@ -140,11 +172,12 @@ def test_transform_with_calibration_is_exact_at_full_rank_and_closer_to_the_dens
     x, _ = test.subset(128).tensors()
     with torch.no_grad():
         y = model(x)
-    full = cstar_fx.RankPlan.full_rank(model)
+    full = cstar_fx.RankPlan.full_rank(model, conv_scheme=conv_scheme)
     gm = cstar_fx.transform(model, plan=full, calibration=calib).eval()
     with torch.no_grad():
         assert torch.allclose(gm(x), y, atol=1e-4)
-    plan = cstar_fx.plan_ranks(model, 4, round_to=1)
+    plan = cstar_fx.plan_ranks(model, 4, round_to=1, conv_scheme=conv_scheme)
+    assert conv_scheme in {lp.scheme for lp in plan.factorized.values()}
     weight_based = cstar_fx.transform(model, plan=plan).eval()
     aware = cstar_fx.transform(model, plan=plan, calibration=[(calib, None)]).eval()
     with torch.no_grad():

@@ -4,7 +4,8 @@ a ``kh x 1`` conv ``C_in -> r`` (the height half of the stride, padding and dila
 ``r -> C_out`` (the width half, and the bias). The two convs compose to the rank-``r`` kernel, so the form is
 exact at full rank ``min(C_in*kh, C_out*kw)`` and its weight error is the Eckart-Young error of ``M``: its kept
 energy is exact. Padding modes carry to both convs (zero, reflect, replicate and circular padding are each
-separable by axis). Calibration (data-aware factors) does not apply: the factors always fit the weight.
+separable by axis). With calibration the factors preserve the layer's outputs instead
+(:func:`~cstar_fx.decompose.spatial_svd_factors_data`); the plan's kept energy is still the weight's.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -23,7 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..decompose import Spectrum, mode_spectra, svd_factors, svd_reconstruct
+from ..decompose import Spectrum, mode_spectra, spatial_svd_factors_data, svd_factors, svd_reconstruct
 from ..errors import CstarValueError
 from ..torchutil import pair
 from .base import LayerSpec, Op, Scheme, conv, register
@@ -67,6 +68,7 @@ class SpatialSVD(Scheme):
     name = "spatial_svd"
     conv_choice = True
     own_spectra = True
+    data_aware = True
 
     def applies(self, layer: LayerSpec) -> bool:
         return layer.is_conv and layer.kernel_area > 1
@@ -118,6 +120,8 @@ class SpatialSVD(Scheme):
 
     def factor_weights(self, weight: torch.Tensor, ranks: tuple[int, ...],
                        moment: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if moment is not None:
+            return spatial_svd_factors_data(weight, ranks[0], moment)
         c_out, c_in, kh, kw = weight.shape
         first, second = svd_factors(_to_matrix(weight), ranks[0])  # M ~= second (C_in*kh, r) @ first (r, C_out*kw)
         return second.T, first.reshape(ranks[0], c_out, kw).transpose(0, 1)
