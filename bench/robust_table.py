@@ -25,8 +25,9 @@ at equal parameters / at ``budget="both"``; ``hybrid25_both`` / ``hybrid75_both`
 ``r ** 0.75``; ``hybrid_staged`` spends the first fine-tune epoch on the pruned network before factorizing
 it; ``staged_distill`` is that with the distilling fine-tune), ``sens_distill`` / ``sens_both`` (ranks weighted by each layer's measured sensitivity of the adversarial loss;
 the second is ``both_data`` with that weighting), ``cstar`` (ADMM joint epochs on the dense weights, then transform
-and fine-tune, same total epochs; the ranks fixed at the start) and ``cstar_euclid`` (the same with the Euclidean
-Z-step: the ranks re-planned as the projection onto the budget at every refresh). Writes
+and fine-tune, same total epochs; the ranks fixed at the start), ``cstar_euclid`` (the same with the Euclidean
+Z-step: the ranks re-planned as the projection onto the budget at every refresh) and ``transform_spatial``
+(``transform_ft`` with spatial SVD for the kxk convs). Writes
 ``bench/out/robust_table_<profile>.json`` and ``.md``: every cell, mean +- std per method and ratio, and per-seed
 paired differences of ``--reference`` (default: the recipe) against every other method. ``--autoattack`` adds
 AutoAttack (the CPU profile: its APGD-CE and APGD-T) to the finished cells of the methods in ``AA_METHODS``;
@@ -124,8 +125,7 @@ PROFILES = {
 METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "data_ft", "transform_distill",
            "uniform_ft", "cstar", "sens_distill", "flops_ft", "hybrid_ft",
            "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-           "sens_both", "gradual_both", "sens_staged", "cstar_euclid", "staged_distill", "transform_spatial",
-           "staged_spatial")
+           "sens_both", "gradual_both", "sens_staged", "cstar_euclid", "staged_distill", "transform_spatial")
 LABELS = {
     "teacher": "dense PGD-AT teacher",
     "transform_ft": "transform + FT",
@@ -154,7 +154,6 @@ LABELS = {
     "sens_staged": "the recipe (hybrid_staged) with sensitivity-weighted ranks",
     "staged_distill": "the recipe (hybrid_staged) + distill FT",
     "transform_spatial": "transform with spatial SVD for kxk convs + FT",
-    "staged_spatial": "the recipe (hybrid_staged) with spatial SVD for kxk convs",
 }
 class Staged(NamedTuple):
     """A method that prunes first: the budget, the share of the compression (in log terms) given to pruning, the
@@ -166,17 +165,15 @@ class Staged(NamedTuple):
     epochs: int
     sensitivity: bool = False
     distill: bool = False
-    conv_scheme: str | None = None  # None: the library's default
 
 
 PRUNED_FIRST = {"hybrid_ft": Staged("params", 0.5, 0), "hybrid_both": Staged("both", 0.5, 0),
                 "hybrid25_both": Staged("both", 0.25, 0), "hybrid75_both": Staged("both", 0.75, 0),
                 "hybrid_staged": Staged("both", 0.5, 1), "sens_staged": Staged("both", 0.5, 1, sensitivity=True),
-                "staged_distill": Staged("both", 0.5, 1, distill=True),
-                "staged_spatial": Staged("both", 0.5, 1, conv_scheme="spatial_svd")}
+                "staged_distill": Staged("both", 0.5, 1, distill=True)}
 AA_METHODS = ("transform_ft", "prune_ft", "data_distill", "prune_distill", "hybrid_ft", "flops_ft", "data_ft",
               "flops_data", "both_data", "prune_both", "hybrid_both", "hybrid25_both", "hybrid75_both", "hybrid_staged",
-              "gradual_both", "sens_staged", "staged_distill", "transform_spatial", "staged_spatial")
+              "gradual_both", "sens_staged", "staged_distill", "transform_spatial")
 AA_LABELS = {"autoattack": "AutoAttack", "apgd": "APGD-CE+T"}
 
 
@@ -369,14 +366,12 @@ class Bench:
         """Channel pruning for ``ratio ** share``, then data-aware low rank for the rest (``PRUNED_FIRST``)."""
         staged = PRUNED_FIRST[self._method]
         options = {"example_inputs": self.example} if staged.budget != "params" else {}
-        if staged.conv_scheme:
-            options["conv_scheme"] = staged.conv_scheme
         return self.transform_ft(ratio, distill=staged.distill, calibrate=self.prof.calibrate, prune=staged.share,
                                  budget=staged.budget, prune_epochs=min(staged.epochs, self.prof.ft_epochs - 1),
                                  sensitivity=self.prof.calibrate if staged.sensitivity else 0, **options)
 
     hybrid_ft = hybrid_both = hybrid25_both = hybrid75_both = hybrid_staged = sens_staged = _pruned_first
-    staged_distill = staged_spatial = _pruned_first
+    staged_distill = _pruned_first
 
     def prune_ft(self, ratio: float, distill: bool = False, budget: str = "params") -> tuple[nn.Module, dict]:
         pruned = self._pruned(ratio, budget)
